@@ -1,0 +1,47 @@
+"""Shared test setup: 8 simulated CPU devices, float32 matmuls, fixture paths."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+VERSIONS = ("minicpm-llama3-v-2_5", "minicpm-v-2_6", "minicpm-v-4_5")
+
+
+def case_dirs(version: str) -> list[pathlib.Path]:
+    """All golden cases of one fixture folder, sorted by name."""
+    return sorted(p for p in (FIXTURES / version / "cases").iterdir() if p.is_dir())
+
+
+def all_cases(versions=VERSIONS) -> list[tuple[str, pathlib.Path]]:
+    return [(v, c) for v in versions for c in case_dirs(v)]
+
+
+def case_id(param) -> str:
+    v, c = param
+    return f"{v}/{c.name}"
+
+
+def load_case(case: pathlib.Path) -> dict:
+    """case.json plus every .npz of the case (missing files are absent keys)."""
+    out = {"case": json.loads((case / "case.json").read_text()), "dir": case}
+    for name in ("processor", "vision", "resampler", "llm"):
+        f = case / f"{name}.npz"
+        if f.exists():
+            with np.load(f) as z:
+                out[name] = {k: z[k] for k in z.files}
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+    return FIXTURES
