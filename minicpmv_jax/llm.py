@@ -1,0 +1,156 @@
+"""Decoder-only LLM: Llama-3 (2.5), Qwen2 with q/k/v bias (2.6), Qwen3 with q/k RMSNorm (4.5).
+
+Attribute paths are the checkpoint keys below `llm.`: `model.embed_tokens`, `model.layers.N.
+self_attn.q_proj`, ..., `model.norm`, `lm_head`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minicpmv_jax.config import LlmConfig
+from minicpmv_jax.kv_cache import KVCache
+from minicpmv_jax.layers import RMSNorm, attend, dense, embed, rope
+from minicpmv_jax.sharding import ACT_AXES, constrain, constrain_cache
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
+        self.q_proj = dense(d, n * h, ("embed", "q_heads"), bias=cfg.qkv_bias, **kw)
+        self.k_proj = dense(d, k * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.v_proj = dense(d, k * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.o_proj = dense(n * h, d, ("q_heads", "embed"), bias=False, **kw)
+        if cfg.qk_norm:
+            # Qwen3: per-head RMSNorm over head_dim on q and k, after reshape, BEFORE RoPE.
+            nkw = {"param_dtype": cfg.param_dtype, "rngs": rngs, "name": "head_dim"}
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, **nkw)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, **nkw)
+        self.cfg = cfg
+
+    def __call__(self, x, positions, mask, cache: KVCache | None, layer: int, start):
+        """x: [B, T, D]; positions: int32[B, T]; mask: bool[B, 1, T, S] -> ([B, T, D], cache)."""
+        c, (b, t, _) = self.cfg, x.shape
+        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)  # [B, T, N, H]
+        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)  # [B, T, K, H]
+        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)  # [B, T, K, H]
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        if cache is not None:
+            cache = cache.write(layer, start, k, v)
+            k, v = cache.k[layer], cache.v[layer]  # [B, S, K, H]
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=c.attn_impl)
+        return self.o_proj(out.reshape(b, t, -1)), cache  # [B, T, N*H] -> [B, T, D]
+
+
+class Mlp(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs, "bias": False}
+        self.gate_proj = dense(d, f, ("embed", "mlp"), **kw)
+        self.up_proj = dense(d, f, ("embed", "mlp"), **kw)
+        self.down_proj = dense(f, d, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        """x: [B, T, D] -> [B, T, D]."""
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
+        nkw = {"param_dtype": cfg.param_dtype, "rngs": rngs, "name": "embed"}
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.mlp = Mlp(cfg, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **nkw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **nkw)
+
+    def __call__(self, x, positions, mask, cache, layer, start):
+        """Pre-norm block: x [B, T, D] -> ([B, T, D], cache)."""
+        h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, layer, start)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class LlmModel(nnx.Module):
+    """`llm.model`: token embedding, decoder layers, final RMSNorm."""
+
+    def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
+        self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs, name="embed"
+        )
+
+
+class Llm(nnx.Module):
+    """`llm`: a *ForCausalLM (model + untied lm_head)."""
+
+    def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
+        self.model = LlmModel(cfg, rngs=rngs)
+        self.lm_head = dense(
+            cfg.hidden_size,
+            cfg.vocab_size,
+            ("embed", "vocab"),
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            rngs=rngs,
+            bias=False,
+        )
+        self.cfg = cfg
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """ids: int [B, T] -> [B, T, D] in the compute dtype (no scaling for Llama/Qwen)."""
+        return self.model.embed_tokens(ids.astype(jnp.int32))
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """h: [B, T, D] final hidden (after norm) -> float32 [B, T, V] (HF casts logits to fp32)."""
+        return self.lm_head(h).astype(jnp.float32)
+
+    def hidden(
+        self,
+        x_embeds: jax.Array,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        token_valid: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states [B, T, D] and the updated cache.
+
+        Args:
+          x_embeds: [B, T, D] input embeddings (image rows already merged).
+          positions: int32 [B, T] RoPE positions.
+          cache: KVCache or None (None: attend within this call only).
+          token_valid: bool [B, T]; False tokens are never attended as keys (default all True).
+        """
+        b, t, _ = x_embeds.shape
+        if token_valid is None:
+            token_valid = jnp.ones((b, t), bool)
+        if cache is None:
+            start = None
+            causal = jnp.tril(jnp.ones((t, t), bool))  # [T, S=T]
+            mask = (causal[None] & token_valid[:, None, :])[:, None]  # [B, 1, T, T]
+        else:
+            cache, start = cache.append(token_valid)
+            mask = cache.mask(start, t)  # [B, 1, T, S]
+        x = x_embeds.astype(self.cfg.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x, cache = layer(x, positions, mask, cache, i, start)
+            x = constrain(x, ACT_AXES)  # block boundary [B, T, D]; no-op without a mesh
+        return self.model.norm(x), constrain_cache(cache)
+
+    def __call__(
+        self,
+        x_embeds: jax.Array,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        token_valid: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """x_embeds [B, T, D], positions int32 [B, T] -> (float32 logits [B, T, V], cache)."""
+        h, cache = self.hidden(x_embeds, positions, cache, token_valid)
+        return self.logits(h), cache

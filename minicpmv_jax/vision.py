@@ -1,0 +1,112 @@
+"""navit SigLIP vision tower (`vpm`) over static padded patches.
+
+Input is the processor's patch layout: `pixel_patches` [I, P, 588] with inner order (c, kh, kw),
+bucketed `position_ids` [I, P] and the key mask `vision_mask` [I, P]. The conv patch embedding
+(kernel = stride = 14) is a Dense layer over patch vectors (weights.py reshapes the conv kernel).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minicpmv_jax.config import VisionConfig
+from minicpmv_jax.layers import LayerNorm, attend, dense, embed
+
+
+class VisionEmbeddings(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
+        self.patch_embedding = dense(cfg.patch_dim, cfg.hidden_size, ("patch", "vis_embed"), **kw)
+        self.position_embedding = embed(
+            cfg.patches_per_side**2, cfg.hidden_size, ("positions", "vis_embed"), **kw
+        )
+
+    def __call__(self, patches, position_ids):
+        """patches [I, P, 588], position_ids int [I, P] -> [I, P, Dv]."""
+        x = self.patch_embedding(patches.astype(self.patch_embedding.dtype))
+        return x + self.position_embedding(position_ids.astype(jnp.int32))
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
+        self.q_proj = dense(d, d, ("vis_embed", "vis_heads"), **kw)
+        self.k_proj = dense(d, d, ("vis_embed", "vis_heads"), **kw)
+        self.v_proj = dense(d, d, ("vis_embed", "vis_heads"), **kw)
+        self.out_proj = dense(d, d, ("vis_heads", "vis_embed"), **kw)
+        self.cfg = cfg
+
+    def __call__(self, x, mask):
+        """x [I, P, Dv], mask bool [I, 1, 1, P] (key mask) -> [I, P, Dv]."""
+        i, p, _ = x.shape
+        n, h = self.cfg.num_heads, self.cfg.head_dim
+        q = self.q_proj(x).reshape(i, p, n, h)  # [I, P, N, H]
+        k = self.k_proj(x).reshape(i, p, n, h)
+        v = self.v_proj(x).reshape(i, p, n, h)
+        # Official eager path: scores * H^-0.5 + additive mask, softmax in float32.
+        out = attend(q, k, v, mask)  # [I, P, N, H]
+        return self.out_proj(out.reshape(i, p, n * h))
+
+
+class VisionMlp(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
+        self.fc1 = dense(cfg.hidden_size, cfg.intermediate_size, ("vis_embed", "vis_mlp"), **kw)
+        self.fc2 = dense(cfg.intermediate_size, cfg.hidden_size, ("vis_mlp", "vis_embed"), **kw)
+
+    def __call__(self, x):
+        # hidden_act = gelu_pytorch_tanh (tanh-approximate GELU).
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class VisionLayer(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+        nkw = {"param_dtype": cfg.param_dtype, "rngs": rngs, "name": "vis_embed"}
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **nkw)
+        self.self_attn = VisionAttention(cfg, rngs=rngs)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **nkw)
+        self.mlp = VisionMlp(cfg, rngs=rngs)
+
+    def __call__(self, x, mask):
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([VisionLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+
+
+class VisionTower(nnx.Module):
+    """`vpm`: embeddings -> encoder layers -> post_layernorm (= `last_hidden_state`)."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+        self.embeddings = VisionEmbeddings(cfg, rngs=rngs)
+        self.encoder = VisionEncoder(cfg, rngs=rngs)
+        self.post_layernorm = LayerNorm(
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+            param_dtype=cfg.param_dtype,
+            rngs=rngs,
+            name="vis_embed",
+        )
+        self.cfg = cfg
+
+    def __call__(self, patches: jax.Array, position_ids: jax.Array, key_mask: jax.Array):
+        """Vision features of every patch slot.
+
+        Args:
+          patches: float [I, P, 588] patch vectors, inner order (c, kh, kw).
+          position_ids: int [I, P] rows of the 70 x 70 position table.
+          key_mask: bool [I, P] keys each query may attend (2.6/4.5: patch < h*w; 2.5 quirk:
+            patch < maxL of the whole call). Each row needs at least one True.
+        Returns: [I, P, Dv] in the compute dtype (padded rows are computed, not meaningful).
+        """
+        x = self.embeddings(patches, position_ids).astype(self.cfg.dtype)
+        mask = key_mask[:, None, None, :]  # [I, 1, 1, P]
+        for layer in self.encoder.layers:
+            x = layer(x, mask)
+        return self.post_layernorm(x)

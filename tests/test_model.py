@@ -1,0 +1,176 @@
+"""Float32 parity of every stage with the official code's golden fixtures, for every case of
+every version: vision tower, resampler, merged input embeddings, prompt logits."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from conftest import FIXTURES, VERSIONS, all_cases, case_id, load_case
+from model_inputs import PATCH_BUCKETS, batch_from_case
+from PIL import Image
+
+from minicpmv_jax.config import normalize_version
+
+TOL = {"vision": 1e-4, "resampler": 1e-4, "embeds": 1e-4, "logits": 5e-4}
+STAGES = tuple(TOL)
+CASES = all_cases()
+CHAT_KWARGS = ("max_slice_nums", "use_image_id", "temporal_ids", "enable_thinking", "system_prompt")
+LOGITS_F32: dict = {}  # float32 prompt logits of each case, filled by stage_errors
+
+
+def _version(folder: str) -> str:
+    import json
+
+    cfg = json.loads((FIXTURES / folder / "checkpoint" / "config.json").read_text())
+    return normalize_version(cfg["version"])
+
+
+@functools.cache
+def model_for(folder: str, dtype: str = "float32"):
+    from minicpmv_jax.model import MiniCPMV
+
+    model = MiniCPMV.from_pretrained(FIXTURES / folder / "checkpoint", dtype=dtype, progress=False)
+    model.token_bucket = 256  # one LLM compilation for all fixture prompts (test speed)
+    return model
+
+
+@functools.cache
+def patch_bucket(folder: str) -> int:
+    """One patch bucket per fixture folder (its largest slice) so cases share compilations."""
+    most = max(
+        int(load_case(c)["processor"]["tgt_sizes"].reshape(-1, 2).prod(-1).max(initial=1))
+        for _, c in all_cases((folder,))
+    )
+    return next(b for b in PATCH_BUCKETS if b >= most)
+
+
+def case_messages(case_dir, case_json) -> list[dict]:
+    """msgs as the MANIFEST says: {"image": f} -> PIL RGB image, {"text": s} -> s."""
+    msgs = []
+    for m in case_json["messages"]:
+        content = []
+        for item in m["content"]:
+            if "image" in item:
+                with Image.open(case_dir / item["image"]) as im:
+                    content.append(im.convert("RGB"))
+            else:
+                content.append(item["text"])
+        msgs.append({"role": m["role"], "content": content})
+    return msgs
+
+
+def batch_for(folder: str, case) -> tuple[dict, dict]:
+    """(fixture data, ProcessorOutput of the case's messages through `model.processor`)."""
+    data = load_case(case)
+    cj = data["case"]
+    kwargs = {k: cj["chat_kwargs"][k] for k in CHAT_KWARGS if k in cj["chat_kwargs"]}
+    proc = model_for(folder).processor
+    return data, proc(case_messages(case, cj), patch_bucket=patch_bucket(folder), **kwargs)
+
+
+@functools.cache
+def stage_errors(folder: str, case) -> dict[str, float]:
+    """Max abs error per stage of one case (None where the case has no such stage)."""
+    model = model_for(folder)
+    data, batch = batch_for(folder, case)
+    version = _version(folder)
+    errs: dict[str, float | None] = {"vision": None, "resampler": None}
+    logits, mid = model.prompt_logits(batch, return_intermediates=True)
+    LOGITS_F32[(folder, case)] = logits
+    if "vision" in data:
+        got, want = mid["vision"], data["vision"]["last_hidden_state"]
+        err = 0.0
+        for i, (h, w) in enumerate(batch["tgt_sizes"]):
+            # 2.5 quirk: every row up to maxL is attended (all-True mask), so all are meaningful.
+            n = want.shape[1] if version == "2.5" else h * w
+            err = max(err, float(np.abs(got[i, :n] - want[i, :n]).max()))
+        errs["vision"] = err
+        errs["resampler"] = float(np.abs(mid["resampler"] - data["resampler"]["output"]).max())
+    errs["embeds"] = float(np.abs(mid["embeds"] - data["llm"]["inputs_embeds"][0]).max())
+    errs["logits"] = float(np.abs(logits - data["llm"]["prompt_logits"][0]).max())
+    return errs
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_stage_parity(case, stage):
+    """Per stage and case; tolerances: vision/resampler/embeds 1e-4, logits 5e-4 (abs)."""
+    folder, case_dir = case
+    err = stage_errors(folder, case_dir)[stage]
+    if err is None:
+        pytest.skip(f"{case_dir.name}: no {stage} stage (text only)")
+    assert err <= TOL[stage], f"{folder}/{case_dir.name} stage {stage}: max abs err {err:.3e}"
+
+
+def test_parity_table():
+    """Print the max error per stage per version (run with -s to see it)."""
+    rows = []
+    for folder in VERSIONS:
+        worst = {s: 0.0 for s in STAGES}
+        for f, c in all_cases((folder,)):
+            for s, e in stage_errors(f, c).items():
+                if e is not None:
+                    worst[s] = max(worst[s], e)
+        rows.append((folder, worst))
+    print("\nmax abs error per stage (float32, all cases)")
+    for folder, worst in rows:
+        print(f"  {folder:24s} " + "  ".join(f"{s}={worst[s]:.2e}" for s in STAGES))
+    for folder, worst in rows:
+        for s in STAGES:
+            assert worst[s] <= TOL[s], f"{folder} stage {s}: {worst[s]:.3e} > {TOL[s]}"
+
+
+def test_prompt_logits_shape_and_type():
+    folder, case = CASES[0]
+    _, batch = batch_for(folder, case)
+    out = model_for(folder).prompt_logits(batch)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    assert out.shape == (len(batch["input_ids"]), model_for(folder).config.llm.vocab_size)
+
+
+def test_bf16_top1_agreement():
+    """bf16 prompt logits pick the float32 top-1 at >= 95% of positions (all cases)."""
+    agree = total = 0
+    per_version = {}
+    for folder in VERSIONS:
+        a = t = 0
+        for f, c in all_cases((folder,)):
+            _, batch = batch_for(f, c)
+            stage_errors(f, c)
+            ref = LOGITS_F32[(f, c)].argmax(-1)
+            got = model_for(f, "bfloat16").prompt_logits(batch).argmax(-1)
+            a, t = a + int((ref == got).sum()), t + ref.size
+        per_version[folder] = a / t
+        agree, total = agree + a, total + t
+    print("\nbf16 vs float32 top-1 agreement:", per_version, f"overall {agree / total:.4f}")
+    for folder, frac in per_version.items():
+        assert frac >= 0.95, f"{folder}: bf16 top-1 agreement {frac:.4f} < 0.95"
+
+
+def test_bf16_params_are_bf16():
+    m = model_for(VERSIONS[1], "bfloat16")
+    dtypes = {x.dtype for x in jax.tree.leaves(m.state)}
+    assert dtypes == {np.dtype(jax.numpy.bfloat16)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_processor_output_equals_fixture_inputs(case):
+    """The processor feeds the model exactly the arrays the fixtures imply (isolates failures)."""
+    folder, case_dir = case
+    data, out = batch_for(folder, case_dir)
+    ref = batch_from_case(data, _version(folder), patch_bucket(folder))
+    keys = [
+        "input_ids",
+        "attention_mask",
+        "image_bound",
+        "tgt_sizes",
+        "temporal_ids",
+        "group_sizes",
+    ]
+    if len(ref["tgt_sizes"]):  # with no image the patch arrays are empty (any P)
+        keys += ["pixel_patches", "patch_valid", "vision_mask", "position_ids"]
+    for k in keys:
+        np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(ref[k]), err_msg=k)

@@ -1,0 +1,137 @@
+"""safetensors loading: sharded folders, storage dtypes, one error for every mismatch, corrupt
+files, the round trip model -> checkpoint names, and hub ids offline."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from minicpmv_jax.errors import CheckpointError
+from minicpmv_jax.model import MiniCPMV
+from minicpmv_jax.weights import path_name, to_hf_state_dict
+
+SRC = FIXTURES / "minicpm-v-2_6" / "checkpoint"  # bf16 storage
+
+
+def _load(folder, dtype="float32"):
+    return MiniCPMV.from_pretrained(folder, dtype=dtype, load_processor=False, progress=False)
+
+
+@functools.cache
+def reference():
+    return {path_name(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(_load(SRC).state)}
+
+
+def _folder_with(tmp_path, tensors: dict, shards: int = 1):
+    """A checkpoint folder with SRC's json files and `tensors` (sharded when shards > 1)."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    for f in SRC.glob("*.json"):
+        shutil.copy(f, out / f.name)
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(out / "model.safetensors"))
+        return out
+    weight_map = {}
+    for s in range(shards):
+        part = names[s::shards]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in part}, str(out / fname))
+        weight_map.update({n: fname for n in part})
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    return out
+
+
+def _src_tensors():
+    return load_file(str(SRC / "model.safetensors"))
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
+def test_sharded_folder_any_storage_dtype(tmp_path, storage):
+    dt = ml_dtypes.bfloat16 if storage == "bfloat16" else np.dtype(storage)
+    tensors = {k: v.astype(np.float32).astype(dt) for k, v in _src_tensors().items()}
+    folder = _folder_with(tmp_path, tensors, shards=3)
+    got = {
+        path_name(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(_load(folder).state)
+    }
+    ref = reference()
+    assert got.keys() == ref.keys()
+    # fp32 / bf16 hold the bf16 values exactly; fp16 rounds some of them
+    atol = 0 if storage != "float16" else 1e-2
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], atol=atol, rtol=1e-2 if atol else 0, err_msg=k)
+
+
+def test_load_bf16_params_from_bf16_storage():
+    m = _load(SRC, "bfloat16")
+    leaves = [v.get_value() for _, v in nnx.to_flat_state(m.state)]
+    assert {x.dtype for x in leaves} == {np.dtype(ml_dtypes.bfloat16)}
+
+
+def test_one_error_lists_missing_unexpected_and_mismatched(tmp_path):
+    tensors = _src_tensors()
+    del tensors["llm.model.layers.1.mlp.up_proj.weight"]
+    tensors["vpm.encoder.layers.7.mlp.fc9.weight"] = np.zeros((2, 2), np.float32)
+    tensors["resampler.query"] = np.zeros((3, 256), ml_dtypes.bfloat16)
+    folder = _folder_with(tmp_path, tensors)
+    with pytest.raises(CheckpointError) as e:
+        _load(folder)
+    msg = str(e.value)
+    assert "missing" in msg and "llm.model.layers.1.mlp.up_proj.weight" in msg
+    assert "unexpected" in msg and "vpm.encoder.layers.7.mlp.fc9.weight" in msg
+    assert "shape" in msg and "resampler.query" in msg and "(3, 256)" in msg
+
+
+def test_truncated_file_is_reported(tmp_path):
+    folder = _folder_with(tmp_path, _src_tensors())
+    f = folder / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        _load(folder)
+
+
+def test_garbage_header_is_reported(tmp_path):
+    folder = _folder_with(tmp_path, _src_tensors())
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        _load(folder)
+
+
+def test_missing_shard_and_config(tmp_path):
+    folder = _folder_with(tmp_path, _src_tensors(), shards=2)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002"):
+        _load(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        _load(folder)
+
+
+def test_round_trip_to_checkpoint_names():
+    """checkpoint -> model -> checkpoint layout is the identity (names, shapes, values)."""
+    src = {k: v.astype(np.float32) for k, v in _src_tensors().items()}
+    back = to_hf_state_dict(_load(SRC).state)
+    assert back.keys() == src.keys()
+    for k, want in src.items():
+        np.testing.assert_array_equal(back[k], want, err_msg=k)
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="hub"):
+        _load("openbmb/this-model-does-not-exist-here")
+
+
+def test_not_a_folder():
+    with pytest.raises(CheckpointError):
+        _load("/nonexistent/dir/for/sure")
