@@ -1,0 +1,350 @@
+"""``MiniCPMV.chat`` and ``MiniCPMV.generate``: the official chat() behaviour on top of generate.py.
+
+``GenerationMixin`` is mixed into ``MiniCPMV`` (model.py); it needs the model's ``config``,
+``module`` and ``processor``.
+
+Official behaviour reproduced here (each version's ``chat()``):
+
+* decoding defaults (``chat_generation_defaults``): sampling = top_p 0.8, top_k 100, temperature
+  0.7, repetition_penalty 1.05 (4.5 non-thinking: 1.03; 4.5 thinking: temperature 0.7 only, the
+  inner LLM's generation config supplies top_k 50, top_p 1.0); no sampling = beam search with
+  num_beams 3, repetition_penalty 1.2. max_new_tokens 2.5: 1024, 2.6 / 4.5: 2048.
+* post-processing (``postprocess``): drop EVERY id 0 (``result[result != 0]``), a leading bos and
+  a trailing terminator, ``decode(...).strip()``; 4.5 with thinking prepends ``"<think>\\n"``.
+
+Differences, on purpose: the official chat() silently drops generation keywords it has no default
+for (e.g. ``length_penalty``, ``early_stopping``); here every supported keyword is honoured and an
+unknown one raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from minicpmv_jax.errors import MessageError
+from minicpmv_jax.generate import (
+    TRACE_COUNTS,
+    Buckets,
+    GenerationError,
+    GenerationOutput,
+    GenerationSettings,
+    Generator,
+)
+
+# generation keywords chat() / generate() accept (transformers' names, plus the PRNG seed)
+GENERATION_KEYS = (
+    "num_beams",
+    "repetition_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_new_tokens",
+    "length_penalty",
+    "early_stopping",
+    "seed",
+)
+
+DEFAULT_MAX_NEW_TOKENS = {"2.5": 1024, "2.6": 2048, "4.5": 2048}
+
+
+def chat_generation_defaults(version: str, sampling: bool, enable_thinking: bool = False) -> dict:
+    """The decoding settings the official chat() passes to generate() (spec §7.3)."""
+    if not sampling:
+        return {"do_sample": False, "num_beams": 3, "repetition_penalty": 1.2}
+    if version == "4.5" and enable_thinking:
+        # 4.5 thinking: chat() passes temperature only; top_k / top_p come from the inner LLM's
+        # generation config (transformers defaults top_k 50, top_p 1.0)
+        return {"do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 1.0}
+    penalty = 1.03 if version == "4.5" else 1.05
+    return {
+        "do_sample": True,
+        "top_p": 0.8,
+        "top_k": 100,
+        "temperature": 0.7,
+        "repetition_penalty": penalty,
+    }
+
+
+def make_settings(
+    version: str, max_new_tokens: int | None, sampling: bool, enable_thinking: bool, kwargs: dict
+) -> GenerationSettings:
+    """Official defaults overridden by the caller's keywords; raises on unknown ones."""
+    unknown = sorted(set(kwargs) - set(GENERATION_KEYS))
+    if unknown:
+        raise GenerationError(
+            f"unknown generation argument(s) {unknown}; supported: {list(GENERATION_KEYS)}"
+        )
+    values = chat_generation_defaults(version, sampling, enable_thinking)
+    values.update(kwargs)
+    if max_new_tokens is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS[version]
+    return GenerationSettings(max_new_tokens=int(max_new_tokens), **values)
+
+
+def postprocess(ids: np.ndarray, processor, enable_thinking: bool = False) -> str:
+    """Official chat() decoding of one row of new token ids.
+
+    Quirk: ``result[result != 0]`` drops every id 0 (a genuine generated "!" in Qwen's / Llama's
+    vocabulary disappears), then a leading bos and a trailing terminator are removed.
+    """
+    ids = np.asarray(ids).reshape(-1)
+    ids = ids[ids != 0]
+    bos = getattr(processor, "bos_id", None)
+    if len(ids) and bos is not None and ids[0] == bos:
+        ids = ids[1:]
+    if len(ids) and int(ids[-1]) in set(processor.terminators):
+        ids = ids[:-1]
+    text = processor.decode(ids).strip()
+    if processor.version == "4.5" and enable_thinking:
+        text = "<think>\n" + text  # 4.5 chat(): the generation prefill is part of the answer
+    return text
+
+
+class _TextStream:
+    """Incremental detokenisation: yields only complete UTF-8 text.
+
+    The text after each token is ``postprocess`` of the tokens so far, which already holds back
+    trailing whitespace (``strip``); a trailing replacement character (an unfinished multi-byte
+    sequence) is held back too. Every piece extends the previous ones, so the concatenation of the
+    pieces equals the blocking answer.
+    """
+
+    def __init__(self, processor, enable_thinking: bool):
+        self.processor = processor
+        self.enable_thinking = enable_thinking
+        self.ids: list[int] = []
+        self.sent = ""
+        self.terminators = set(processor.terminators)
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self.sent):  # cannot happen for byte-level BPE; be safe
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = postprocess(np.asarray(self.ids), self.processor, self.enable_thinking)
+        return self._emit(text.removesuffix("\ufffd"))
+
+    def flush(self) -> str:
+        return self._emit(postprocess(np.asarray(self.ids), self.processor, self.enable_thinking))
+
+
+@dataclasses.dataclass
+class ChatStats:
+    """Timings of the last chat() / generate() call (seconds; tokens/s of the decode loop)."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    compiled: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class GenerationMixin:
+    """Adds ``generate``, ``chat``, ``configure_generation`` and ``memory_report`` to MiniCPMV."""
+
+    last_stats: ChatStats | None = None
+
+    # -- configuration ----------------------------------------------------------------------------
+
+    def configure_generation(self, buckets: Buckets | None = None, cache_dtype=None) -> Generator:
+        """(Re)build the compiled generation programs with these buckets / KV cache dtype."""
+        self._generator = Generator(self, buckets=buckets, cache_dtype=cache_dtype)
+        return self._generator
+
+    @property
+    def generator(self) -> Generator:
+        gen = self.__dict__.get("_generator")
+        if gen is None:
+            gen = self.configure_generation()
+        return gen
+
+    def _generation_precision(self):
+        # float32 parity needs true float32 matmuls on GPU / TPU (the model's own stage functions
+        # do the same)
+        precision = getattr(self, "_precision", None)
+        return precision() if precision is not None else contextlib.nullcontext()
+
+    def memory_report(
+        self, batch: int = 1, prompt_len: int = 1024, max_new_tokens: int = 256, **kwargs
+    ) -> dict[str, Any]:
+        """KV cache bytes and compiled prefill / decode memory for a request shape."""
+        with self._generation_precision():
+            return self.generator.memory_report(batch, prompt_len, max_new_tokens, **kwargs)
+
+    # -- generate -----------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        batch,
+        max_new_tokens: int | None = None,
+        sampling: bool = False,
+        num_beams: int = 1,
+        repetition_penalty: float = 1.0,
+        *,
+        return_dict: bool = False,
+        record_logits: bool = False,
+        **kwargs,
+    ) -> np.ndarray | list[np.ndarray] | GenerationOutput:
+        """New token ids for processed conversations (transformers ``generate`` semantics).
+
+        Args:
+          batch: one ``ProcessorOutput`` or a list of them (run as one batch).
+          max_new_tokens: default per version (2.5: 1024; 2.6 / 4.5: 2048).
+          sampling: multinomial sampling (``do_sample``) instead of greedy / beam search.
+          num_beams, repetition_penalty, **kwargs: ``temperature``, ``top_k``, ``top_p``,
+            ``min_new_tokens``, ``length_penalty``, ``early_stopping``, ``seed``.
+          return_dict: return the full ``GenerationOutput``; record_logits: keep the raw logits
+            of every greedy / sampling step in it (``step_logits`` [B, M, V]).
+        Returns:
+          int64 ids [n] (one conversation) or a list of them: new tokens only, the terminator
+          last when one was produced.
+        """
+        single = not isinstance(batch, (list, tuple))
+        outputs = [batch] if single else list(batch)
+        if not outputs:
+            raise GenerationError("generate() got an empty batch")
+        unknown = sorted(set(kwargs) - set(GENERATION_KEYS))
+        if unknown:
+            raise GenerationError(f"unknown generation argument(s) {unknown}")
+        version = self.config.version
+        settings = GenerationSettings(
+            max_new_tokens=int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS[version]),
+            do_sample=bool(sampling),
+            num_beams=int(num_beams),
+            repetition_penalty=float(repetition_penalty),
+            **kwargs,
+        )
+        with self._generation_precision():
+            out = self.generator.run(outputs, settings, record_logits=record_logits)
+        self._record_stats(out)
+        if return_dict:
+            return out
+        return out.sequences[0] if single else out.sequences
+
+    def _record_stats(self, out: GenerationOutput) -> None:
+        self.last_stats = ChatStats(
+            prompt_tokens=sum(out.prompt_tokens),
+            new_tokens=sum(len(s) for s in out.sequences),
+            prefill_s=out.timings.get("prefill", 0.0),
+            decode_s=out.timings.get("decode", 0.0),
+            compiled=int(out.timings.get("traces", 0)),
+        )
+
+    # -- chat ---------------------------------------------------------------------------------------
+
+    def chat(
+        self,
+        msgs,
+        max_new_tokens: int | None = None,
+        sampling: bool = True,
+        stream: bool = False,
+        max_slice_nums: int | None = None,
+        use_image_id: bool | None = None,
+        system_prompt: str | None = None,
+        enable_thinking: bool = False,
+        temporal_ids=None,
+        **generation_kwargs,
+    ) -> str | list[str] | Iterator[str]:
+        """Answer a conversation as the official ``chat()`` does.
+
+        Args:
+          msgs: one conversation (list of ``{"role", "content"}`` dicts; content = str or a list
+            of str / PIL images / paths) or a list of conversations, answered as one batch.
+          max_new_tokens: default 1024 (2.5) / 2048 (2.6, 4.5).
+          sampling: official defaults: True = top-p / top-k sampling, False = beam search
+            (num_beams 3, repetition_penalty 1.2); override with ``**generation_kwargs``
+            (``num_beams``, ``repetition_penalty``, ``temperature``, ``top_k``, ``top_p``,
+            ``min_new_tokens``, ``length_penalty``, ``early_stopping``, ``seed``).
+          stream: return a generator of text pieces (one conversation, no beam search).
+          max_slice_nums, use_image_id, system_prompt, enable_thinking (4.5), temporal_ids (4.5
+            video groups): processor settings, as in the official chat().
+        Returns:
+          the answer, a list of answers (batch), or an iterator of text pieces (stream).
+        """
+        if self.processor is None:
+            raise GenerationError("this model was loaded without a processor; chat() needs one")
+        batched = _is_batch(msgs)
+        convs = list(msgs) if batched else [msgs]
+        if not convs:
+            raise MessageError("chat() got an empty list of conversations")
+        tids = list(temporal_ids) if (batched and temporal_ids is not None) else [temporal_ids]
+        if batched and temporal_ids is None:
+            tids = [None] * len(convs)
+        if len(tids) != len(convs):
+            raise MessageError("temporal_ids must hold one entry per conversation")
+        settings = make_settings(
+            self.config.version, max_new_tokens, sampling, enable_thinking, generation_kwargs
+        )
+        outputs = [
+            self.processor(
+                conv,
+                max_slice_nums=max_slice_nums,
+                use_image_id=use_image_id,
+                enable_thinking=enable_thinking,
+                system_prompt=system_prompt,
+                temporal_ids=t,
+            )
+            for conv, t in zip(convs, tids, strict=True)
+        ]
+        if stream:
+            if batched:
+                raise GenerationError("stream=True answers one conversation at a time")
+            if settings.num_beams > 1:
+                raise GenerationError(
+                    "stream=True needs num_beams=1 (beam search only knows its answer at the "
+                    "end); pass sampling=True or num_beams=1"
+                )
+            return self._stream(outputs[0], settings, enable_thinking)
+        with self._generation_precision():
+            out = self.generator.run(outputs, settings)
+        self._record_stats(out)
+        answers = [postprocess(s, self.processor, enable_thinking) for s in out.sequences]
+        return answers if batched else answers[0]
+
+    def _stream(self, output, settings: GenerationSettings, enable_thinking: bool) -> Iterator[str]:
+        text = _TextStream(self.processor, enable_thinking)
+        stats = ChatStats(prompt_tokens=int(np.asarray(output["input_ids"]).shape[-1]))
+        t0 = time.perf_counter()
+        traces = sum(TRACE_COUNTS.values())
+        first = None
+        with self._generation_precision():
+            for tok in self.generator.stream([output], settings):
+                if first is None:
+                    first = time.perf_counter()
+                    stats.prefill_s = first - t0
+                token = int(tok[0])
+                stats.new_tokens += 1
+                piece = text.push(token)
+                if piece:
+                    yield piece
+                if token in text.terminators:
+                    break
+        stats.decode_s = time.perf_counter() - (first or t0)
+        stats.compiled = sum(TRACE_COUNTS.values()) - traces
+        self.last_stats = stats
+        tail = text.flush()
+        if tail:
+            yield tail
+
+
+def _is_batch(msgs: Any) -> bool:
+    """A list of conversations (each a list of messages) rather than one conversation."""
+    return (
+        isinstance(msgs, Sequence)
+        and not isinstance(msgs, (str, bytes))
+        and len(msgs) > 0
+        and all(isinstance(m, Sequence) and not isinstance(m, (str, bytes)) for m in msgs)
+    )

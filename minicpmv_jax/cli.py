@@ -1,0 +1,202 @@
+"""Command line: ``minicpmv-jax chat`` (answer / interactive session) and ``minicpmv-jax layout``.
+
+    minicpmv-jax chat --model openbmb/MiniCPM-V-4_5 --image cat.jpg "What is this?"
+    minicpmv-jax chat --model ./MiniCPM-V-2_6 --video clip.mp4 --stream "Describe the video."
+    minicpmv-jax chat --model ./MiniCPM-V-2_6          # interactive: one user turn per line
+    minicpmv-jax layout ...                             # processor layout (processor_cli.py)
+
+Answers go to stdout; progress and timings (loading, compiling, prefill, decoding, tokens/s) to
+stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+
+from minicpmv_jax.errors import MiniCPMVError
+
+
+def _chat_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("chat", help="answer a question (or start an interactive session)")
+    p.add_argument("question", nargs="?", help="the question; omit it for an interactive session")
+    p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face hub id")
+    p.add_argument(
+        "--image", action="append", default=[], metavar="FILE", help="image (repeatable)"
+    )
+    p.add_argument("--video", metavar="FILE", help="video file (2.6 / 4.5 official frame sampling)")
+    p.add_argument("--max-slice-nums", type=int, default=None, metavar="N")
+    p.add_argument("--stream", action="store_true", help="print the answer while it is generated")
+    p.add_argument("--thinking", action="store_true", help="4.5: enable thinking mode")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N")
+    g = p.add_argument_group("decoding (default: the official chat() sampling settings)")
+    g.add_argument(
+        "--no-sampling",
+        action="store_true",
+        help="official non-sampling decoding: beam search, 3 beams, repetition penalty 1.2",
+    )
+    g.add_argument("--num-beams", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minicpmv-jax", description="MiniCPM-V (2.5, 2.6, 4.5) in JAX"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _chat_parser(sub)
+    sub.add_parser(
+        "layout",
+        help="show how the processor lays out a prompt (see `layout --help`)",
+        add_help=False,
+    )
+    return parser
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _generation_kwargs(args) -> dict:
+    kw = {"seed": args.seed}
+    for name in ("num_beams", "temperature", "top_p", "top_k", "repetition_penalty"):
+        value = getattr(args, name)
+        if value is not None:
+            kw[name] = value
+    return kw
+
+
+class ChatSession:
+    """One loaded model and a growing conversation (images / video attach to the first turn)."""
+
+    def __init__(self, args):
+        self.args = args
+        from minicpmv_jax.model import MiniCPMV
+
+        _log(f"loading {args.model} ({args.dtype}) ...")
+        t0 = time.perf_counter()
+        self.model = MiniCPMV.from_pretrained(args.model, dtype=args.dtype)
+        if args.cache_dtype:
+            self.model.configure_generation(cache_dtype=args.cache_dtype)
+        self.load_s = time.perf_counter() - t0
+        version = self.model.config.version
+        _log(f"loaded MiniCPM-V {version} in {self.load_s:.1f} s")
+        self.history: list[dict] = []
+        self.media: list = [pathlib.Path(f) for f in args.image]
+        self.processor_kwargs: dict = {}
+        if args.max_slice_nums is not None:
+            self.processor_kwargs["max_slice_nums"] = args.max_slice_nums
+        if args.video:
+            from minicpmv_jax.video import load_video
+
+            _log(f"sampling frames of {args.video} ...")
+            sample = load_video(args.video, version)
+            self.media += list(sample.frames)
+            self.processor_kwargs.update(sample.processor_kwargs)
+            if args.max_slice_nums is not None:
+                self.processor_kwargs["max_slice_nums"] = args.max_slice_nums
+            _log(f"{len(sample.frames)} frames")
+        self.first = True
+
+    def _chat_kwargs(self) -> dict:
+        a = self.args
+        return dict(
+            max_new_tokens=a.max_new_tokens,
+            sampling=not a.no_sampling,
+            system_prompt=a.system_prompt,
+            enable_thinking=a.thinking,
+            **self.processor_kwargs,
+            **_generation_kwargs(a),
+        )
+
+    def ask(self, question: str, out=None) -> str:
+        out = out or sys.stdout
+        content = ([*self.media] if not self.history else []) + [question]
+        msgs = [*self.history, {"role": "user", "content": content}]
+        kwargs = self._chat_kwargs()
+        warm_s = 0.0
+        if self.first:
+            # compile prefill + decode on this request's shapes with a 2-token run, so that the
+            # timings below are the steady-state ones
+            _log("compiling (first request of this shape) ...")
+            t0 = time.perf_counter()
+            result = self.model.chat(
+                msgs, stream=self.args.stream, **dict(kwargs, max_new_tokens=2)
+            )
+            if self.args.stream:
+                list(result)
+            warm_s = time.perf_counter() - t0
+        if self.args.stream:
+            pieces = []
+            for piece in self.model.chat(msgs, stream=True, **kwargs):
+                pieces.append(piece)
+                print(piece, end="", file=out, flush=True)
+            print(file=out, flush=True)
+            answer = "".join(pieces)
+        else:
+            answer = self.model.chat(msgs, **kwargs)
+            print(answer, file=out, flush=True)
+        s = self.model.last_stats
+        timing = (
+            f"prompt {s.prompt_tokens} tokens, prefill {s.prefill_s:.2f} s; "
+            f"{s.new_tokens} new tokens in {s.decode_s:.2f} s ({s.tokens_per_s:.1f} tokens/s)"
+        )
+        if self.first:
+            # the warm-up ran compilation + one prefill + ~2 decode steps
+            step_s = s.decode_s / max(s.new_tokens, 1)
+            compile_s = max(warm_s - s.prefill_s - 2 * step_s, 0.0)
+            timing = f"loading {self.load_s:.1f} s, compiling {compile_s:.1f} s, " + timing
+        elif s.compiled:
+            timing += f" (compiled {s.compiled} new programs)"
+        _log(timing)
+        self.first = False
+        self.history = [*msgs, {"role": "assistant", "content": answer}]
+        return answer
+
+
+def _interactive(session: ChatSession) -> None:
+    _log("interactive session: one question per line; 'exit' or end of input quits")
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("exit", "quit"):
+            break
+        if line.strip():
+            session.ask(line.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "layout":
+        from minicpmv_jax import processor_cli
+
+        return int(processor_cli.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.stream and args.no_sampling and (args.num_beams or 3) > 1:
+            raise MiniCPMVError("--stream needs --num-beams 1 with --no-sampling (beam search)")
+        session = ChatSession(args)
+        if args.question is None:
+            _interactive(session)
+        else:
+            session.ask(args.question)
+    except MiniCPMVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

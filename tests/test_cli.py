@@ -1,0 +1,107 @@
+"""The `minicpmv-jax` command line on the tiny 2.6 checkpoint (in-process `main(argv)`)."""
+
+import io
+import sys
+
+import pytest
+from conftest import FIXTURES
+
+from minicpmv_jax import cli
+
+CKPT = str(FIXTURES / "minicpm-v-2_6" / "checkpoint")
+IMAGE = str(FIXTURES / "minicpm-v-2_6" / "cases" / "single_448x448" / "image_0.png")
+
+
+def test_one_question_with_image(capsys):
+    argv = [
+        "chat",
+        "--model",
+        CKPT,
+        "--image",
+        IMAGE,
+        "--dtype",
+        "float32",
+        "--no-sampling",
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "16",
+        "Describe this image.",
+    ]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.strip()
+    for word in ("loading", "compiling", "prefill", "new tokens", "tokens/s"):
+        assert word in err
+
+
+def test_stream_prints_the_same_answer(capsys):
+    base = [
+        "chat",
+        "--model",
+        CKPT,
+        "--image",
+        IMAGE,
+        "--dtype",
+        "float32",
+        "--no-sampling",
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "12",
+        "What is it?",
+    ]
+    assert cli.main(base) == 0
+    blocking = capsys.readouterr().out
+    assert cli.main(base[:-1] + ["--stream", base[-1]]) == 0
+    assert capsys.readouterr().out == blocking
+
+
+def test_interactive_session_reads_stdin(monkeypatch, capsys):
+    monkeypatch.setattr(
+        sys, "stdin", io.StringIO("first question\n\nsecond question\nexit\nignored\n")
+    )
+    argv = ["chat", "--model", CKPT, "--max-new-tokens", "6", "--seed", "1"]
+    assert cli.main(argv) == 0
+    _, err = capsys.readouterr()
+    assert err.count("tokens/s") == 2  # two answers, the rest was skipped / after exit
+    assert "interactive" in err
+
+
+def test_errors_are_reported_not_raised(capsys):
+    argv = ["chat", "--model", CKPT, "--temperature", "0", "--max-new-tokens", "4", "hi"]
+    assert cli.main(argv) == 2
+    assert "temperature" in capsys.readouterr().err
+    assert cli.main(["chat", "--model", "/nonexistent/folder", "hi"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_layout_delegates_to_processor_cli(monkeypatch):
+    processor_cli = pytest.importorskip("minicpmv_jax.processor_cli")
+    seen = []
+    monkeypatch.setattr(processor_cli, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["layout", "--model", CKPT, "x"]) == 0
+    assert seen == [["--model", CKPT, "x"]]
+
+
+def test_video_question(tmp_path, capsys):
+    """--video samples frames with the 4.5 recipe (temporal groups) and answers about them."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    path = tmp_path / "clip.avi"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("png", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "rgb24"
+        for i in range(24):
+            frame = np.full((48, 64, 3), (i * 10, 200 - i * 5, 90), np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    ckpt = str(FIXTURES / "minicpm-v-4_5" / "checkpoint")
+    argv = ["chat", "--model", ckpt, "--video", str(path), "--max-new-tokens", "4",
+            "--no-sampling", "--num-beams", "1", "--dtype", "float32", "Describe the video."]  # fmt: skip
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "frames" in err and "tokens/s" in err

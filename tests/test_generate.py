@@ -1,0 +1,224 @@
+"""Self-consistency, batching, compilation counts, bad input and memory of generation (2.6 tiny)."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES, load_case
+from gen_helpers import TEST_BUCKETS, case_messages, load_model
+
+from minicpmv_jax import generate as gen
+from minicpmv_jax.errors import MessageError, MiniCPMVError, PromptTooLongError
+from minicpmv_jax.processor import ProcessorOutput
+
+CASES = FIXTURES / "minicpm-v-2_6" / "cases"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("minicpm-v-2_6")
+
+
+def _batch(model, name, **kw):
+    return model.processor(case_messages(load_case(CASES / name)), **kw)
+
+
+def test_prefill_decode_equals_full_forward(model):
+    """Logits of every decode step = a full (no cache) forward pass over prompt + new tokens."""
+    batch = _batch(model, "multi_image")
+    out = model.generate(batch, max_new_tokens=12, return_dict=True, record_logits=True)
+    new = out.sequences[0]
+    t = len(batch["input_ids"])
+    full = ProcessorOutput(dict(batch))
+    full["input_ids"] = np.concatenate([batch["input_ids"], new[:-1]])
+    full["attention_mask"] = np.ones(len(full["input_ids"]), bool)  # new tokens: always attended
+    want = model.prompt_logits(full)[t - 1 :]  # [len(new), V]
+    np.testing.assert_allclose(out.step_logits[0, : len(new)], want, rtol=0, atol=1e-4)
+
+
+def test_prompt_positions_reproduce_the_id0_quirk():
+    """generate() positions: cumsum(mask) - 1, masked positions 1 (2.6/4.5 mask = ids != 0)."""
+    mask = np.array([True, True, False, True, True])
+    np.testing.assert_array_equal(gen.prompt_positions(mask), [0, 1, 1, 2, 3])
+
+
+def test_batch_equals_each_conversation_alone(model):
+    """A list of conversations (text only, one image, two images) decodes as each one alone."""
+    names = ["text_only", "single_448x448", "beam_default_multi_image"]
+    batches = [_batch(model, n) for n in names]
+    for kw in ({}, {"num_beams": 3, "repetition_penalty": 1.2}):
+        together = model.generate(batches, max_new_tokens=10, **kw)
+        for b, got in zip(batches, together, strict=True):
+            np.testing.assert_array_equal(got, model.generate(b, max_new_tokens=10, **kw))
+
+
+def test_chat_batch_equals_chat_alone(model):
+    convs = [case_messages(load_case(CASES / n)) for n in ("text_only", "single_100x90")]
+    together = model.chat(convs, sampling=False, num_beams=1, max_new_tokens=8)
+    alone = [model.chat(c, sampling=False, num_beams=1, max_new_tokens=8) for c in convs]
+    assert together == alone
+
+
+def test_no_compilation_inside_existing_buckets(model):
+    """After warm-up, other prompt lengths / image sizes / sampling values in the same buckets
+    (token, slice and patch bucket, decode mode) compile nothing."""
+    warm = [_batch(model, "single_448x448"), _batch(model, "text_only")]
+    settings = gen.GenerationSettings(max_new_tokens=8, do_sample=True, top_k=3)
+    for b in warm:
+        model.generate(b, max_new_tokens=8)
+        model.generate(b, max_new_tokens=8, sampling=True, temperature=0.7, top_p=0.8)
+        list(model.generator.stream([b], settings))
+    before = dict(gen.TRACE_COUNTS)
+    others = [_batch(model, "greedy_rep_penalty"), _batch(model, "single_100x90")]
+    others.append(model.processor([{"role": "user", "content": "another question, longer " * 5}]))
+    for b in others:
+        assert len(b["input_ids"]) <= 256 and b["pixel_patches"].shape[0] <= 1
+        model.generate(b, max_new_tokens=5, repetition_penalty=1.3)
+        model.generate(b, max_new_tokens=20, sampling=True, temperature=1.3, top_k=5, seed=3)
+        list(model.generator.stream([b], dataclasses.replace(settings, max_new_tokens=4)))
+    assert dict(gen.TRACE_COUNTS) == before
+    assert model.last_stats.compiled == 0
+
+
+def test_streaming_matches_blocking(model):
+    msgs = case_messages(load_case(CASES / "single_448x448"))
+    kw = {"sampling": False, "num_beams": 1, "max_new_tokens": 16}
+    answer = model.chat(msgs, **kw)
+    pieces = list(model.chat(msgs, stream=True, **kw))
+    assert all(isinstance(p, str) and p for p in pieces)
+    assert all(p.encode("utf-8").decode("utf-8") == p for p in pieces)
+    assert "".join(pieces) == answer
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
+    msgs = case_messages(load_case(CASES / "single_448x448"))
+    greedy = model.chat(msgs, sampling=False, num_beams=1, max_new_tokens=10)
+    assert model.chat(msgs, top_k=1, max_new_tokens=10, seed=5) == greedy
+    a = model.chat(msgs, max_new_tokens=10, seed=1, temperature=2.0, top_p=1.0, top_k=0)
+    b = model.chat(msgs, max_new_tokens=10, seed=1, temperature=2.0, top_p=1.0, top_k=0)
+    assert a == b
+
+
+def test_min_new_tokens_delays_the_terminator(model):
+    batch = _batch(model, "beam_default_single")  # greedy ends with a terminator at step 15
+    ids = model.generate(batch, max_new_tokens=16, num_beams=3, repetition_penalty=1.2)
+    assert ids[-1] in model.processor.terminators and len(ids) == 15
+    ids = model.generate(
+        batch, max_new_tokens=16, num_beams=3, repetition_penalty=1.2, min_new_tokens=16
+    )
+    assert len(ids) == 16 and not set(ids[:-1].tolist()) & set(model.processor.terminators)
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def test_prompt_longer_than_cache(model):
+    small = model.configure_generation(dataclasses.replace(TEST_BUCKETS, max_cache_len=50))
+    try:
+        batch = _batch(model, "single_448x448")
+        n = len(batch["input_ids"])
+        with pytest.raises(PromptTooLongError, match=f"{n} tokens.*50"):
+            model.generate(batch, max_new_tokens=4)
+        short = model.processor([{"role": "user", "content": "hi"}])
+        m = len(short["input_ids"])
+        with pytest.raises(PromptTooLongError, match=f"{m} tokens.*max_new_tokens=100.*50"):
+            model.generate(short, max_new_tokens=100)
+        assert small is model.generator
+    finally:
+        model.configure_generation(TEST_BUCKETS)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sampling": True, "temperature": 0.0}, "temperature"),
+        ({"sampling": True, "temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.2}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"num_beams": 0}, "num_beams"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"min_new_tokens": -1}, "min_new_tokens"),
+        ({"sampling": True, "num_beams": 2}, "num_beams"),
+        ({"early_stopping": "sometimes"}, "early_stopping"),
+        ({"do_what_i_mean": True}, "do_what_i_mean"),
+        ({"stream": True, "sampling": False}, "num_beams"),
+    ],
+)
+def test_invalid_generation_settings(model, kwargs, match):
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(MiniCPMVError, match=match):
+        out = model.chat(msgs, **kwargs)
+        list(out)
+
+
+@pytest.mark.parametrize(
+    "msgs",
+    [[], [[]], [{"role": "assistant", "content": "hi"}], [{"role": "user"}], "hello"],
+    ids=["empty", "empty-batch-item", "assistant-first", "no-content", "string"],
+)
+def test_invalid_messages(model, msgs):
+    with pytest.raises(MessageError):
+        model.chat(msgs, sampling=False, max_new_tokens=2)
+
+
+def test_images_where_none_are_allowed(model):
+    img = CASES / "single_100x90" / "image_0.png"
+    with pytest.raises(MessageError, match="system"):
+        model.chat([{"role": "system", "content": [img]}, {"role": "user", "content": "hi"}])
+    with pytest.raises(MessageError, match="4.5"):  # video groups are a 4.5 feature
+        model.chat([{"role": "user", "content": [img, "hi"]}], temporal_ids=[[1]])
+
+
+def test_empty_generate_batch(model):
+    with pytest.raises(MiniCPMVError, match="empty"):
+        model.generate([], max_new_tokens=2)
+
+
+# ---------------------------------------------------------------------------------- memory
+
+
+def test_memory_report_and_bf16_cache_halves_it(model):
+    f32 = model.memory_report(batch=2, prompt_len=100, max_new_tokens=20, num_slices=1)
+    cfg = model.config.llm
+    s = 256 + 32  # token bucket + decode bucket
+    assert f32["cache_len"] == s
+    assert f32["kv_cache_bytes"] == 2 * cfg.num_layers * 2 * s * cfg.num_kv_heads * cfg.head_dim * 4
+    for prog in ("prefill", "decode"):
+        assert f32[prog]["argument_bytes"] is None or f32[prog]["argument_bytes"] > 0
+    model.configure_generation(TEST_BUCKETS, cache_dtype=jnp.bfloat16)
+    try:
+        bf16 = model.memory_report(batch=2, prompt_len=100, max_new_tokens=20, num_slices=1)
+        assert bf16["kv_cache_bytes"] * 2 == f32["kv_cache_bytes"]
+        assert bf16["cache_dtype"] == "bfloat16"
+        # a bf16 cache still decodes (greedy ids of a float32 model stay close)
+        batch = _batch(model, "single_448x448")
+        assert len(model.generate(batch, max_new_tokens=4)) == 4
+    finally:
+        model.configure_generation(TEST_BUCKETS)
+
+
+def test_sharded_generation_matches_fixtures():
+    """On a (data=2, fsdp=1, tensor=4) mesh a batch of two conversations decodes the official ids
+    (greedy + repetition penalty and beam search): params, cache and batch are sharded."""
+    from minicpmv_jax.model import MiniCPMV
+    from minicpmv_jax.sharding import make_mesh
+
+    mesh = make_mesh((2, 1, 4))
+    sharded = MiniCPMV.from_pretrained(
+        FIXTURES / "minicpm-v-2_6" / "checkpoint", dtype="float32", progress=False, mesh=mesh
+    )
+    sharded.configure_generation(TEST_BUCKETS)
+    cases = [load_case(CASES / n) for n in ("greedy_rep_penalty", "beam_default_single")]
+    batches = [sharded.processor(case_messages(c)) for c in cases]
+    for c in cases:
+        kw = c["case"]["chat_kwargs"]
+        got = sharded.generate(
+            batches, max_new_tokens=kw["max_new_tokens"], num_beams=kw["num_beams"],
+            repetition_penalty=kw["repetition_penalty"],
+        )  # fmt: skip
+        row = cases.index(c)
+        np.testing.assert_array_equal(got[row], c["llm"]["generated_ids"][0])
