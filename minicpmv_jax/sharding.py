@@ -239,8 +239,6 @@ def rules_for(config, mesh, *, strict: bool = False, rules: Rules = RULES) -> Ru
             "replicate these axes)"
         )
     for p in problems:
-        if all(v == 1 for v in shape.values()):
-            break
         log.info("sharding fallback: %s", p)
     return tuple(out)
 

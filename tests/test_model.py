@@ -94,14 +94,21 @@ def stage_errors(folder: str, case) -> dict[str, float]:
     return errs
 
 
-@pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+# Text-only cases have no vision/resampler outputs, so those stages are not generated for them.
+STAGE_CASES = [
+    pytest.param(case, stage, id=f"{case_id(case)}-{stage}")
+    for case in CASES
+    for stage in STAGES
+    if stage not in ("vision", "resampler") or (case[1] / "vision.npz").exists()
+]
+
+
+@pytest.mark.parametrize(("case", "stage"), STAGE_CASES)
 def test_stage_parity(case, stage):
     """Per stage and case; tolerances: vision/resampler/embeds 1e-4, logits 5e-4 (abs)."""
     folder, case_dir = case
     err = stage_errors(folder, case_dir)[stage]
-    if err is None:
-        pytest.skip(f"{case_dir.name}: no {stage} stage (text only)")
+    assert err is not None, f"{folder}/{case_dir.name}: the {stage} stage did not run"
     assert err <= TOL[stage], f"{folder}/{case_dir.name} stage {stage}: max abs err {err:.3e}"
 
 

@@ -1,0 +1,114 @@
+"""Orbax checkpoints: save on one mesh, restore straight into another mesh's shardings;
+from_pretrained(orbax folder); atomic, resumable writes; clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import FIXTURES, load_case
+from flax import nnx
+from model_inputs import batch_from_case
+
+from minicpmv_jax import checkpoint, sharding
+from minicpmv_jax.errors import CheckpointError
+from minicpmv_jax.sharding import make_mesh
+
+CKPT = FIXTURES / "minicpm-v-2_6" / "checkpoint"
+CASE = FIXTURES / "minicpm-v-2_6" / "cases" / "single_100x90"
+
+
+def _load(path, mesh, dtype="float32"):
+    from minicpmv_jax.model import MiniCPMV
+
+    return MiniCPMV.from_pretrained(
+        path, dtype=dtype, mesh=mesh, progress=False, load_processor=False
+    )
+
+
+def _flat(model) -> dict:
+    return {
+        ".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(model.state)
+    }
+
+
+def test_save_on_one_mesh_restore_on_another(tmp_path):
+    src = _load(CKPT, make_mesh((1, 2, 4)))
+    out = checkpoint.save(tmp_path / "ft", src, side_files_from=CKPT, progress=False)
+    assert checkpoint.is_orbax_checkpoint(out)
+    assert not checkpoint.partial_dir(out).exists()
+
+    mesh = make_mesh((2, 2, 2))
+    dst = _load(out, mesh)
+    a, b = _flat(src), _flat(dst)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # every restored array already has the target mesh's rule sharding
+    rules = sharding.rules_for(dst.config, mesh)
+    for path, var in nnx.to_flat_state(dst.state):
+        value = var.get_value()
+        assert value.sharding.mesh == mesh
+        want = sharding.named(mesh, sharding.logical_names(var), value.shape, rules)
+        assert value.sharding.is_equivalent_to(want, value.ndim), path
+    batch = batch_from_case(load_case(CASE), "2.6")
+    np.testing.assert_allclose(
+        dst.prompt_logits(batch), src.prompt_logits(batch), rtol=0, atol=1e-4
+    )
+
+
+def test_restore_casts_dtype_and_checks_shapes(tmp_path):
+    src = _load(CKPT, None)
+    out = checkpoint.save(tmp_path / "f32", src, side_files_from=CKPT, progress=False)
+    half = _load(out, make_mesh((1, 1, 8)), dtype="bfloat16")
+    leaf = half.state["llm"]["lm_head"]["kernel"].get_value()
+    assert leaf.dtype == jax.numpy.bfloat16
+    # a config that does not match the stored parameters: one clear error
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["intermediate_size"] = 384
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match the model config"):
+        _load(out, None)
+
+
+def test_interrupted_save_leaves_nothing_loadable_and_resumes(tmp_path, monkeypatch):
+    from convert import to_orbax
+
+    out = tmp_path / "orbax"
+    calls = {"n": 0}
+    real = checkpoint.CheckpointWriter.write_group
+
+    def flaky(self, group, items):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # as if the process were stopped mid-conversion
+        return real(self, group, items)
+
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "write_group", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        to_orbax.convert(CKPT, out, progress=False)
+    assert not out.exists()
+    partial = checkpoint.partial_dir(out)
+    assert partial.exists() and not checkpoint.is_orbax_checkpoint(partial)
+    with pytest.raises(CheckpointError):
+        checkpoint.read_metadata(out)
+
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "write_group", real)
+    summary = to_orbax.convert(CKPT, out, progress=False)
+    assert summary["resumed"]
+    assert checkpoint.is_orbax_checkpoint(out) and not partial.exists()
+    ref = _flat(_load(CKPT, None))
+    got = _flat(_load(out, None))
+    for k in ref:
+        np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
+
+
+def test_refuses_to_overwrite(tmp_path):
+    from convert import to_orbax
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with pytest.raises(CheckpointError, match="exists"):
+        to_orbax.convert(CKPT, out, progress=False)
