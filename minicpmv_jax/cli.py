@@ -1,9 +1,11 @@
-"""Command line: ``minicpmv-jax chat`` (answer / interactive session) and ``minicpmv-jax layout``.
+"""Command line: ``minicpmv-jax chat`` (answer / interactive session), ``layout`` and ``bench``.
 
     minicpmv-jax chat --model openbmb/MiniCPM-V-4_5 --image cat.jpg "What is this?"
     minicpmv-jax chat --model ./MiniCPM-V-2_6 --video clip.mp4 --stream "Describe the video."
     minicpmv-jax chat --model ./MiniCPM-V-2_6          # interactive: one user turn per line
+    minicpmv-jax chat --model ./MiniCPM-V-2_6 --mesh 1,2,4 --quant int8 "Hi"  # 8 devices, int8
     minicpmv-jax layout ...                             # processor layout (processor_cli.py)
+    minicpmv-jax bench --preset tiny --quick            # benchmarks/run.py (source checkout)
 
 Answers go to stdout; progress and timings (loading, compiling, prefill, decoding, tokens/s) to
 stderr.
@@ -34,6 +36,18 @@ def _chat_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="D,F,T",
+        help="device mesh (data, fsdp, tensor), e.g. 1,2,4 or tensor=8; default: one device",
+    )
+    p.add_argument(
+        "--quant",
+        default=None,
+        choices=("int8", "int8+vision"),
+        help="int8 weight-only LLM layers (int8+vision: the vision tower too)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N")
     g = p.add_argument_group("decoding (default: the official chat() sampling settings)")
     g.add_argument(
@@ -61,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="show how the processor lays out a prompt (see `layout --help`)",
         add_help=False,
     )
+    sub.add_parser(
+        "bench",
+        help="run the benchmark suite, benchmarks/run.py (see `bench --help`)",
+        add_help=False,
+    )
     return parser
 
 
@@ -77,6 +96,23 @@ def _generation_kwargs(args) -> dict:
     return kw
 
 
+def _mesh(spec: str | None):
+    """``--mesh`` -> a ("data", "fsdp", "tensor") Mesh, or None (one device)."""
+    if spec is None:
+        return None
+    from minicpmv_jax.sharding import make_mesh
+
+    try:
+        return make_mesh(spec)
+    except MiniCPMVError as e:  # wrong number of entries, too few devices, unknown axis name
+        raise MiniCPMVError(f"--mesh {spec}: {e}") from None
+    except ValueError:  # a non-integer entry
+        raise MiniCPMVError(
+            f"--mesh {spec}: expected three integers D,F,T (data, fsdp, tensor), e.g. 1,2,4, "
+            f"or named sizes such as tensor=4"
+        ) from None
+
+
 class ChatSession:
     """One loaded model and a growing conversation (images / video attach to the first turn)."""
 
@@ -84,9 +120,14 @@ class ChatSession:
         self.args = args
         from minicpmv_jax.model import MiniCPMV
 
-        _log(f"loading {args.model} ({args.dtype}) ...")
+        mesh = _mesh(args.mesh)  # a bad --mesh fails before any loading
+        where = "" if mesh is None else f", mesh {dict(mesh.shape)}"
+        quant = "" if args.quant is None else f", {args.quant}"
+        _log(f"loading {args.model} ({args.dtype}{quant}{where}) ...")
         t0 = time.perf_counter()
-        self.model = MiniCPMV.from_pretrained(args.model, dtype=args.dtype)
+        self.model = MiniCPMV.from_pretrained(
+            args.model, dtype=args.dtype, mesh=mesh, quant=args.quant
+        )
         if args.cache_dtype:
             self.model.configure_generation(cache_dtype=args.cache_dtype)
         self.load_s = time.perf_counter() - t0
@@ -177,12 +218,46 @@ def _interactive(session: ChatSession) -> None:
             session.ask(line.strip())
 
 
+def _benchmarks_run():
+    """The ``benchmarks.run`` module of a source checkout, or None when it cannot be found.
+
+    The benchmarks live next to the package in the repository and are not installed: they are
+    found on sys.path (run from the checkout's root) or next to this package (editable install).
+    """
+    import importlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    if (root / "benchmarks" / "run.py").is_file() and str(root) not in sys.path:
+        sys.path.append(str(root))
+    try:
+        return importlib.import_module("benchmarks.run")
+    except ModuleNotFoundError as e:
+        if e.name in ("benchmarks", "benchmarks.run"):
+            return None
+        raise  # a dependency of the benchmarks is missing: show which
+
+
+def _bench(argv: list[str]) -> int:
+    run = _benchmarks_run()
+    if run is None:
+        print(
+            "error: the benchmark suite (benchmarks/run.py) is not installed with the package; "
+            "run `minicpmv-jax bench` (or `python -m benchmarks.run`) from a source checkout "
+            "of minicpmv-jax, in its root folder",
+            file=sys.stderr,
+        )
+        return 2
+    return int(run.main(argv) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "layout":
         from minicpmv_jax import processor_cli
 
         return int(processor_cli.main(argv[1:]) or 0)
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.stream and args.no_sampling and (args.num_beams or 3) > 1:

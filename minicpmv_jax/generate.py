@@ -12,6 +12,11 @@ One request = a list of conversations (each a ``ProcessorOutput``) run as one ba
    every row produced a terminator, or, for beam search, by transformers' stopping rules.
    ``stream`` runs the same step function one token per call instead.
 
+Shardings: every output the host reads (logits, tokens, lengths, scores, step logits, streaming
+state) is replicated over the model's mesh (``out_shardings``), so each process of a multi-host
+run can fetch it; the KV cache keeps its ``sharding.cache_shardings`` layout from call to call
+(the buffer is donated and reused).
+
 Static shapes: B rows, T = token bucket, S = T + M cache slots, M = decode bucket >= max_new_tokens.
 """
 
@@ -29,12 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as PS
 
 from minicpmv_jax import sampling
 from minicpmv_jax.errors import MiniCPMVError, PromptTooLongError
 from minicpmv_jax.kv_cache import KVCache
 from minicpmv_jax.sampling import DecodeMode, SamplingParams
-from minicpmv_jax.sharding import cache_shardings
+from minicpmv_jax.sharding import cache_shardings, constrain_cache, make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +323,7 @@ def _prefill(graphdef, state, cache: KVCache, batch: dict, vision: dict | None):
     rows = jnp.arange(h.shape[0])
     # the row's LAST token, not its last attended one (a masked id-0 token can end a prompt)
     logits = module.llm.logits(h[rows, batch["last_index"]][:, None])[:, 0]  # [B, V]
-    return logits, cache
+    return logits, constrain_cache(cache)
 
 
 def _forward(module, cache: KVCache, tokens, positions):
@@ -379,7 +386,7 @@ def _decode_sample(
         return step_fn(s, logits=logits), cache, put(rec, logits, s.step)
 
     s, cache, record = jax.lax.while_loop(cond, body, (s, cache, record))
-    return s.tokens, s.length, s.step, record, cache
+    return s.tokens, s.length, s.step, record, constrain_cache(cache)
 
 
 def _decode_beam(
@@ -446,7 +453,7 @@ def _next_step(graphdef, state, cache, s, next_position, params, *, mode, termin
     TRACE_COUNTS["stream_step"] += 1
     module = nnx.merge(graphdef, state)
     logits, cache = _forward(module, cache, s.last_tokens(), next_position + s.step - 1)
-    return sampling.sample_step(s, logits, mode, params, terminators), cache
+    return sampling.sample_step(s, logits, mode, params, terminators), constrain_cache(cache)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,23 +483,41 @@ class Generator:
         self.pad_id = 0
         self.graphdef, self.state = nnx.split(model.module)
         self._pool: dict[tuple, KVCache] = {}  # reusable cache buffers, donated to prefill
-        self._prefill = jax.jit(_prefill, static_argnums=0, donate_argnums=2)
+        # Shardings live on these top-level jits only (the traced functions nest no jit).
+        # Host-read outputs are replicated over the model's mesh: a multi-host process can only
+        # fetch an array it holds whole. The KV cache output is left to the layout the traced
+        # functions pin (constrain_cache = cache_shardings, batch-sharded when B divides); its
+        # scalar write index is replicated (stream reads it).
+        mesh = getattr(model, "mesh", None)
+        self.mesh = mesh if mesh is not None else make_mesh()
+        rep = NamedSharding(self.mesh, PS())
+        cache_out = KVCache(k=None, v=None, end=rep, valid=None)
+        self._prefill = jax.jit(
+            _prefill, static_argnums=0, donate_argnums=2, out_shardings=(rep, cache_out)
+        )
         self._decode_sample = jax.jit(
             _decode_sample,
             static_argnums=0,
             static_argnames=("mode", "terminators", "buffer", "record_logits"),
             donate_argnums=2,
+            out_shardings=(rep, rep, rep, rep, cache_out),  # tokens, lengths, steps, logits
         )
         # not donated: the cache grows from B to B * num_beams rows, no buffer to reuse
         self._decode_beam = jax.jit(
-            _decode_beam, static_argnums=0, static_argnames=("mode", "terminators", "buffer")
+            _decode_beam,
+            static_argnums=0,
+            static_argnames=("mode", "terminators", "buffer"),
+            out_shardings=rep,  # tokens, lengths, steps, scores, beam indices
         )
-        self._first_step = jax.jit(_first_step, static_argnames=("mode", "terminators", "buffer"))
+        self._first_step = jax.jit(
+            _first_step, static_argnames=("mode", "terminators", "buffer"), out_shardings=rep
+        )
         self._next_step = jax.jit(
             _next_step,
             static_argnums=0,
             static_argnames=("mode", "terminators"),
             donate_argnums=2,
+            out_shardings=(rep, cache_out),
         )
 
     # -- shapes --------------------------------------------------------------------------------
@@ -525,11 +550,8 @@ class Generator:
         cache = self._pool.pop((batch, length), None)
         if cache is None:
             cache = KVCache.init(self.llm_config, batch, length, self.cache_dtype)
-        mesh = getattr(self.model, "mesh", None)
-        if mesh is None:
-            return cache
         # sharding.RULES layout (KV heads / batch replicated where the mesh does not divide them)
-        return jax.device_put(cache, cache_shardings(mesh, cache))
+        return jax.device_put(cache, cache_shardings(self.mesh, cache))
 
     # -- stages ---------------------------------------------------------------------------------
 

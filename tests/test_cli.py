@@ -105,3 +105,60 @@ def test_video_question(tmp_path, capsys):
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert "frames" in err and "tokens/s" in err
+
+
+# ---------------------------------------------------------------------------------- --mesh, bench
+
+TEXT_GREEDY = ["--dtype", "float32", "--no-sampling", "--num-beams", "1", "--max-new-tokens", "6"]
+
+
+def test_mesh_gives_the_same_answer(capsys):
+    """--mesh 1,2,4 shards the model over 8 (CPU) devices; greedy decoding answers the same."""
+    argv = ["chat", "--model", CKPT, *TEXT_GREEDY, "Name a color."]
+    assert cli.main(argv) == 0
+    single = capsys.readouterr().out
+    assert cli.main(argv[:-1] + ["--mesh", "1,2,4", argv[-1]]) == 0
+    out, err = capsys.readouterr()
+    assert single.strip() and out == single
+    assert "'fsdp': 2, 'tensor': 4" in err
+
+
+@pytest.mark.parametrize("mesh", ["1,2", "a,b,c", "1,2,64", "0,1,1", "pipeline=2"])
+def test_bad_mesh_is_a_clear_error(capsys, mesh):
+    assert cli.main(["chat", "--model", CKPT, "--mesh", mesh, "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "mesh" in err and "loading" not in err
+
+
+def test_mesh_and_quant_reach_from_pretrained(monkeypatch, capsys):
+    from minicpmv_jax.errors import CheckpointError
+    from minicpmv_jax.model import MiniCPMV
+
+    seen = {}
+
+    def fake(path, **kw):
+        seen.update(kw)
+        raise CheckpointError("stop here")
+
+    monkeypatch.setattr(MiniCPMV, "from_pretrained", fake)
+    assert cli.main(["chat", "--model", CKPT, "--mesh", "2,1,4", "--quant", "int8", "hi"]) == 2
+    assert dict(seen["mesh"].shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert seen["quant"] == "int8"
+    assert cli.main(["chat", "--model", CKPT, "hi"]) == 2  # defaults: one device, float
+    assert seen["mesh"] is None and seen["quant"] is None
+    capsys.readouterr()
+
+
+def test_bench_delegates_to_benchmarks_run(monkeypatch):
+    run = cli._benchmarks_run()
+    assert run is not None  # the repository's benchmarks/run.py
+    seen = []
+    monkeypatch.setattr(run, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["bench", "--preset", "tiny", "--quick"]) == 0
+    assert seen == [["--preset", "tiny", "--quick"]]
+
+
+def test_bench_without_a_source_checkout(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "benchmarks.run", None)  # as if it cannot be imported
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "source checkout" in capsys.readouterr().err

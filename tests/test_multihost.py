@@ -2,9 +2,10 @@
 `jax.distributed` (coordinator on 127.0.0.1, gloo collectives), one global 8-device mesh.
 
 Each process loads the fixture checkpoint process-locally (it reads the safetensors file and
-places only its own devices' shards), computes prompt logits on a (2, 2, 2) mesh, saves an orbax
+places only its own devices' shards), computes prompt logits on a (2, 2, 2) mesh, runs greedy
+`generate` on it (sharded KV cache, replicated tokens fetched by every process), saves an orbax
 checkpoint collectively, and restores it into a different (1, 2, 4) mesh. Both logits must
-equal the single-process result.
+equal the single-process result and the generated ids the fixture's.
 
 Run as a script, this file is the worker: `python test_multihost.py PROCESS_ID PORT OUT_DIR`.
 """
@@ -19,6 +20,8 @@ import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
 CASE_VERSION = "minicpm-v-2_6"
+CASE = "single_100x90"
+GEN_CASE = "text_only"  # greedy, 16 new tokens (text only: one small prefill program to compile)
 TIMEOUT_S = 240
 
 
@@ -38,11 +41,13 @@ def worker(process_id: int, port: int, out: pathlib.Path) -> None:
     from model_inputs import batch_from_case
 
     from minicpmv_jax import checkpoint
+    from minicpmv_jax.generate import Buckets
     from minicpmv_jax.model import MiniCPMV
+    from minicpmv_jax.processor import MiniCPMVProcessor
 
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
     folder = FIXTURES / CASE_VERSION
-    batch = batch_from_case(load_case(folder / "cases" / "single_100x90"), "2.6")
+    batch = batch_from_case(load_case(folder / "cases" / CASE), "2.6")
     kw = {"dtype": "float32", "progress": False, "load_processor": False}
 
     model = MiniCPMV.from_pretrained(folder / "checkpoint", mesh=make_mesh((2, 2, 2)), **kw)
@@ -50,6 +55,16 @@ def worker(process_id: int, port: int, out: pathlib.Path) -> None:
     lm_head = model.state["llm"]["lm_head"]["kernel"].get_value()
     assert not lm_head.is_fully_addressable and len(lm_head.addressable_shards) == 4
     np.save(out / f"logits_a_{process_id}.npy", model.prompt_logits(batch))
+
+    # greedy decoding on the cross-process mesh, two rows so that the KV cache rows are sharded
+    # over "data" (one row per process): every process reads all (replicated) tokens
+    model.processor = MiniCPMVProcessor.from_pretrained(folder / "checkpoint")  # stop tokens
+    model.configure_generation(Buckets(tokens=(64,), slices=(1,), new_tokens=(16,)))
+    gen_case = load_case(folder / "cases" / GEN_CASE)
+    gen_batch = batch_from_case(gen_case, "2.6")
+    n_new = gen_case["case"]["chat_kwargs"]["max_new_tokens"]
+    rows = model.generate([gen_batch, gen_batch], max_new_tokens=n_new)
+    np.save(out / f"generated_{process_id}.npy", np.stack(rows))
 
     saved = checkpoint.save(
         out / "orbax", model, side_files_from=folder / "checkpoint", progress=False
@@ -98,7 +113,7 @@ def test_two_processes_match_single_process(tmp_path):
         assert p.returncode == 0, tail
 
     folder = FIXTURES / CASE_VERSION
-    batch = batch_from_case(load_case(folder / "cases" / "single_100x90"), "2.6")
+    batch = batch_from_case(load_case(folder / "cases" / CASE), "2.6")
     ref = MiniCPMV.from_pretrained(
         folder / "checkpoint", dtype="float32", progress=False, load_processor=False
     ).prompt_logits(batch)
@@ -106,6 +121,10 @@ def test_two_processes_match_single_process(tmp_path):
         for i in range(2):
             got = np.load(tmp_path / f"logits_{stage}_{i}.npy")
             np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4, err_msg=f"{stage}{i}")
+    want = load_case(folder / "cases" / GEN_CASE)["llm"]["generated_ids"]  # [1, n]
+    for i in range(2):
+        got = np.load(tmp_path / f"generated_{i}.npy")  # [2 rows, n]
+        np.testing.assert_array_equal(got, np.repeat(want, 2, axis=0), err_msg=f"process {i}")
 
 
 if __name__ == "__main__":
