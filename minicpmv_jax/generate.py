@@ -183,11 +183,11 @@ def prepare_batch(outputs: Sequence[Any], buckets: Buckets, query_num: int) -> P
     if total:
         p = max(int(np.asarray(o["pixel_patches"]).shape[1]) for o, _ in vision_parts)
 
-        def stack(name, fill, dtype):
+        def stack(name, fill, dtype, per_patch=True):
             parts = []
             for o, _ in vision_parts:
                 x = np.asarray(o[name]).astype(dtype)
-                if x.ndim >= 2 and x.shape[1] < p:
+                if per_patch and x.shape[1] < p:  # [I, P, ...] arrays: pad P to the batch's
                     widths = [(0, 0), (0, p - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
                     x = np.pad(x, widths, constant_values=fill)
                 parts.append(x)
@@ -200,8 +200,8 @@ def prepare_batch(outputs: Sequence[Any], buckets: Buckets, query_num: int) -> P
             "position_ids": stack("position_ids", 0, np.int32),
             "vision_mask": stack("vision_mask", False, bool),
             "patch_valid": stack("patch_valid", False, bool),
-            "tgt_sizes": stack("tgt_sizes", 1, np.int32),  # padding slices: a 1x1 grid
-            "temporal_ids": stack("temporal_ids", -1, np.int32),
+            "tgt_sizes": stack("tgt_sizes", 1, np.int32, per_patch=False),  # padding slices: a 1x1 grid
+            "temporal_ids": stack("temporal_ids", -1, np.int32, per_patch=False),
             "group_index": np.pad(
                 np.concatenate([g for _, g in vision_parts]).astype(np.int32),
                 (0, i_pad - total),
