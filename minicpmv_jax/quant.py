@@ -28,7 +28,7 @@ Why not a library: qwix 0.1.8 (Google's JAX quantization library; installs and r
 the one-to-one mapping of parameter paths to checkpoint keys that weights.py, checkpoint.py and
 the orbax converter rely on; and quantizing while streaming weights from safetensors would need
 its abstract-model plus `quantize_params` path on top. It is also an alpha release. The scheme
-here is the standard one (AQT / MaxText "int8 weight-only", per-channel absmax) in ~150 lines.
+here is the standard one (AQT / MaxText "int8 weight-only", per-channel absmax), written out.
 """
 
 from __future__ import annotations
@@ -94,23 +94,52 @@ def parse(quant: str | QuantConfig | None) -> QuantConfig | None:
 # ------------------------------------------------------------------------------------------------
 
 
+HOST_BLOCK = 1 << 24  # elements per block of host quantization (64 MiB of float32)
+
+
+def _scales(absmax, xp):
+    """(scale, 1 / scale) float32 [out] from the per-channel absmax; all-zero channels get 1."""
+    # Multiplications by reciprocals, not divisions by constants: XLA rewrites such divisions
+    # that way, so writing it out keeps host (numpy) and device (jnp) quantization bit-identical.
+    scale = xp.where(absmax > 0, absmax * np.float32(1 / QMAX), 1.0).astype(np.float32)
+    return scale, (1.0 / scale).astype(np.float32)
+
+
+def _quantize_host(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Row blocks: peak memory is the input, the int8 result and one float32 block (a 4.5
+    # lm_head is 2.5 GB in float32; whole-array temporaries would need four more of it).
+    rows = max(1, HOST_BLOCK // max(w.shape[1], 1))
+    starts = range(0, w.shape[0], rows)
+    absmax = np.zeros(w.shape[1], np.float32)
+    for i in starts:
+        np.maximum(absmax, np.abs(w[i : i + rows].astype(np.float32)).max(axis=0), out=absmax)
+    scale, inv = _scales(absmax, np)
+    q = np.empty(w.shape, np.int8)
+    for i in starts:
+        q[i : i + rows] = np.clip(np.round(w[i : i + rows].astype(np.float32) * inv), -QMAX, QMAX)
+    return q, scale
+
+
+@jax.jit
+def _quantize_device(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # one fused program: no float32 copies of the whole kernel beyond what XLA needs
+    w = w.astype(jnp.float32)
+    scale, inv = _scales(jnp.max(jnp.abs(w), axis=0), jnp)
+    return jnp.clip(jnp.round(w * inv), -QMAX, QMAX).astype(jnp.int8), scale
+
+
 def quantize_kernel(w):
     """Per-output-channel symmetric int8 quantization of a kernel.
 
     Args:
-      w: float [in, out] (numpy or jax; bf16 is read in float32).
+      w: float [in, out]: numpy (host, while loading) or jax (a loaded or abstract model).
     Returns:
-      (int8 [in, out], float32 scale [out]) with w ~= q * scale. An all-zero column gets scale 1.
+      (int8 [in, out], float32 scale [out]) with w ~= q * scale; the same values on both paths.
+      An all-zero channel gets scale 1.
     """
-    xp = np if isinstance(w, np.ndarray) else jnp
-    w = w.astype(np.float32)
-    absmax = xp.max(xp.abs(w), axis=0)  # [out]
-    # Multiplications by reciprocals, not divisions by constants: XLA rewrites such divisions
-    # that way, so writing it out keeps host (numpy) and device (jnp) quantization bit-identical.
-    scale = xp.where(absmax > 0, absmax * np.float32(1 / QMAX), 1.0).astype(np.float32)
-    inv = (1.0 / scale).astype(np.float32)
-    q = xp.clip(xp.round(w * inv), -QMAX, QMAX).astype(np.int8)
-    return q, scale
+    if isinstance(w, np.ndarray):
+        return _quantize_host(w)
+    return _quantize_device(w)
 
 
 def dequantize_kernel(q, scale):
