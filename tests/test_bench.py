@@ -1,0 +1,88 @@
+"""Smoke test of the benchmark harness (benchmarks/run.py) on the tiny test configuration.
+
+Runs `benchmarks.run.main` once with the smallest sizes and checks the JSON report's structure
+and that every measured number is finite and positive. Speed itself is not asserted.
+"""
+
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import report as report_mod
+from benchmarks import run as bench_run
+from benchmarks import workload
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    argv = [
+        "--preset", "tiny", "--quick", "--sections", "probes,processor,prefill,decode",
+        "--batch-sizes", "1,2", "--decode-steps", "3", "--prefill-tokens", "32",
+        "--out", str(out),
+    ]  # fmt: skip
+    assert bench_run.main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _timing_ok(t) -> bool:
+    return all(_positive(t[k]) for k in ("median", "min", "max")) and t["min"] <= t["max"]
+
+
+def test_report_header(report):
+    for key in ("date", "command", "machine", "device", "versions", "model", "results"):
+        assert key in report
+    assert report["command"].startswith("python -m benchmarks.run")
+    assert report["model"]["truncated"]["llm_layers"][0] >= 1
+    assert _positive(report["peak_memory"]["peak_bytes"])
+    assert report["compiles_total"] > 0
+
+
+def test_probes_are_positive(report):
+    probes = report["results"]["probes"]
+    assert _timing_ok(probes["bandwidth"]["read_bytes_per_s"])
+    assert _timing_ok(probes["matmul"]["flops_per_s"])
+    assert _positive(probes["bandwidth"]["bytes_per_s"])
+
+
+def test_processor_prefill_decode(report):
+    r = report["results"]
+    for size in ("448x448", "1344x1344"):
+        assert _timing_ok(r["processor"][size]["seconds"])
+        assert r["processor"][size]["slices"] >= 1
+    assert _timing_ok(r["prefill"]["tokens_per_s"])
+    assert 0 < r["prefill"]["fraction_of_matmul_rate"]
+    batches = r["decode"]["batches"]
+    assert set(batches) == {"1", "2"}
+    for e in batches.values():
+        assert _timing_ok(e["tokens_per_s"])
+        assert e["forward_steps"] == 2
+        assert _positive(e["roofline_tokens_per_s"])
+        assert _positive(e["fraction_of_weight_roofline"])
+        assert e["compiles_in_repeats"] == 0  # warm decode never recompiles
+
+
+def test_markdown_tables(report):
+    md = report_mod.markdown(report)
+    assert "| batch | tokens/s |" in md
+    assert "prefill (text, batch 1)" in md
+
+
+def test_workload_requests_are_deterministic_and_mixed():
+    a = workload.make_requests(100, seed=0)
+    assert a == workload.make_requests(100, seed=0)
+    assert len(a) == 100
+    assert {r["mode"] for r in a} == {"greedy", "sample", "beam"}
+    images = [c["image"] for r in a for c in r["convs"]]
+    assert any(i is None for i in images) and any(i is not None for i in images)

@@ -1,0 +1,114 @@
+"""Attention kernels (minicpmv_jax/kernels.py) against the plain jnp reference attention.
+
+The splash kernel runs in Pallas interpret mode here (CPU); on TPU the same test runs it
+compiled. cuDNN is exercised only where a GPU is present.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minicpmv_jax import kernels
+
+
+def _qkv(b, t, s, n, k, h, dtype, seed=0):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
+    key = jax.random.normal(kk, (b, s, k, h), jnp.float32).astype(dtype)
+    val = jax.random.normal(kv, (b, s, k, h), jnp.float32).astype(dtype)
+    return q, key, val
+
+
+def _prefill_mask(valid: np.ndarray, t: int) -> jnp.ndarray:
+    """KVCache.mask(start=0, T): bool [B, 1, T, S] = valid & causal."""
+    s = valid.shape[1]
+    causal = np.arange(s)[None, :] <= np.arange(t)[:, None]
+    return jnp.asarray(valid[:, None, :] & causal[None])[:, None]
+
+
+def _valid(b, s, t, seed=0):
+    rng = np.random.default_rng(seed)
+    valid = np.zeros((b, s), bool)
+    for r in range(b):
+        n = int(rng.integers(t // 2, t + 1))  # right padding, as prepare_batch lays prompts out
+        valid[r, :n] = True
+        valid[r, 1 + rng.integers(n - 1, size=2)] = False  # masked id-0 tokens (2.6 / 4.5 quirk)
+    return valid
+
+
+def _plain(q, k, v, mask):
+    """Independent yardstick: repeat kv heads, dense softmax in float64 numpy."""
+    q, k, v, m = (np.asarray(x, np.float64) for x in (q, k, v, mask))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    m = np.broadcast_to(m, s.shape).astype(bool)
+    s = np.where(m, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_reference_matches_plain_numpy(kv_heads):
+    q, k, v = _qkv(2, 16, 24, 4, kv_heads, 32, jnp.float32)
+    mask = _prefill_mask(_valid(2, 24, 16), 16)
+    got = kernels.attention(q, k, v, mask, impl="reference")
+    np.testing.assert_allclose(np.asarray(got), _plain(q, k, v, mask), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+def test_xla_matches_reference(dtype, tol):
+    q, k, v = _qkv(2, 16, 24, 8, 2, 64, dtype)
+    mask = _prefill_mask(_valid(2, 24, 16), 16)
+    with jax.default_matmul_precision("highest"):
+        got = kernels.attention(q, k, v, mask, impl="xla")
+        want = kernels.attention(q, k, v, mask, impl="reference")
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol
+    )
+
+
+def test_reference_decode_step_with_cache_mask():
+    """One query against a partly filled cache (decode): reference == xla."""
+    q, k, v = _qkv(3, 1, 40, 4, 2, 32, jnp.float32, seed=1)
+    valid = np.zeros((3, 40), bool)
+    valid[:, :21] = True
+    valid[1, 5] = False
+    mask = jnp.asarray(valid)[:, None, None, :]
+    got = kernels.attention(q, k, v, mask, impl="splash")  # T = 1: falls back to xla
+    np.testing.assert_allclose(np.asarray(got), _plain(q, k, v, mask), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "t,s,kv_heads",
+    [(128, 192, 1), (100, 164, 2)],  # S = T + 64 (prompt bucket + decode bucket); unaligned T
+)
+def test_splash_interpret_matches_reference(t, s, kv_heads):
+    b, n, h = 2, 2, 128
+    q, k, v = _qkv(b, t, s, n, kv_heads, h, jnp.float32, seed=t)
+    valid = np.zeros((b, s), bool)
+    valid[:, :t] = _valid(b, t, t, seed=s)
+    mask = _prefill_mask(valid, t)
+    got = kernels.attention(q, k, v, mask, impl="splash")
+    want = kernels.attention(q, k, v, mask, impl="reference")
+    rows = np.asarray(mask).any(-1)[:, 0]  # [B, T]: queries with at least one key
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_impl_raises():
+    q, k, v = _qkv(1, 2, 2, 2, 1, 8, jnp.float32)
+    with pytest.raises(ValueError, match="unknown attention"):
+        kernels.attention(q, k, v, jnp.ones((1, 1, 2, 2), bool), impl="flash3")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_matches_reference():
+    q, k, v = _qkv(2, 128, 128, 8, 2, 128, jnp.bfloat16)
+    mask = _prefill_mask(_valid(2, 128, 128), 128)
+    got = kernels.attention(q, k, v, mask, impl="cudnn")
+    want = kernels.attention(q, k, v, mask, impl="reference")
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2
+    )
