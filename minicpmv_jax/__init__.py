@@ -16,7 +16,14 @@ _PUBLIC = {
     "MiniCPMVError": "minicpmv_jax.errors",
 }
 
-__all__ = sorted(_PUBLIC) + ["__version__"]
+__all__ = [  # noqa: RUF022 (grouped: classes, then errors, then the version)
+    "MiniCPMV",
+    "MiniCPMVConfig",
+    "MiniCPMVProcessor",
+    "ProcessorOutput",
+    "MiniCPMVError",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

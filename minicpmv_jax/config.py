@@ -138,7 +138,7 @@ class LlmConfig:
     rms_norm_eps: float = 1e-6
     qkv_bias: bool = True  # Qwen2 yes; Qwen3, Llama3 no
     qk_norm: bool = False  # Qwen3 yes
-    attn_impl: str = "xla"  # "xla" | "cudnn"
+    attn_impl: str = "xla"  # "xla" | "cudnn" | "splash" | "reference" (kernels.py)
     param_dtype: jnp.dtype = jnp.bfloat16
     dtype: jnp.dtype = jnp.bfloat16  # compute dtype; norms, rope and softmax run in float32
 
@@ -147,7 +147,7 @@ class LlmConfig:
             raise ValueError(f"num_heads {self.num_heads} % num_kv_heads {self.num_kv_heads} != 0")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even (rotate-half RoPE)")
-        if self.attn_impl not in ("xla", "cudnn"):
+        if self.attn_impl not in ("xla", "cudnn", "splash", "reference"):
             raise ValueError(f"unknown attn_impl {self.attn_impl!r}")
 
     @classmethod

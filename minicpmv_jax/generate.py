@@ -200,7 +200,8 @@ def prepare_batch(outputs: Sequence[Any], buckets: Buckets, query_num: int) -> P
             "position_ids": stack("position_ids", 0, np.int32),
             "vision_mask": stack("vision_mask", False, bool),
             "patch_valid": stack("patch_valid", False, bool),
-            "tgt_sizes": stack("tgt_sizes", 1, np.int32, per_patch=False),  # padding slices: a 1x1 grid
+            # padding slices: a 1x1 grid
+            "tgt_sizes": stack("tgt_sizes", 1, np.int32, per_patch=False),
             "temporal_ids": stack("temporal_ids", -1, np.int32, per_patch=False),
             "group_index": np.pad(
                 np.concatenate([g for _, g in vision_parts]).astype(np.int32),

@@ -118,9 +118,13 @@ def attend(
     Args:
       q: [B, T, N, H]; k, v: [B, S, K, H] (N a multiple of K).
       mask: bool, broadcastable to [B, N, T, S]; True = attend.
-      impl: "xla" (jax.nn.dot_product_attention, any backend) or "cudnn" (GPU, bf16/fp16).
+      impl: "xla" (jax.nn.dot_product_attention, any backend), "cudnn" (GPU, bf16/fp16),
+        "splash" (TPU Pallas splash attention for prefill) or "reference" (plain jnp); see
+        kernels.py.
     Returns: [B, T, N, H].
     """
-    if impl not in ("xla", "cudnn"):
-        raise ValueError(f"unknown attention implementation {impl!r}")
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+    if impl == "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+    from minicpmv_jax import kernels  # Pallas imports only when a kernel is asked for
+
+    return kernels.attention(q, k, v, mask, impl=impl, scale=scale)

@@ -7,11 +7,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json  # noqa: E402
-import pathlib  # noqa: E402
+import json
+import pathlib
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 VERSIONS = ("minicpm-llama3-v-2_5", "minicpm-v-2_6", "minicpm-v-4_5")

@@ -112,3 +112,24 @@ def test_cudnn_matches_reference():
     np.testing.assert_allclose(
         np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2
     )
+
+
+def test_model_prompt_logits_with_splash_match_xla():
+    """attn_impl="splash" through the whole LLM (layers.attend -> kernels) equals the XLA path."""
+    import dataclasses
+
+    from conftest import FIXTURES
+    from flax import nnx
+
+    from minicpmv_jax.model import MiniCPMV
+
+    xla = MiniCPMV.from_pretrained(
+        FIXTURES / "minicpm-v-2_6" / "checkpoint", dtype="float32", progress=False
+    )
+    cfg = xla.config
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, attn_impl="splash"))
+    splash = MiniCPMV.from_config(cfg, processor=xla.processor)
+    nnx.update(splash.module, nnx.state(xla.module))  # same weights, other attention kernel
+    splash.graphdef, splash.state = nnx.split(splash.module)
+    batch = xla.processor([{"role": "user", "content": "Tell me a story about a tiny robot."}])
+    np.testing.assert_allclose(splash.prompt_logits(batch), xla.prompt_logits(batch), atol=1e-4)
