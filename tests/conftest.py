@@ -12,6 +12,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 VERSIONS = ("minicpm-llama3-v-2_5", "minicpm-v-2_6", "minicpm-v-4_5")
@@ -40,6 +41,21 @@ def load_case(case: pathlib.Path) -> dict:
             with np.load(f) as z:
                 out[name] = {k: z[k] for k in z.files}
     return out
+
+
+def case_pil_messages(case_dir, case_json) -> list[dict]:
+    """msgs as the MANIFEST says: {"image": f} -> PIL RGB image, {"text": s} -> s."""
+    msgs = []
+    for m in case_json["messages"]:
+        content = []
+        for item in m["content"]:
+            if "image" in item:
+                with Image.open(case_dir / item["image"]) as im:
+                    content.append(im.convert("RGB"))
+            else:
+                content.append(item["text"])
+        msgs.append({"role": m["role"], "content": content})
+    return msgs
 
 
 @pytest.fixture(scope="session")

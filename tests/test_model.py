@@ -8,9 +8,8 @@ import functools
 import jax
 import numpy as np
 import pytest
-from conftest import FIXTURES, VERSIONS, all_cases, case_id, load_case
+from conftest import FIXTURES, VERSIONS, all_cases, case_id, case_pil_messages, load_case
 from model_inputs import PATCH_BUCKETS, batch_from_case
-from PIL import Image
 
 from minicpmv_jax.config import normalize_version
 
@@ -47,28 +46,13 @@ def patch_bucket(folder: str) -> int:
     return next(b for b in PATCH_BUCKETS if b >= most)
 
 
-def case_messages(case_dir, case_json) -> list[dict]:
-    """msgs as the MANIFEST says: {"image": f} -> PIL RGB image, {"text": s} -> s."""
-    msgs = []
-    for m in case_json["messages"]:
-        content = []
-        for item in m["content"]:
-            if "image" in item:
-                with Image.open(case_dir / item["image"]) as im:
-                    content.append(im.convert("RGB"))
-            else:
-                content.append(item["text"])
-        msgs.append({"role": m["role"], "content": content})
-    return msgs
-
-
 def batch_for(folder: str, case) -> tuple[dict, dict]:
     """(fixture data, ProcessorOutput of the case's messages through `model.processor`)."""
     data = load_case(case)
     cj = data["case"]
     kwargs = {k: cj["chat_kwargs"][k] for k in CHAT_KWARGS if k in cj["chat_kwargs"]}
     proc = model_for(folder).processor
-    return data, proc(case_messages(case, cj), patch_bucket=patch_bucket(folder), **kwargs)
+    return data, proc(case_pil_messages(case, cj), patch_bucket=patch_bucket(folder), **kwargs)
 
 
 @functools.cache

@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, load_case
+from conftest import FIXTURES, case_pil_messages, load_case
 from PIL import Image
 
 from minicpmv_jax.errors import CheckpointError, UnsupportedVersionError
@@ -50,26 +50,11 @@ def processors():
     return get
 
 
-def case_messages(case_dir, case_json):
-    """msgs as the fixtures' MANIFEST says: {"image": f} -> PIL RGB image, {"text": s} -> s."""
-    msgs = []
-    for m in case_json["messages"]:
-        content = []
-        for item in m["content"]:
-            if "image" in item:
-                with Image.open(case_dir / item["image"]) as im:
-                    content.append(im.convert("RGB"))
-            else:
-                content.append(item["text"])
-        msgs.append({"role": m["role"], "content": content})
-    return msgs
-
-
 def run_case(processors, name, case_dir):
     data = load_case(case_dir)
     cj = data["case"]
     kwargs = {k: cj["chat_kwargs"][k] for k in CHAT_KWARGS if k in cj["chat_kwargs"]}
-    out = processors(name)(case_messages(case_dir, cj), **kwargs)
+    out = processors(name)(case_pil_messages(case_dir, cj), **kwargs)
     return data, out
 
 
