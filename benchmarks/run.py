@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-prompt-tokens", type=int, default=32)
     p.add_argument("--prefill-tokens", type=int, default=None)
     p.add_argument("--question-tokens", type=int, default=32)
-    p.add_argument("--slice-buckets", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--slice-buckets", type=_ints, default=[1, 2, 4, 8, 10, 16, 32, 64])
     p.add_argument(
         "--token-buckets", type=_ints, default=[256, 512, 1024, 2048, 4096, 8192, 16384],
         help="prompt-length buckets (generate.Buckets.tokens); short-prompt decode runs on CPU "

@@ -78,7 +78,8 @@ class Buckets:
     """
 
     tokens: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384)
-    slices: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    # 10 = one image fully sliced at max_slice_nums 9 (source + 9): the common large-image case
+    slices: tuple[int, ...] = (1, 2, 4, 8, 10, 16, 32, 64)
     new_tokens: tuple[int, ...] = (64, 256, 1024, 2048, 4096)
     max_cache_len: int = 40960
 

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # check that differently sized images in one bucket share one compilation.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
-DEFAULT_SLICE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_SLICE_BUCKETS = (1, 2, 4, 8, 10, 16, 32, 64)  # as generate.Buckets.slices
 TOKEN_BUCKET = 128  # prompt_logits pads the prompt to a multiple of this (right padding, masked)
 
 
