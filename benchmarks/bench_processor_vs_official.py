@@ -40,7 +40,7 @@ for path in (str(ROOT), str(HERE)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from bench_processor import synthetic_photo
+from bench_processor import synthetic_photo, timeit
 
 from minicpmv_jax.image import slice_image, strip_layout
 from minicpmv_jax.processor import MiniCPMVProcessor
@@ -63,16 +63,9 @@ def time_rounds(fns, repeats: int, warmup: int) -> list[list[float]]:
     return times
 
 
-def timeit(fn, repeats: int, warmup: int) -> list[float]:
+def timeit_ms(fn, repeats: int, warmup: int) -> list[float]:
     """Milliseconds of ``repeats`` calls after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return times
+    return [1000 * t for t in timeit(fn, repeats, warmup)]
 
 
 def load_official(official_dir: pathlib.Path, preprocessor_config: dict):
@@ -152,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
     ]
     if args.sequential:
-        results = [(name, timeit(fn, args.repeats, args.warmup)) for name, fn in rows]
+        results = [(name, timeit_ms(fn, args.repeats, args.warmup)) for name, fn in rows]
     else:
         times = time_rounds([fn for _, fn in rows], args.repeats, args.warmup)
         results = [(name, t) for (name, _), t in zip(rows, times)]

@@ -1,6 +1,7 @@
 """The `minicpmv-jax` command line on the tiny 2.6 checkpoint (in-process `main(argv)`)."""
 
 import io
+import json
 import sys
 
 import pytest
@@ -12,48 +13,32 @@ CKPT = str(FIXTURES / "minicpm-v-2_6" / "checkpoint")
 IMAGE = str(FIXTURES / "minicpm-v-2_6" / "cases" / "single_448x448" / "image_0.png")
 
 
+CASE = FIXTURES / "minicpm-v-2_6" / "cases" / "single_448x448"
+
+
+def greedy_argv(question: str, max_new_tokens: int, *extra: str) -> list[str]:
+    """`chat` on the tiny 2.6 checkpoint, float32, greedy (one beam, no penalty)."""
+    return [
+        "chat", "--model", CKPT, "--image", IMAGE, "--dtype", "float32", "--no-sampling",
+        "--num-beams", "1", "--repetition-penalty", "1.0",
+        "--max-new-tokens", str(max_new_tokens), *extra, question,
+    ]  # fmt: skip
+
+
 def test_one_question_with_image(capsys):
-    argv = [
-        "chat",
-        "--model",
-        CKPT,
-        "--image",
-        IMAGE,
-        "--dtype",
-        "float32",
-        "--no-sampling",
-        "--num-beams",
-        "1",
-        "--max-new-tokens",
-        "16",
-        "Describe this image.",
-    ]
-    assert cli.main(argv) == 0
+    """The fixture's greedy call, through the CLI: stdout is the official chat() answer."""
+    case = json.loads((CASE / "case.json").read_text())
+    assert cli.main(greedy_argv("What is in the image?", 16)) == 0
     out, err = capsys.readouterr()
-    assert out.strip()
+    assert out.rstrip("\n") == case["chat_answer"]
     for word in ("loading", "compiling", "prefill", "new tokens", "tokens/s"):
         assert word in err
 
 
 def test_stream_prints_the_same_answer(capsys):
-    base = [
-        "chat",
-        "--model",
-        CKPT,
-        "--image",
-        IMAGE,
-        "--dtype",
-        "float32",
-        "--no-sampling",
-        "--num-beams",
-        "1",
-        "--max-new-tokens",
-        "12",
-        "What is it?",
-    ]
-    assert cli.main(base) == 0
+    assert cli.main(greedy_argv("What is it?", 12)) == 0
     blocking = capsys.readouterr().out
-    assert cli.main(base[:-1] + ["--stream", base[-1]]) == 0
+    assert cli.main(greedy_argv("What is it?", 12, "--stream")) == 0
     assert capsys.readouterr().out == blocking
 
 
@@ -109,17 +94,14 @@ def test_video_question(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------- --mesh, bench
 
-TEXT_GREEDY = ["--dtype", "float32", "--no-sampling", "--num-beams", "1", "--max-new-tokens", "6"]
 
-
-def test_mesh_gives_the_same_answer(capsys):
-    """--mesh 1,2,4 shards the model over 8 (CPU) devices; greedy decoding answers the same."""
-    argv = ["chat", "--model", CKPT, *TEXT_GREEDY, "Name a color."]
-    assert cli.main(argv) == 0
-    single = capsys.readouterr().out
-    assert cli.main(argv[:-1] + ["--mesh", "1,2,4", argv[-1]]) == 0
+def test_mesh_gives_the_official_answer(capsys):
+    """--mesh 1,2,4 shards the model over 8 (CPU) devices; greedy decoding still gives the
+    official chat() answer of the fixture case."""
+    case = json.loads((CASE / "case.json").read_text())
+    assert cli.main(greedy_argv("What is in the image?", 16, "--mesh", "1,2,4")) == 0
     out, err = capsys.readouterr()
-    assert single.strip() and out == single
+    assert out.rstrip("\n") == case["chat_answer"]
     assert "'fsdp': 2, 'tensor': 4" in err
 
 
