@@ -77,7 +77,12 @@ class Buckets:
     slots). max_cache_len: requests needing more cache slots raise ``PromptTooLongError``.
     """
 
-    tokens: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384)
+    # powers of two with 1.5x steps from 256 on: a prompt pads by at most 50% (one 1344x1344 image
+    # + a short question is ~710 tokens: 768, not 1024); 64 and 128 keep a short text question or
+    # one small image from prefilling 256 tokens
+    tokens: tuple[int, ...] = (
+        64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384,
+    )  # fmt: skip
     # 10 = one image fully sliced at max_slice_nums 9 (source + 9): the common large-image case
     slices: tuple[int, ...] = (1, 2, 4, 8, 10, 16, 32, 64)
     new_tokens: tuple[int, ...] = (64, 256, 1024, 2048, 4096)
@@ -706,14 +711,27 @@ class Generator:
                 "temporal_ids": sds((i,), jnp.int32),
                 "group_index": sds((i,), jnp.int32),
             }
-        prefill = self._prefill.lower(self.graphdef, self.state, cache, bt, vision).compile()
+        timings = {}
+
+        def build(name, fn, *args, **kwargs):  # trace + lower, then compile, timed apart
+            t0 = time.perf_counter()
+            lowered = fn.lower(*args, **kwargs)
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+            timings[f"{name}_lower_s"] = t1 - t0
+            timings[f"{name}_compile_s"] = time.perf_counter() - t1
+            return compiled
+
+        prefill = build("prefill", self._prefill, self.graphdef, self.state, cache, bt, vision)
         v = cfg.vocab_size
         logits = sds((batch, v), jnp.float32)
         pos = sds((batch,), jnp.int32)
         params = SamplingParams.create()
         scalar = sds((), jnp.int32)
         if num_beams == 1:
-            decode = self._decode_sample.lower(
+            decode = build(
+                "decode",
+                self._decode_sample,
                 self.graphdef,
                 self.state,
                 cache,
@@ -726,9 +744,11 @@ class Generator:
                 terminators=self.terminators,
                 buffer=m,
                 record_logits=False,
-            ).compile()
+            )
         else:
-            decode = self._decode_beam.lower(
+            decode = build(
+                "decode",
+                self._decode_beam,
                 self.graphdef,
                 self.state,
                 cache,
@@ -739,7 +759,7 @@ class Generator:
                 mode=DecodeMode(num_beams=num_beams),
                 terminators=self.terminators,
                 buffer=m,
-            ).compile()
+            )
         weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.state))
         return {
             "batch": batch,
@@ -752,6 +772,7 @@ class Generator:
             "weights_bytes": int(weights),
             "prefill": _memory(prefill),
             "decode": _memory(decode),
+            "timings": timings,
         }
 
 
