@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
+from minicpmv_jax import quant as quant_lib
 from minicpmv_jax.config import MiniCPMVConfig
 from minicpmv_jax.sharding import (
     ACT_AXES,
@@ -130,6 +131,7 @@ def plan(
     dtype: Any = None,
     cache_dtype: Any = None,
     full_logits: bool = False,
+    quant: Any = None,
     strict: bool = False,
 ) -> MemoryPlan:
     """Per-device bytes of parameters, KV cache and peak activations.
@@ -143,6 +145,8 @@ def plan(
       param_dtype, dtype, cache_dtype: override the config's parameter / compute dtypes and
         the cache dtype (default: compute dtype).
       full_logits: count [B, T, V] float32 logits (prompt_logits) instead of the last row only.
+      quant: None, "int8", "int8+vision" or a quant.QuantConfig: the dense kernels it selects
+        count as int8 plus a float32 per-output-channel scale (quant.py).
     """
     shape = mesh_shape(mesh)
     rules = rules_for(config, shape, strict=strict)
@@ -152,9 +156,13 @@ def plan(
     kdt = jnp.dtype(cache_dtype if cache_dtype is not None else cdt)
     t = prompt_len if prompt_len is not None else max(cache_len - 256, 1)
 
+    qcfg = quant_lib.parse(quant)
     params = 0
-    for _, pshape, pdtype, names in param_inventory(config):
+    for name, pshape, pdtype, names in param_inventory(config):
         itemsize = (pdt or jnp.dtype(pdtype)).itemsize
+        if qcfg is not None and name.endswith(".kernel") and qcfg.selects(name[: -len(".kernel")]):
+            itemsize = 1  # int8 kernel [in, out] + float32 scale [out] on the output axis
+            params += _shard_elems(pshape[-1:], names[-1:], shape, rules) * 4
         params += _shard_elems(pshape, names, shape, rules) * itemsize
 
     kv_shape = (llm.num_layers, batch, cache_len, llm.num_kv_heads, llm.head_dim)
@@ -237,8 +245,10 @@ def markdown_table(
         {"batch": 1, "cache_len": 4096, "prompt_len": 2048, "num_slices": 10},
         {"batch": 8, "cache_len": 4096, "prompt_len": 2048, "num_slices": 80},
     ),
+    quant: Any = None,
 ) -> str:
-    """Markdown table of `plan` for every preset x slice x request (bfloat16 weights and cache)."""
+    """Markdown table of `plan` for every preset x slice x request (bfloat16 weights and cache;
+    `quant="int8"`: int8 dense kernels, see `plan`)."""
     head = (
         "| model | slice | mesh (data, fsdp, tensor) | batch x cache | params | KV cache "
         "| activations | total / device | HBM | fits (90%) | replicated axes |\n"
@@ -248,7 +258,7 @@ def markdown_table(
     for pname, cfg in presets.items():
         for sname, _, hbm, mesh in slices:
             for req in requests:
-                p = plan(cfg, mesh, **req)
+                p = plan(cfg, mesh, quant=quant, **req)
                 fb = [n for n, tgt in RULES if tgt and dict(p.detail["rules"])[n] != tgt]
                 rows.append(
                     f"| {pname} | {sname} | {mesh} | {req['batch']} x {req['cache_len']} "
@@ -260,10 +270,20 @@ def markdown_table(
     return "\n".join(rows)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
     from minicpmv_jax.config import MINICPM_V_2_6, MINICPM_V_4_5
 
-    print(markdown_table({"MiniCPM-V 2.6": MINICPM_V_2_6, "MiniCPM-V 4.5": MINICPM_V_4_5}))
+    parser = argparse.ArgumentParser(
+        prog="python -m minicpmv_jax.memory", description="per-device memory plan table"
+    )
+    parser.add_argument("--quant", choices=sorted(quant_lib.MODES), default=None)
+    parser.add_argument("--single-device", action="store_true", help="1-device slices only")
+    args = parser.parse_args(argv)
+    slices = [s for s in SLICES if s[1] == 1] if args.single_device else SLICES
+    presets = {"MiniCPM-V 2.6": MINICPM_V_2_6, "MiniCPM-V 4.5": MINICPM_V_4_5}
+    print(markdown_table(presets, slices, quant=args.quant))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ several places: exactly the cases the fallback rules exist for."""
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import jax
 import numpy as np
@@ -236,6 +237,14 @@ def test_memory_plan_matches_real_shards():
         for v in (var.get_value() for _, var in nnx.to_flat_state(abstract))
     )
     assert plan(cfg, mesh).params == want
+    # int8 weights: the planner counts int8 kernels + float32 scales, as loaded
+    q8 = MiniCPMV.from_pretrained(
+        CKPT, dtype="float32", mesh=make_mesh((1, 2, 4)), quant="int8", progress=False,
+        load_processor=False,
+    )  # fmt: skip
+    q8_bytes = _per_device_bytes(x.get_value() for _, x in nnx.to_flat_state(q8.state))
+    assert plan(cfg, (1, 2, 4), quant="int8").params == max(q8_bytes.values())
+    assert plan(cfg, (1, 2, 4), quant="int8").params < plan(cfg, (1, 2, 4)).params
     # activations shrink with the batch split over data x fsdp
     assert (
         plan(cfg, mesh, batch=4, cache_len=slots).activations
@@ -254,3 +263,15 @@ def test_memory_plan_presets():
     eight = plan(MINICPM_V_2_6, (1, 2, 4), batch=1, cache_len=4096)
     assert eight.params < one.params / 4  # vocab replicated over tensor, the rest split 8 ways
     assert plan(MINICPM_V_4_5, (1, 1, 8)).fits(16 * GiB)
+
+
+@pytest.mark.parametrize("argv", [[], ["--quant", "int8", "--single-device"]])
+def test_readme_memory_tables_are_current(argv, capsys):
+    """The README's memory tables are exactly what `python -m minicpmv_jax.memory` prints."""
+    from minicpmv_jax import memory
+
+    memory.main(argv)
+    table = capsys.readouterr().out.strip()
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    assert table.count("\n") > 5
+    assert table in readme, f"README table out of date: regenerate with {argv}"
