@@ -11,6 +11,8 @@ import pathlib
 import sys
 from typing import Any
 
+from benchmarks import measure
+
 
 def _ms(t: dict[str, float] | None) -> str:
     if not t:
@@ -84,16 +86,19 @@ def markdown(rep: dict[str, Any]) -> str:
             ),
             f"| device copy bandwidth x+1 (read+write), GB/s | {_rate(bw['copy_bytes_per_s'], 1e9)} |",
             f"| matmul {mm['n']}^3 {mm['dtype']}, TFLOP/s | {_rate(mm['flops_per_s'], 1e12, 3)} |",
-            "",
         ]
+        roof_bw, roof_mm = measure.roofline_rates(r["probes"])
+        rule = "best of repeats" if bw.get("rule") == "best" else "medians"
+        used = f"{roof_bw / 1e9:.1f} GB/s, {roof_mm / 1e12:.3f} TFLOP/s"
+        lines += [f"| **roofline uses** ({rule}) | {used} |", ""]
     if "processor" in r or "vision" in r or "ttft" in r:
         lines += [
             (
                 "| image | processor ms | slices (bucket) | vision+resampler ms / slice | "
-                "TTFT ms | TTFT breakdown: processor / prefill / first token ms | "
-                "TTFT device part / compute floor | compiles in repeats |"
+                "prompt tokens (bucket) | TTFT ms | TTFT breakdown: processor / prefill / "
+                "first token ms | TTFT device part / compute floor | compiles in repeats |"
             ),
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for key in ("448x448", "1344x1344"):
             p = r.get("processor", {}).get(key, {})
@@ -106,6 +111,7 @@ def markdown(rep: dict[str, Any]) -> str:
             lines.append(
                 f"| {key} | {_ms(p.get('seconds'))} | {vz.get('slices', '-')} "
                 f"({vz.get('slice_bucket', '-')}) | {_ms(vz.get('seconds_per_slice'))} | "
+                f"{tt.get('prompt_tokens', '-')} ({tt.get('token_bucket', '-')}) | "
                 f"{_ms(tt.get('seconds'))} | {parts} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}x'} | {comp} |"
             )
@@ -228,8 +234,7 @@ def plot(reports: list[tuple[str, dict[str, Any]]], path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), squeeze=False)
     for ax, (name, rep) in zip(axes[0], reports):
         d = rep["results"]["decode"]
-        bw = rep["results"]["probes"]["bandwidth"]["bytes_per_s"]
-        rate = rep["results"]["probes"]["matmul"]["flops_per_s"]["median"]
+        bw, rate = measure.roofline_rates(rep["results"]["probes"])
         m = rep["model"]
         bs = np.array([int(b) for b in d["batches"]])
         med = np.array([e["tokens_per_s"]["median"] for e in d["batches"].values()])

@@ -86,3 +86,18 @@ def test_workload_requests_are_deterministic_and_mixed():
     assert {r["mode"] for r in a} == {"greedy", "sample", "beam"}
     images = [c["image"] for r in a for c in r["convs"]]
     assert any(i is None for i in images) and any(i is not None for i in images)
+
+
+def test_compile_time_report(tmp_path):
+    """Full-width 2.6 programs compile from abstract weights; the prompt lands in the 64 bucket."""
+    from benchmarks import compile_time
+
+    out = tmp_path / "compile.json"
+    argv = ["--preset", "2.6", "--layers", "1", "--prompt-tokens", "40", "--slices", "1"]
+    assert compile_time.main([*argv, "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    (row,) = rep["rows"]
+    assert row["llm_layers"] == 1 and row["token_bucket"] == 64
+    for k in ("prefill_lower_s", "prefill_compile_s", "decode_lower_s", "decode_compile_s"):
+        assert _positive(row[k])
+    assert "| 1 |" in compile_time.markdown(rep)
