@@ -118,12 +118,19 @@ class ChatSession:
 
     def __init__(self, args):
         self.args = args
+        import jax
+
         from minicpmv_jax.model import MiniCPMV
 
         mesh = _mesh(args.mesh)  # a bad --mesh fails before any loading
         where = "" if mesh is None else f", mesh {dict(mesh.shape)}"
         quant = "" if args.quant is None else f", {args.quant}"
         _log(f"loading {args.model} ({args.dtype}{quant}{where}) ...")
+        if args.dtype != "float32" and jax.default_backend() == "cpu":
+            _log(
+                f"note: on CPU, XLA converts {args.dtype} weights to float32 for every matmul; "
+                "--dtype float32 decodes several times faster where memory allows (BENCHMARKS.md)"
+            )
         t0 = time.perf_counter()
         self.model = MiniCPMV.from_pretrained(
             args.model, dtype=args.dtype, mesh=mesh, quant=args.quant

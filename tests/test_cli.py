@@ -33,6 +33,14 @@ def test_one_question_with_image(capsys):
     assert out.rstrip("\n") == case["chat_answer"]
     for word in ("loading", "compiling", "prefill", "new tokens", "tokens/s"):
         assert word in err
+    assert "note: on CPU" not in err  # float32: nothing to say
+
+
+def test_bf16_on_cpu_says_float32_is_faster(capsys):
+    argv = greedy_argv("What is it?", 2)
+    argv[argv.index("float32")] = "bfloat16"
+    assert cli.main(argv) == 0
+    assert "--dtype float32 decodes several times faster" in capsys.readouterr().err
 
 
 def test_stream_prints_the_same_answer(capsys):
