@@ -14,6 +14,8 @@ _PUBLIC = {
     "MiniCPMVProcessor": "minicpmv_jax.processor",
     "ProcessorOutput": "minicpmv_jax.processor",
     "MiniCPMVError": "minicpmv_jax.errors",
+    "Buckets": "minicpmv_jax.generate",
+    "RequestShape": "minicpmv_jax.generate",
 }
 
 __all__ = [  # noqa: RUF022 (grouped: classes, then errors, then the version)
@@ -21,6 +23,8 @@ __all__ = [  # noqa: RUF022 (grouped: classes, then errors, then the version)
     "MiniCPMVConfig",
     "MiniCPMVProcessor",
     "ProcessorOutput",
+    "Buckets",
+    "RequestShape",
     "MiniCPMVError",
     "__version__",
 ]

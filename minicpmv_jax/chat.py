@@ -35,6 +35,7 @@ from minicpmv_jax.generate import (
     GenerationOutput,
     GenerationSettings,
     Generator,
+    RequestShape,
 )
 
 # generation keywords chat() / generate() accept (transformers' names, plus the PRNG seed)
@@ -153,7 +154,7 @@ class ChatStats:
 
 
 class GenerationMixin:
-    """Adds ``generate``, ``chat``, ``configure_generation`` and ``memory_report`` to MiniCPMV."""
+    """Adds ``generate``, ``chat``, ``warmup``, ``configure_generation`` and ``memory_report``."""
 
     last_stats: ChatStats | None = None
 
@@ -183,6 +184,18 @@ class GenerationMixin:
         """KV cache bytes and compiled prefill / decode memory for a request shape."""
         with self._generation_precision():
             return self.generator.memory_report(batch, prompt_len, max_new_tokens, **kwargs)
+
+    def warmup(self, shapes: Sequence[RequestShape]) -> dict[str, Any]:
+        """Compile now the programs requests of these shapes will run (``RequestShape``).
+
+        A server calls this at start-up so that no request waits for a compilation::
+
+            model.warmup([RequestShape(prompt_tokens=800, slices=10, max_new_tokens=512),
+                          RequestShape(prompt_tokens=100, slices=1, max_new_tokens=512),
+                          RequestShape(prompt_tokens=64, max_new_tokens=512)])
+        """
+        with self._generation_precision():
+            return self.generator.warmup(shapes)
 
     # -- generate -----------------------------------------------------------------------------------
 

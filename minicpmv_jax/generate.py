@@ -221,6 +221,37 @@ def prepare_batch(outputs: Sequence[Any], buckets: Buckets, query_num: int) -> P
     return PreparedBatch(ids, valid, pos, last, next_pos, slot, vision, lengths)
 
 
+def _placeholder_batch(b: int, n: int, t: int, i: int, p: int, config) -> PreparedBatch:
+    """Zeros with the exact shapes and dtypes ``prepare_batch`` gives a request of b rows, n
+    prompt tokens (bucket t), i padded slices of p patches (i = 0: text only)."""
+    valid = np.zeros((b, t), bool)
+    valid[:, :n] = True
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+    vision = None
+    if i:
+        mask = np.zeros((i, p), bool)
+        mask[:, 0] = True  # every slice attends one key: finite softmax
+        vision = {
+            "pixel_patches": np.zeros((i, p, config.vision.patch_dim), np.float32),
+            "position_ids": np.zeros((i, p), np.int32),
+            "vision_mask": mask,
+            "patch_valid": mask.copy(),
+            "tgt_sizes": np.ones((i, 2), np.int32),
+            "temporal_ids": np.full((i,), -1, np.int32),
+            "group_index": np.arange(i, dtype=np.int32),
+        }
+    return PreparedBatch(
+        input_ids=np.zeros((b, t), np.int32),
+        token_valid=valid,
+        positions=positions,
+        last_index=np.full((b,), n - 1, np.int32),
+        next_position=np.full((b,), n, np.int32),
+        image_slot=np.full((b, t), -1, np.int32),
+        vision=vision,
+        lengths=[n] * b,
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Results
 # ------------------------------------------------------------------------------------------------
@@ -296,6 +327,42 @@ class GenerationSettings:
             repetition_penalty=self.repetition_penalty,
             min_new_tokens=self.min_new_tokens,
             length_penalty=self.length_penalty,
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RequestShape:
+    """What decides which programs a request compiles, for ``Generator.warmup``.
+
+    batch: conversations in the request; prompt_tokens: the longest prompt (image placeholders
+    included); slices: image slices over the whole batch (0 = text only); patches: the largest
+    patch bucket among them (1024 for 448x448-scale slices, see ``processor.patch_buckets``);
+    max_new_tokens, do_sample, num_beams, early_stopping: as in ``GenerationSettings``. Values
+    inside the same buckets share programs.
+    """
+
+    batch: int = 1
+    prompt_tokens: int = 64
+    slices: int = 0
+    patches: int = 1024
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    num_beams: int = 1
+    early_stopping: bool | str = False
+
+    def __post_init__(self):
+        for name in ("batch", "prompt_tokens", "patches", "max_new_tokens", "num_beams"):
+            if int(getattr(self, name)) < 1:
+                raise GenerationError(f"RequestShape.{name} must be >= 1, got {self}")
+        if int(self.slices) < 0:
+            raise GenerationError(f"RequestShape.slices must be >= 0, got {self}")
+
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            num_beams=self.num_beams,
+            early_stopping=self.early_stopping,
         )
 
 
@@ -588,16 +655,28 @@ class Generator:
         """Generate for a batch of processed conversations (blocking)."""
         if not outputs:
             raise GenerationError("generate() needs at least one conversation")
+        return self._run_prepared(self.prepare(outputs), settings, record_logits=record_logits)
+
+    def _run_prepared(
+        self,
+        prepared: PreparedBatch,
+        settings: GenerationSettings,
+        *,
+        record_logits: bool = False,
+        step_limit: int | None = None,
+    ) -> GenerationOutput:
+        """Prefill + decode of a prepared batch. step_limit: decode at most this many tokens
+        (a traced value: the programs are those of ``settings.max_new_tokens``)."""
         timings: dict[str, float] = {}
         n_traces = sum(TRACE_COUNTS.values())
-        prepared = self.prepare(outputs)
         _, m, s_len = self.cache_len(max(prepared.lengths), settings.max_new_tokens)
         t0 = time.perf_counter()
         logits, cache = self.prefill(prepared, s_len)
         logits.block_until_ready()
         timings["prefill"] = time.perf_counter() - t0
         mode, params = settings.mode, settings.params()
-        max_new = jnp.asarray(settings.max_new_tokens, jnp.int32)
+        limit = settings.max_new_tokens if step_limit is None else step_limit
+        max_new = jnp.asarray(limit, jnp.int32)
         next_pos = jnp.asarray(prepared.next_position)
         t0 = time.perf_counter()
         out = GenerationOutput(sequences=[], prompt_tokens=list(prepared.lengths))
@@ -643,6 +722,38 @@ class Generator:
         out.timings = timings
         out.timings["traces"] = sum(TRACE_COUNTS.values()) - n_traces
         return out
+
+    def warmup(self, shapes: Sequence[RequestShape], patch_buckets=None) -> dict[str, Any]:
+        """Compile the prefill and decode programs of every request shape now.
+
+        Runs each distinct static signature once on a placeholder batch (zeros, one decoding
+        step), so later requests of those shapes start without compiling; their KV cache buffers
+        are allocated too. patch_buckets: the processor's (default: the model processor's).
+        Returns {"signatures", "programs" (traces), "seconds"}. Requests that go through
+        ``model.generate`` / ``chat`` run under the model's matmul-precision context, which is
+        part of the compiled programs' identity: warm those up with ``model.warmup``.
+        """
+        from minicpmv_jax.processor import patch_bucket_size
+
+        if patch_buckets is None:
+            patch_buckets = self.model.processor.patch_buckets
+        seen: dict[tuple, RequestShape] = {}
+        for shape in shapes:
+            if not isinstance(shape, RequestShape):
+                raise GenerationError(f"warmup() takes RequestShape values, got {shape!r}")
+            t, m, _ = self.cache_len(shape.prompt_tokens, shape.max_new_tokens)
+            p = patch_bucket_size(shape.patches, patch_buckets) if shape.slices else 0
+            i = self.buckets.slice_bucket(shape.slices)
+            seen.setdefault((shape.batch, t, i, p, m, shape.settings().mode), shape)
+        traces, t0 = sum(TRACE_COUNTS.values()), time.perf_counter()
+        for (b, t, i, p, _, _), shape in seen.items():
+            prepared = _placeholder_batch(b, shape.prompt_tokens, t, i, p, self.model.config)
+            self._run_prepared(prepared, shape.settings(), step_limit=1)
+        return {
+            "signatures": len(seen),
+            "programs": sum(TRACE_COUNTS.values()) - traces,
+            "seconds": time.perf_counter() - t0,
+        }
 
     def stream(self, outputs: Sequence[Any], settings: GenerationSettings) -> Iterator[np.ndarray]:
         """Yield the new token of every row after each step (int64 [B]; pad 0 once finished).

@@ -101,3 +101,15 @@ def test_compile_time_report(tmp_path):
     for k in ("prefill_lower_s", "prefill_compile_s", "decode_lower_s", "decode_compile_s"):
         assert _positive(row[k])
     assert "| 1 |" in compile_time.markdown(rep)
+
+
+def test_workload_warmed_up_from_declared_shapes_compiles_nothing():
+    """A small mixed workload: Generator.warmup on the requests' RequestShapes (sizes only)
+    compiles every program the requests then run."""
+    from benchmarks import models
+
+    bench = models.build("tiny", dtype="float32")
+    res = workload.run(bench, requests=8, seed=1)
+    assert res["warmup_signatures"] == res["distinct_signatures"] > 1
+    assert res["warmup_compiles"] > 0
+    assert res["compiles_after_warmup"] == 0 and res["traces_after_warmup"] == 0

@@ -222,3 +222,55 @@ def test_sharded_generation_matches_fixtures():
         )  # fmt: skip
         row = cases.index(c)
         np.testing.assert_array_equal(got[row], c["llm"]["generated_ids"][0])
+
+
+def test_warmup_compiles_what_requests_then_run(model):
+    """After warmup() of their shapes, real requests (text, one and several images; greedy,
+    sampling, beams; batches of 1 and 2) trace nothing, and their results are unchanged."""
+    requests = [
+        ([_batch(model, "text_only")], gen.GenerationSettings(max_new_tokens=6)),
+        ([_batch(model, "single_448x448")], gen.GenerationSettings(max_new_tokens=6)),
+        (
+            [_batch(model, "multi_image"), _batch(model, "single_100x90")],
+            gen.GenerationSettings(max_new_tokens=40, do_sample=True, top_p=0.8, seed=3),
+        ),
+        ([_batch(model, "single_448x448")], gen.GenerationSettings(max_new_tokens=5, num_beams=2)),
+    ]
+    with model._generation_precision():
+        want = [model.generator.run(outs, s).sequences for outs, s in requests]
+    # buckets no other test uses: these programs cannot be in jax's caches yet
+    warm = gen.Generator(model, buckets=gen.Buckets(tokens=(200, 1000), slices=(3, 12)))
+    shapes = []
+    for outs, s in requests:
+        prepared = warm.prepare(outs)  # host only
+        shapes.append(
+            gen.RequestShape(
+                batch=len(outs),
+                prompt_tokens=max(prepared.lengths),
+                slices=sum(len(o["tgt_sizes"]) for o in outs),
+                patches=max(np.asarray(o["pixel_patches"]).shape[1] for o in outs) or 1024,
+                max_new_tokens=s.max_new_tokens,
+                do_sample=s.do_sample,
+                num_beams=s.num_beams,
+            )
+        )
+    with model._generation_precision():
+        report = warm.warmup(shapes)
+        # 3 prefills (text; one image; the 2-row batch) and 3 decodes (greedy and beam share the
+        # text / image requests' 264-slot cache shape; sampling has the batch's)
+        assert report["signatures"] == 4 and report["programs"] == 6
+        before = sum(gen.TRACE_COUNTS.values())
+        got = [warm.run(outs, s).sequences for outs, s in requests]
+        assert sum(gen.TRACE_COUNTS.values()) == before
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_warmup_rejects_bad_shapes(model):
+    with pytest.raises(MiniCPMVError, match="slices"):
+        gen.RequestShape(slices=-1)
+    with pytest.raises(MiniCPMVError, match="RequestShape"):
+        model.warmup([{"prompt_tokens": 10}])
+    with pytest.raises(PromptTooLongError):
+        model.warmup([gen.RequestShape(prompt_tokens=10**6)])
