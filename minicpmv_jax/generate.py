@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import time
 from collections import Counter
@@ -338,7 +339,8 @@ class RequestShape:
     included); slices: image slices over the whole batch (0 = text only); patches: the largest
     patch bucket among them (1024 for 448x448-scale slices, see ``processor.patch_buckets``);
     max_new_tokens, do_sample, num_beams, early_stopping: as in ``GenerationSettings``. Values
-    inside the same buckets share programs.
+    inside the same buckets share programs. stream: the request is streamed token by token
+    (``chat(stream=True)``, ``Generator.stream``), which runs per-token programs of its own.
     """
 
     batch: int = 1
@@ -349,6 +351,7 @@ class RequestShape:
     do_sample: bool = False
     num_beams: int = 1
     early_stopping: bool | str = False
+    stream: bool = False
 
     def __post_init__(self):
         for name in ("batch", "prompt_tokens", "patches", "max_new_tokens", "num_beams"):
@@ -356,6 +359,8 @@ class RequestShape:
                 raise GenerationError(f"RequestShape.{name} must be >= 1, got {self}")
         if int(self.slices) < 0:
             raise GenerationError(f"RequestShape.slices must be >= 0, got {self}")
+        if self.stream and self.num_beams > 1:
+            raise GenerationError("RequestShape: streaming is not available with num_beams > 1")
 
     def settings(self) -> GenerationSettings:
         return GenerationSettings(
@@ -514,20 +519,30 @@ def _decode_beam(
     return tokens, length, s.step, score, beams
 
 
-def _first_step(first_logits, params, key, *, mode, terminators, buffer):
-    """Streaming: select token 0 from the prefill logits. -> SampleState."""
+def _first_step(first_logits, params, key, max_new, *, mode, terminators, buffer):
+    """Streaming: select token 0 from the prefill logits.
+
+    Returns (SampleState, int32 [B] new tokens, bool [] stop). Everything the host reads per
+    token comes out of the program: no eager indexing (which would compile per step index).
+    """
     TRACE_COUNTS["stream_first"] += 1
     b, v = first_logits.shape
     s = sampling.SampleState.init(b, buffer, v, key)
-    return sampling.sample_step(s, first_logits, mode, params, terminators)
+    s = sampling.sample_step(s, first_logits, mode, params, terminators)
+    return s, s.last_tokens(), s.done(max_new)
 
 
-def _next_step(graphdef, state, cache, s, next_position, params, *, mode, terminators):
-    """Streaming: one forward + selection (the body of ``_decode_sample``)."""
+def _next_step(graphdef, state, cache, s, next_position, params, max_new, *, mode, terminators):
+    """Streaming: one forward + selection (the body of ``_decode_sample``).
+
+    Returns (SampleState, cache, int32 [B] new tokens, bool [] stop).
+    """
     TRACE_COUNTS["stream_step"] += 1
     module = nnx.merge(graphdef, state)
     logits, cache = _forward(module, cache, s.last_tokens(), next_position + s.step - 1)
-    return sampling.sample_step(s, logits, mode, params, terminators), constrain_cache(cache)
+    s = sampling.sample_step(s, logits, mode, params, terminators)
+    stop = s.done(max_new) | (cache.end >= cache.max_len)
+    return s, constrain_cache(cache), s.last_tokens(), stop
 
 
 # ------------------------------------------------------------------------------------------------
@@ -591,7 +606,7 @@ class Generator:
             static_argnums=0,
             static_argnames=("mode", "terminators"),
             donate_argnums=2,
-            out_shardings=(rep, cache_out),
+            out_shardings=(rep, cache_out, rep, rep),  # state, cache, tokens, stop
         )
 
     # -- shapes --------------------------------------------------------------------------------
@@ -744,11 +759,20 @@ class Generator:
             t, m, _ = self.cache_len(shape.prompt_tokens, shape.max_new_tokens)
             p = patch_bucket_size(shape.patches, patch_buckets) if shape.slices else 0
             i = self.buckets.slice_bucket(shape.slices)
-            seen.setdefault((shape.batch, t, i, p, m, shape.settings().mode), shape)
+            key = (shape.batch, t, i, p, m, shape.settings().mode, shape.stream)
+            seen.setdefault(key, shape)
         traces, t0 = sum(TRACE_COUNTS.values()), time.perf_counter()
-        for (b, t, i, p, _, _), shape in seen.items():
+        for (b, t, i, p, *_), shape in seen.items():
             prepared = _placeholder_batch(b, shape.prompt_tokens, t, i, p, self.model.config)
-            self._run_prepared(prepared, shape.settings(), step_limit=1)
+            if not shape.stream:
+                self._run_prepared(prepared, shape.settings(), step_limit=1)
+                continue
+            # two tokens: the first-token and the per-token programs (no early stop)
+            settings = dataclasses.replace(shape.settings(), min_new_tokens=2)
+            tokens = self._stream_prepared(prepared, settings)
+            for _ in itertools.islice(tokens, 2):
+                pass
+            tokens.close()  # hands the cache back to the pool
         return {
             "signatures": len(seen),
             "programs": sum(TRACE_COUNTS.values()) - traces,
@@ -762,20 +786,26 @@ class Generator:
         """
         if settings.num_beams > 1:
             raise GenerationError("streaming is not available with beam search (num_beams > 1)")
-        prepared = self.prepare(outputs)
+        return self._stream_prepared(self.prepare(outputs), settings)
+
+    def _stream_prepared(
+        self, prepared: PreparedBatch, settings: GenerationSettings
+    ) -> Iterator[np.ndarray]:
         _, m, s_len = self.cache_len(max(prepared.lengths), settings.max_new_tokens)
         logits, cache = self.prefill(prepared, s_len)
         mode, params = settings.mode, settings.params()
         kw = {"mode": mode, "terminators": self.terminators}
-        s = self._first_step(logits, params, jax.random.key(settings.seed), buffer=m, **kw)
+        max_new = jnp.asarray(settings.max_new_tokens, jnp.int32)
+        key = jax.random.key(settings.seed)
+        s, token, stop = self._first_step(logits, params, key, max_new, buffer=m, **kw)
         next_pos = jnp.asarray(prepared.next_position)
         try:
             while True:
-                yield np.asarray(s.tokens[:, int(s.step) - 1]).astype(np.int64)
-                if bool(s.done(settings.max_new_tokens)) or int(cache.end) >= cache.max_len:
+                yield np.asarray(token).astype(np.int64)
+                if bool(stop):
                     break
-                s, cache = self._next_step(
-                    self.graphdef, self.state, cache, s, next_pos, params, **kw
+                s, cache, token, stop = self._next_step(
+                    self.graphdef, self.state, cache, s, next_pos, params, max_new, **kw
                 )
         finally:
             self._pool[(prepared.input_ids.shape[0], s_len)] = cache

@@ -267,10 +267,37 @@ def test_warmup_compiles_what_requests_then_run(model):
             np.testing.assert_array_equal(a, b)
 
 
+def test_warmup_covers_streaming(model):
+    """A streamed request after warmup(RequestShape(stream=True)) compiles no XLA program at all
+    (the per-token programs and every eager op), and streams the blocking answer's tokens."""
+    import sys
+
+    sys.path.insert(0, str(FIXTURES.parents[1]))
+    from benchmarks.measure import CompileCounter
+
+    CompileCounter.install()
+    b = _batch(model, "single_100x90")
+    settings = gen.GenerationSettings(max_new_tokens=30, do_sample=True, top_k=4, seed=5)
+    warm = gen.Generator(model, buckets=gen.Buckets(tokens=(176,), slices=(5,)))
+    shape = gen.RequestShape(
+        prompt_tokens=len(b["input_ids"]), slices=1, patches=b["pixel_patches"].shape[1],
+        max_new_tokens=30, do_sample=True, stream=True,
+    )  # fmt: skip
+    with model._generation_precision():
+        assert warm.warmup([shape])["programs"] == 3  # prefill, first token, next token
+        c0 = CompileCounter.count()
+        streamed = np.concatenate(list(warm.stream([b], settings)))
+        assert CompileCounter.count() == c0
+        blocking = warm.run([b], settings).sequences[0]
+    np.testing.assert_array_equal(streamed[: len(blocking)], blocking)
+
+
 def test_warmup_rejects_bad_shapes(model):
     with pytest.raises(MiniCPMVError, match="slices"):
         gen.RequestShape(slices=-1)
     with pytest.raises(MiniCPMVError, match="RequestShape"):
         model.warmup([{"prompt_tokens": 10}])
+    with pytest.raises(MiniCPMVError, match="num_beams"):
+        gen.RequestShape(num_beams=2, stream=True)
     with pytest.raises(PromptTooLongError):
         model.warmup([gen.RequestShape(prompt_tokens=10**6)])
