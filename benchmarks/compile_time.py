@@ -25,19 +25,17 @@ from flax import nnx
 
 from benchmarks import measure
 from benchmarks.models import preset_processor
-from minicpmv_jax.config import MINICPM_V_2_6, MINICPM_V_4_5
+from minicpmv_jax.config import PRESETS
 from minicpmv_jax.generate import Buckets
 from minicpmv_jax.model import MiniCPMV
 
-PRESETS = {"2.6": MINICPM_V_2_6, "4.5": MINICPM_V_4_5}
+VERSIONS = ("2.6", "4.5")  # the versions whose tokenizer benchmarks/models.py has
 
 
-def compile_times(
-    config, version: str, *, prompt_len: int, num_slices: int, max_new_tokens: int
-) -> dict:
+def compile_times(config, *, prompt_len: int, num_slices: int, max_new_tokens: int) -> dict:
     """Seconds to lower and to compile the prefill and the greedy decode of one request."""
     graphdef, abstract = MiniCPMV.abstract_module(config)
-    processor = preset_processor(version, config.resampler.num_queries)  # stop tokens
+    processor = preset_processor(config.version, config.query_num)  # stop tokens
     model = MiniCPMV(config, nnx.merge(graphdef, abstract), processor)
     gen = model.configure_generation(Buckets())
     t0 = time.perf_counter()
@@ -48,7 +46,7 @@ def compile_times(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compile_time", description=__doc__)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="2.6")
+    p.add_argument("--preset", choices=VERSIONS, default="2.6")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--layers", default=None, help="LLM depths to compile (default: full depth)")
     p.add_argument("--prompt-tokens", type=int, default=710)
@@ -57,15 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=pathlib.Path, default=None)
     args = p.parse_args(argv)
 
-    base = PRESETS[args.preset]
-    base = dataclasses.replace(base, llm=dataclasses.replace(base.llm, dtype=args.dtype))
+    base = PRESETS[args.preset].with_dtype(args.dtype)
     depths = [int(x) for x in args.layers.split(",")] if args.layers else [base.llm.num_layers]
     rows = []
     for n in depths:
         cfg = dataclasses.replace(base, llm=dataclasses.replace(base.llm, num_layers=n))
         r = compile_times(
             cfg,
-            args.preset,
             prompt_len=args.prompt_tokens,
             num_slices=args.slices,
             max_new_tokens=args.max_new_tokens,

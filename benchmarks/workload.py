@@ -4,7 +4,7 @@ Requests mix batch sizes (1-4 conversations), text-only and image conversations 
 from 224 to 1400 pixels a side, 1-10 slices), question lengths, max_new_tokens and decoding modes
 (greedy, top-p sampling with random temperature / top_p / top_k / repetition penalty, 2-beam
 search). Every request's static signature (batch, token bucket, slice bucket, patch bucket, new-
-token bucket, decoding mode) is computed on the host first; warm-up is `model.warmup` on the
+token bucket, decoding mode) is computed on the host first; warm-up is `Generator.warmup` on the
 requests' declared shapes (`RequestShape`: sizes only, no images); then all requests run and
 every compilation is counted. The target is zero:
 values (image sizes inside a bucket, prompt lengths, max_new_tokens, sampling parameters) must
@@ -78,22 +78,8 @@ def signature(gen, outputs, settings: GenerationSettings) -> tuple:
     return (prepared.shape_key, m, s_len, settings.mode)
 
 
-def request_shape(outputs, settings: GenerationSettings) -> RequestShape:
-    """The RequestShape a server would declare for this request (no arrays, only sizes)."""
-    return RequestShape(
-        batch=len(outputs),
-        prompt_tokens=max(len(o["input_ids"]) for o in outputs),
-        slices=sum(len(o["tgt_sizes"]) for o in outputs),
-        patches=max(np.asarray(o["pixel_patches"]).shape[1] for o in outputs) or 1024,
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=settings.do_sample,
-        num_beams=settings.num_beams,
-        early_stopping=settings.early_stopping,
-    )
-
-
 def run(bench: models.Bench, requests: int = 100, seed: int = 0) -> dict[str, Any]:
-    """Warm up on each distinct signature, then run every request; count compilations."""
+    """Warm up from the requests' shapes, then run every request; count compilations."""
     CompileCounter.install()
     gen = bench.model.generator
     specs = make_requests(requests, seed)
@@ -111,7 +97,7 @@ def run(bench: models.Bench, requests: int = 100, seed: int = 0) -> dict[str, An
     # warm-up from declared shapes only (what a server knows at start-up), not the requests
     # (Generator.warmup, like the gen.run calls below; model.warmup wraps it in the precision
     # context model.generate / chat use)
-    warm = gen.warmup([request_shape(outs, st) for outs, st, _ in built])
+    warm = gen.warmup([RequestShape.of(outs, st) for outs, st, _ in built])
     warm_s = time.perf_counter() - t0
     c1, tr1 = CompileCounter.count(), sum(TRACE_COUNTS.values())
 

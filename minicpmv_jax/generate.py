@@ -362,6 +362,24 @@ class RequestShape:
         if self.stream and self.num_beams > 1:
             raise GenerationError("RequestShape: streaming is not available with num_beams > 1")
 
+    @classmethod
+    def of(
+        cls, outputs: Sequence[Any], settings: GenerationSettings, *, stream: bool = False
+    ) -> RequestShape:
+        """The shape of a request: processor outputs of its conversations + its settings."""
+        patches = [int(np.asarray(o["pixel_patches"]).shape[1]) for o in outputs]
+        return cls(
+            batch=len(outputs),
+            prompt_tokens=max(int(np.asarray(o["input_ids"]).shape[-1]) for o in outputs),
+            slices=sum(int(np.asarray(o["tgt_sizes"]).reshape(-1, 2).shape[0]) for o in outputs),
+            patches=max(patches) or 1024,  # text only: any value (no vision program)
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=settings.do_sample,
+            num_beams=settings.num_beams,
+            early_stopping=settings.early_stopping,
+            stream=stream,
+        )
+
     def settings(self) -> GenerationSettings:
         return GenerationSettings(
             max_new_tokens=self.max_new_tokens,

@@ -240,20 +240,7 @@ def test_warmup_compiles_what_requests_then_run(model):
         want = [model.generator.run(outs, s).sequences for outs, s in requests]
     # buckets no other test uses: these programs cannot be in jax's caches yet
     warm = gen.Generator(model, buckets=gen.Buckets(tokens=(200, 1000), slices=(3, 12)))
-    shapes = []
-    for outs, s in requests:
-        prepared = warm.prepare(outs)  # host only
-        shapes.append(
-            gen.RequestShape(
-                batch=len(outs),
-                prompt_tokens=max(prepared.lengths),
-                slices=sum(len(o["tgt_sizes"]) for o in outs),
-                patches=max(np.asarray(o["pixel_patches"]).shape[1] for o in outs) or 1024,
-                max_new_tokens=s.max_new_tokens,
-                do_sample=s.do_sample,
-                num_beams=s.num_beams,
-            )
-        )
+    shapes = [gen.RequestShape.of(outs, s) for outs, s in requests]  # sizes only
     with model._generation_precision():
         report = warm.warmup(shapes)
         # 3 prefills (text; one image; the 2-row batch) and 3 decodes (greedy and beam share the
@@ -279,10 +266,8 @@ def test_warmup_covers_streaming(model):
     b = _batch(model, "single_100x90")
     settings = gen.GenerationSettings(max_new_tokens=30, do_sample=True, top_k=4, seed=5)
     warm = gen.Generator(model, buckets=gen.Buckets(tokens=(176,), slices=(5,)))
-    shape = gen.RequestShape(
-        prompt_tokens=len(b["input_ids"]), slices=1, patches=b["pixel_patches"].shape[1],
-        max_new_tokens=30, do_sample=True, stream=True,
-    )  # fmt: skip
+    shape = gen.RequestShape.of([b], settings, stream=True)
+    assert (shape.prompt_tokens, shape.slices, shape.stream) == (len(b["input_ids"]), 1, True)
     with model._generation_precision():
         assert warm.warmup([shape])["programs"] == 3  # prefill, first token, next token
         c0 = CompileCounter.count()
