@@ -3,8 +3,9 @@
 The model is built abstractly (`MiniCPMV.abstract_module`: shapes and shardings only), so a
 full-depth 2.6 / 4.5 compiles on any machine; nothing runs. For each LLM depth it lowers and
 compiles the prefill of one image (10 slices, 768-token bucket) and the batch-1 greedy decode
-loop, the two programs a first chat() request waits for. The decoder layers are unrolled in the
-traced program, so the time grows with the depth; the table shows by how much.
+loop, the two programs a first chat() request waits for. The decoder and vision layers run under
+`nnx.scan` (one traced layer body per stack), so the time barely grows with the depth; the table
+shows by how much.
 
     python -m benchmarks.compile_time --preset 2.6 --layers 1,7,14,28
     python -m benchmarks.compile_time --preset 4.5 --out benchmarks/results/compile-4.5-cpu.json

@@ -59,19 +59,13 @@ def released_26_config(layers: int) -> dict:
 
 def tensor_table(hf: dict) -> dict[str, tuple[int, ...]]:
     """Official tensor name -> shape, derived from the model's own parameter tree."""
-    from flax import nnx
-
+    from minicpmv_jax.checkpoint import official_tensor_table
     from minicpmv_jax.config import MiniCPMVConfig
     from minicpmv_jax.model import MiniCPMV
-    from minicpmv_jax.weights import hf_source
 
     cfg = MiniCPMVConfig.from_hf(hf, dtype="bfloat16")
     _, abstract = MiniCPMV.abstract_module(cfg)
-    table = {}
-    for path, var in nnx.to_flat_state(abstract):
-        name, _, src_shape = hf_source(path)
-        table[name] = tuple(src_shape(tuple(var.get_value().shape)))
-    return table
+    return {name: tuple(t["shape"]) for name, t in official_tensor_table(abstract).items()}
 
 
 def write_checkpoint(out: pathlib.Path, hf: dict) -> tuple[int, int]:

@@ -78,10 +78,14 @@ def _truncate_config(cfg: MiniCPMVConfig, layers: int | None, vision_layers: int
 def _truncate_module(model: MiniCPMV, cfg: MiniCPMVConfig) -> MiniCPMV:
     """Drop trailing decoder / vision layers of a loaded model (checkpoint + --layers)."""
     module = model.module
-    module.llm.model.layers = nnx.List(list(module.llm.model.layers)[: cfg.llm.num_layers])
+    for layers, n in (
+        (module.llm.model.layers, cfg.llm.num_layers),
+        (module.vpm.encoder.layers, cfg.vision.num_layers),
+    ):
+        for _, var in nnx.iter_graph(layers):  # stacked [L, ...] parameters: keep the first n
+            if isinstance(var, nnx.Variable):
+                var.set_value(var.get_value()[:n])
     module.llm.cfg = cfg.llm
-    encoder = module.vpm.encoder
-    encoder.layers = nnx.List(list(encoder.layers)[: cfg.vision.num_layers])
     return MiniCPMV(cfg, module, model.processor, mesh=model.mesh)
 
 

@@ -3,9 +3,10 @@
     python -m convert.to_orbax openbmb/MiniCPM-V-2_6 ./minicpm-v-2_6-orbax --dtype bfloat16
 
 The output loads with `MiniCPMV.from_pretrained(out, mesh=...)`, each array read straight into
-its sharding. Host memory is bounded by one parameter group (one layer, or the embedding table)
-and the buffers orbax uses to write it, not by the model size. Interrupting leaves only `.<out>.partial/`; running the same command again
-resumes after the last finished group.
+its sharding. Host memory is bounded by one parameter group (one module of a layer stack, e.g.
+the MLP up-projection of every decoder layer, or the embedding table) and the buffers orbax uses
+to write it, not by the model size. Interrupting leaves only `.<out>.partial/`; running the same
+command again resumes after the last finished group.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from minicpmv_jax.weights import (
     hf_source,
     open_checkpoint,
     path_name,
+    stack_of,
+    unstack,
     validate,
 )
 
@@ -67,25 +70,45 @@ def _lossy(src_dtype: str, dst_dtype: str) -> bool:
     return (src_dtype, dst_dtype) not in exact
 
 
-def read_param(src_map: dict[str, Any], path: tuple, dtype: np.dtype) -> np.ndarray:
-    """One parameter in model layout and `dtype`, read from its official tensor.
+def read_param(
+    src_map: dict[str, Any], path: tuple, shape: tuple, dtype: np.dtype, layer: int | None = None
+) -> np.ndarray:
+    """One parameter of model shape `shape` in `dtype`, read from its official tensor(s).
 
-    Transposed Linear weights (`...kernel` = `...weight`.T, the name rule of weights.py) are
-    filled in row blocks, so a 1 GiB embedding-sized matrix never exists twice in memory.
+    A stacked layer parameter (weights.py) is read from its per-layer tensors into one array, or
+    only its layer `layer`. Transposed Linear weights (`...kernel` = `...weight`.T, the name rule
+    of weights.py) are filled in row blocks, so a 1 GiB embedding-sized matrix never exists
+    twice in memory.
     """
-    name, transform, _ = hf_source(path)
-    reader, _ = src_map[name]
-    if path_name(path).endswith(".kernel") and path_name(path) not in EXCEPTIONS:
-        sl = reader.get_slice(name)
+    if stack_of(path) is None:
+        return _read_tensor(src_map, path_name(path), dtype)
+    names = unstack(path, shape[0])
+    if layer is not None:
+        return _read_tensor(src_map, names[layer][1], dtype)
+    out = np.empty(shape, dtype)
+    for i, name in names:
+        _read_tensor(src_map, name, dtype, out=out[i])
+    return out
+
+
+def _read_tensor(src_map: dict[str, Any], name: str, dtype, out: np.ndarray | None = None):
+    """One per-layer parameter `name` in model layout (into `out` when given)."""
+    src, transform, _ = hf_source(name)
+    reader, _ = src_map[src]
+    if name.endswith(".kernel") and name not in EXCEPTIONS:
+        sl = reader.get_slice(src)
         rows, cols = sl.get_shape()
-        out = np.empty((cols, rows), dtype)
+        out = np.empty((cols, rows), dtype) if out is None else out
         step = max(1, TRANSPOSE_BLOCK_BYTES // (4 * cols))
         for i in range(0, rows, step):
             j = min(i + step, rows)  # safetensors slices do not clamp
             out[:, i:j] = sl[i:j].T
         return out
-    raw = reader.get_tensor(name)
-    return np.ascontiguousarray(transform(raw).astype(dtype, copy=False))
+    a = transform(reader.get_tensor(src)).astype(dtype, copy=False)
+    if out is None:
+        return np.ascontiguousarray(a)
+    out[...] = a
+    return out
 
 
 def release_free_memory() -> None:
@@ -156,6 +179,7 @@ def convert(
         }
     writer = checkpoint.CheckpointWriter(out, signature, overwrite=overwrite)
     groups = checkpoint.grouped(flat)
+    shapes = {tuple(p): tuple(v.get_value().shape) for p, v in flat}
     todo = sum(len(v) for g, v in groups.items() if not writer.has(g))
     if writer.resumed:
         log.info("resuming: %d of %d groups already written", len(writer.done), len(groups))
@@ -171,7 +195,10 @@ def convert(
             # numpy leaves: orbax writes them as they are (no device copy); int8 layers are
             # quantized here and get their kernel_scale leaf
             arrays = quantization.read_quantized(
-                items, lambda path, dt: read_param(src_map, path, np.dtype(dt))
+                items,
+                lambda path, dt, layer: read_param(
+                    src_map, path, shapes[tuple(path)], np.dtype(dt), layer
+                ),
             )
             bar.update(len(items))
         writer.write_group(g, arrays)

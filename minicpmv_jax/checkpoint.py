@@ -7,11 +7,12 @@ Folder layout (one conversion or one `save`)::
       config.json, tokenizer*, preprocessor_config.json, ...   copied from the source folder
       params/<group>/          one orbax StandardCheckpointer checkpoint per parameter group
 
-A *group* is one decoder / vision layer (`llm.model.layers.3`), one LLM top-level tensor
+A *group* is one module of a layer stack with its stacked parameters (`llm.model.layers.mlp.
+up_proj`: kernel [L, D, F] of every decoder layer), one LLM top-level tensor
 (`llm.model.embed_tokens`, `llm.lm_head`, ...) or one small module (`vpm`, `resampler`). Groups
-let a conversion stream: host memory is a small multiple of the largest group (the 2.6
-embedding table, about 1 GiB in bfloat16; 3 GiB peak RSS measured) instead of the whole model,
-whatever the layer count, and restoring still targets every array's
+let a conversion stream: host memory is a small multiple of the largest group (the 2.6 stacked
+MLP projections, 3.8 GB in bfloat16) instead of the whole model, and restoring still targets
+every array's
 final sharding (`StandardCheckpointer.restore(path, abstract)` with NamedSharding leaves reads
 each device's shard directly, across meshes and hosts).
 
@@ -42,12 +43,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from minicpmv_jax.errors import CheckpointError
-from minicpmv_jax.weights import path_name
+from minicpmv_jax.weights import path_name, stack_of
 
 log = logging.getLogger(__name__)
 
 FORMAT = "minicpmv-jax-orbax"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stacked layer parameters (1: one group per layer, no longer read)
 META_FILE = "minicpmv_jax.json"
 PARAMS_DIR = "params"
 PROGRESS_FILE = "progress.json"
@@ -85,6 +86,12 @@ def read_metadata(folder: str | os.PathLike) -> dict:
             f"{folder}: format version {meta['format_version']} is newer than this library "
             f"supports ({FORMAT_VERSION}); upgrade minicpmv_jax"
         )
+    if meta.get("format_version", 0) < FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder}: format version {meta.get('format_version')} stores one group per layer; "
+            f"this library stacks the layers (version {FORMAT_VERSION}): convert the official "
+            "checkpoint again (minicpmv-to-orbax)"
+        )
     return meta
 
 
@@ -101,9 +108,8 @@ def partial_dir(final: str | os.PathLike) -> pathlib.Path:
 def group_key(path: Iterable[Any]) -> str:
     """Parameter path -> group name (see module docstring)."""
     parts = [str(getattr(p, "key", p)) for p in path]
-    if "layers" in parts:
-        i = parts.index("layers")
-        return ".".join(parts[: i + 2])  # ... layers.N
+    if stack_of(path) is not None:
+        return ".".join(parts[:-1])  # llm.model.layers.mlp.up_proj: kernel (+ bias, scale)
     if parts[0] == "llm":
         return ".".join(parts[:-1])  # llm.model.embed_tokens, llm.model.norm, llm.lm_head
     return parts[0]  # vpm (embeddings, post_layernorm), resampler
@@ -347,14 +353,17 @@ def source_tensor_table(folder: str | os.PathLike) -> dict[str, dict]:
 
 def official_tensor_table(state) -> dict[str, dict]:
     """{official tensor name: {"dtype", "shape"}} implied by a parameter state (no values read)."""
-    from minicpmv_jax.weights import hf_source
+    from minicpmv_jax.weights import hf_source, unstack
 
     table: dict[str, dict] = {}
     for path, var in nnx.to_flat_state(state):
         v = _value(var)
-        # fused q/k/v (resampler.attn.in_proj_*): the rule already gives the fused shape
-        name, _, src_shape = hf_source(path)
-        table[name] = {"dtype": str(v.dtype), "shape": list(src_shape(tuple(v.shape)))}
+        shape = tuple(v.shape)
+        for i, layer_name in unstack(path, shape[0] if stack_of(path) else 0):
+            # fused q/k/v (resampler.attn.in_proj_*): the rule already gives the fused shape
+            name, _, src_shape = hf_source(layer_name)
+            one = shape if i is None else shape[1:]
+            table[name] = {"dtype": str(v.dtype), "shape": list(src_shape(one))}
     return table
 
 
@@ -446,5 +455,5 @@ def iter_group_arrays(
 
 
 def param_path(name: str) -> tuple:
-    """'llm.model.layers.3.mlp.up_proj.kernel' -> ('llm', 'model', 'layers', 3, ...)."""
+    """'llm.model.layers.mlp.up_proj.kernel' -> ('llm', 'model', 'layers', 'mlp', ...)."""
     return tuple(int(p) if p.isdigit() else p for p in name.split("."))

@@ -31,6 +31,14 @@ def normalize_version(v: Any) -> str:
         return str(v)
 
 
+REMAT = ("none", "full", "dots")  # the policies of layers.REMAT_POLICIES
+
+
+def _check_remat(remat: str) -> None:
+    if remat not in REMAT:
+        raise ValueError(f"unknown remat policy {remat!r}; expected one of {REMAT}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VisionConfig:
     """navit SigLIP tower (`vpm`): Idefics2 (2.5) / `modeling_navit_siglip.py` (2.6, 4.5)."""
@@ -43,10 +51,12 @@ class VisionConfig:
     image_size: int = 980
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
+    remat: str = "none"  # per-layer rematerialisation: "none" | "full" | "dots" (layers.py)
     param_dtype: jnp.dtype = jnp.bfloat16
     dtype: jnp.dtype = jnp.bfloat16
 
     def __post_init__(self):
+        _check_remat(self.remat)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} % heads {self.num_heads} != 0")
 
@@ -139,10 +149,12 @@ class LlmConfig:
     qkv_bias: bool = True  # Qwen2 yes; Qwen3, Llama3 no
     qk_norm: bool = False  # Qwen3 yes
     attn_impl: str = "xla"  # "xla" | "cudnn" | "splash" | "reference" (kernels.py)
+    remat: str = "none"  # per-layer rematerialisation: "none" | "full" | "dots" (layers.py)
     param_dtype: jnp.dtype = jnp.bfloat16
     dtype: jnp.dtype = jnp.bfloat16  # compute dtype; norms, rope and softmax run in float32
 
     def __post_init__(self):
+        _check_remat(self.remat)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} % num_kv_heads {self.num_kv_heads} != 0")
         if self.head_dim % 2:
@@ -207,6 +219,15 @@ class MiniCPMVConfig:
             vision=dataclasses.replace(self.vision, **rep),
             resampler=dataclasses.replace(self.resampler, **rep),
             llm=dataclasses.replace(self.llm, **rep),
+        )
+
+    def with_remat(self, policy: str) -> MiniCPMVConfig:
+        """Same config with per-layer rematerialisation `policy` ("none" | "full" | "dots") in the
+        decoder and vision layer stacks (training: less activation memory, more compute)."""
+        return dataclasses.replace(
+            self,
+            vision=dataclasses.replace(self.vision, remat=policy),
+            llm=dataclasses.replace(self.llm, remat=policy),
         )
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Shared building blocks: dense(), RMSNorm, LayerNorm, RoPE and the attention switch attend()."""
+"""Shared building blocks: dense(), RMSNorm, LayerNorm, RoPE, the attention switch attend() and
+the layer stack (stack_layers / scan_layers: stacked parameters under nnx.scan, optional remat)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,59 @@ def dense(
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
         rngs=rngs,
     )
+
+
+# Rematerialisation policies of a scanned layer stack (`LlmConfig.remat`, `VisionConfig.remat`):
+# "none" keeps every activation of the layer for the backward pass (inference: no recompute);
+# "full" keeps only the layer inputs and recomputes the layer in the backward pass (least
+# memory); "dots" keeps the matmul outputs without batch dimensions and recomputes the rest
+# (element-wise ops, norms, softmax), MaxText's usual middle ground.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stack_layers(make, num: int, rngs) -> nnx.Module:
+    """`num` layers `make(rngs)` whose parameters are stacked on a leading "layers" axis.
+
+    nnx.vmap over the constructor (flax's scan-over-layers recipe): every parameter gets the
+    leading dim L and the logical name "layers" in front of its own names. Real `nnx.Rngs` are
+    split so that each layer draws its own initial values; any other key source (the fixed-key
+    `model.AbstractRngs` of shape-only construction) is shared by the layers.
+    """
+    meta = {nnx.PARTITION_NAME: "layers"}
+    if isinstance(rngs, nnx.Rngs):
+
+        @nnx.split_rngs(splits=num)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=meta)
+        def create(r):
+            return make(r)
+
+        return create(rngs)
+    return nnx.vmap(lambda: make(rngs), in_axes=(), out_axes=0, axis_size=num,
+                    transform_metadata=meta)()  # fmt: skip
+
+
+def scan_layers(step, carry, layers: nnx.Module, remat: str = "none"):
+    """Run `carry = step(carry, layer)` over a `stack_layers` stack with one traced layer body.
+
+    One `nnx.scan` (jax.lax.scan) instead of an unrolled loop: the program holds one copy of the
+    layer whatever the depth, so trace and compile time stay flat in depth. `remat` names a
+    policy of `REMAT_POLICIES` applied per layer (training); "none" for inference.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(
+            f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}"
+        )
+    # graph=False (tree mode): the layers are a plain pytree of stacked arrays, so the scan also
+    # runs where the module came from an enclosing trace (the decode while_loop's body).
+    if REMAT_POLICIES[remat] is not None:
+        # prevent_cse=False: inside a scan the loop already keeps XLA from merging recomputation
+        step = nnx.remat(step, policy=REMAT_POLICIES[remat], prevent_cse=False, graph=False)
+    scan = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, graph=False)
+    return scan(carry, layers)
 
 
 def param(shape, names, *, param_dtype, rngs: nnx.Rngs, init=None) -> nnx.Param:

@@ -1,7 +1,10 @@
 """Decoder-only LLM: Llama-3 (2.5), Qwen2 with q/k/v bias (2.6), Qwen3 with q/k RMSNorm (4.5).
 
-Attribute paths are the checkpoint keys below `llm.`: `model.embed_tokens`, `model.layers.N.
-self_attn.q_proj`, ..., `model.norm`, `lm_head`.
+Attribute paths are the checkpoint keys below `llm.`: `model.embed_tokens`, `model.layers.
+self_attn.q_proj`, ..., `model.norm`, `lm_head`. The decoder layers are one stack: every layer
+parameter has a leading L axis (`model.layers.self_attn.q_proj.kernel` [L, D, N*H]; slice i is the
+checkpoint's `model.layers.i.self_attn.q_proj.weight` transposed, see weights.py) and the layers
+run under one `nnx.scan`, optionally rematerialised (`LlmConfig.remat`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from flax import nnx
 
 from minicpmv_jax.config import LlmConfig
 from minicpmv_jax.kv_cache import KVCache
-from minicpmv_jax.layers import RMSNorm, attend, dense, embed, rope
+from minicpmv_jax.layers import RMSNorm, attend, dense, embed, rope, scan_layers, stack_layers
 from minicpmv_jax.sharding import ACT_AXES, constrain, constrain_cache
 
 
@@ -31,8 +34,11 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, **nkw)
         self.cfg = cfg
 
-    def __call__(self, x, positions, mask, cache: KVCache | None, layer: int, start):
-        """x: [B, T, D]; positions: int32[B, T]; mask: bool[B, 1, T, S] -> ([B, T, D], cache)."""
+    def __call__(self, x, positions, mask, cache: KVCache | None, layer, start):
+        """x: [B, T, D]; positions: int32[B, T]; mask: bool[B, 1, T, S] -> ([B, T, D], cache).
+
+        layer: int32[] index of this layer in the cache's L axis (the scan's counter).
+        """
         c, (b, t, _) = self.cfg, x.shape
         q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)  # [B, T, N, H]
         k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)  # [B, T, K, H]
@@ -83,7 +89,7 @@ class LlmModel(nnx.Module):
     def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
         kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
         self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
         self.norm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs, name="embed"
         )
@@ -138,10 +144,16 @@ class Llm(nnx.Module):
         else:
             cache, start = cache.append(token_valid)
             mask = cache.mask(start, t)  # [B, 1, T, S]
-        x = x_embeds.astype(self.cfg.dtype)
-        for i, layer in enumerate(self.model.layers):
+
+        def step(carry, layer: DecoderLayer):
+            # The whole cache is carried and each layer writes its own L slot in place
+            # (dynamic_update_slice at the scan counter), so the scan never copies the cache.
+            x, cache, i = carry
             x, cache = layer(x, positions, mask, cache, i, start)
-            x = constrain(x, ACT_AXES)  # block boundary [B, T, D]; no-op without a mesh
+            return constrain(x, ACT_AXES), cache, i + 1  # block boundary; no-op without a mesh
+
+        carry = (x_embeds.astype(self.cfg.dtype), cache, jnp.zeros((), jnp.int32))
+        x, cache, _ = scan_layers(step, carry, self.model.layers, self.cfg.remat)
         return self.model.norm(x), constrain_cache(cache)
 
     def __call__(

@@ -1,8 +1,8 @@
 """Per-device memory plan: parameters, KV cache and peak activations for a mesh and request.
 
 `plan(config, mesh_shape, batch=..., cache_len=...)` needs no devices: parameter shapes come
-from the model code under `nnx.eval_shape` (one layer of each stack, repeated: the layers are
-identical) and their logical names go through the same `sharding.rules_for` table (with its
+from the model code under `nnx.eval_shape` (the layer stacks are single [L, ...] parameters) and
+their logical names go through the same `sharding.rules_for` table (with its
 fallbacks) that loading uses, so the parameter and KV-cache numbers are exact per-device shard
 sizes. Activations are an analytic estimate of the largest set live at once in a prefill with
 the XLA attention path (the one that materialises [N, T, S] scores); XLA fusion usually needs
@@ -65,37 +65,20 @@ class MemoryPlan:
 def param_inventory(config: MiniCPMVConfig) -> tuple[tuple[str, tuple, Any, tuple], ...]:
     """((path, shape, dtype, logical names), ...) of every parameter of the model.
 
-    Built with one LLM and one vision layer under `nnx.eval_shape` (no memory), then repeated to
-    the configured layer counts.
+    Built under `nnx.eval_shape` (no memory). Layer stacks are single parameters with a leading
+    L axis named "layers" (replicated by `RULES`), as the model holds them.
     """
     from minicpmv_jax.model import MiniCPMVModule
     from minicpmv_jax.weights import path_name
 
-    small = dataclasses.replace(
-        config,
-        llm=dataclasses.replace(config.llm, num_layers=1),
-        vision=dataclasses.replace(config.vision, num_layers=1),
-    )
     mesh = AbstractMesh((1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules(RULES):
-        module = nnx.eval_shape(lambda: MiniCPMVModule(small, rngs=nnx.Rngs(0)))
+        module = nnx.eval_shape(lambda: MiniCPMVModule(config, rngs=nnx.Rngs(0)))
     out = []
     for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
         v = var.get_value()
         names = logical_names(var) or (None,) * len(v.shape)
-        name = path_name(path)
-        layers = None
-        if name.startswith("llm.model.layers.0."):
-            layers = config.llm.num_layers
-        elif name.startswith("vpm.encoder.layers.0."):
-            layers = config.vision.num_layers
-        if layers is None:
-            out.append((name, tuple(v.shape), v.dtype, names))
-        else:
-            for i in range(layers):
-                out.append(
-                    (name.replace(".layers.0.", f".layers.{i}.", 1), tuple(v.shape), v.dtype, names)
-                )
+        out.append((path_name(path), tuple(v.shape), v.dtype, names))
     return tuple(out)
 
 
@@ -161,8 +144,9 @@ def plan(
     for name, pshape, pdtype, names in param_inventory(config):
         itemsize = (pdt or jnp.dtype(pdtype)).itemsize
         if qcfg is not None and name.endswith(".kernel") and qcfg.selects(name[: -len(".kernel")]):
-            itemsize = 1  # int8 kernel [in, out] + float32 scale [out] on the output axis
-            params += _shard_elems(pshape[-1:], names[-1:], shape, rules) * 4
+            itemsize = 1  # int8 kernel [(L,) in, out] + float32 scale [(L,) out]
+            scale_shape, scale_names = pshape[:-2] + pshape[-1:], names[:-2] + names[-1:]
+            params += _shard_elems(scale_shape, scale_names, shape, rules) * 4
         params += _shard_elems(pshape, names, shape, rules) * itemsize
 
     kv_shape = (llm.num_layers, batch, cache_len, llm.num_kv_heads, llm.head_dim)

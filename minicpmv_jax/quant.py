@@ -106,6 +106,12 @@ def _scales(absmax, xp):
 
 
 def _quantize_host(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if w.ndim > 2:  # a layer stack [L, in, out]: each layer on its own
+        q = np.empty(w.shape, np.int8)
+        scale = np.empty(w.shape[:-2] + w.shape[-1:], np.float32)
+        for i in range(w.shape[0]):
+            q[i], scale[i] = _quantize_host(w[i])
+        return q, scale
     # Row blocks: peak memory is the input, the int8 result and one float32 block (a 4.5
     # lm_head is 2.5 GB in float32; whole-array temporaries would need four more of it).
     rows = max(1, HOST_BLOCK // max(w.shape[1], 1))
@@ -124,18 +130,19 @@ def _quantize_host(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _quantize_device(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     # one fused program: no float32 copies of the whole kernel beyond what XLA needs
     w = w.astype(jnp.float32)
-    scale, inv = _scales(jnp.max(jnp.abs(w), axis=0), jnp)
-    return jnp.clip(jnp.round(w * inv), -QMAX, QMAX).astype(jnp.int8), scale
+    scale, inv = _scales(jnp.max(jnp.abs(w), axis=-2), jnp)  # [..., out]
+    return jnp.clip(jnp.round(w * inv[..., None, :]), -QMAX, QMAX).astype(jnp.int8), scale
 
 
 def quantize_kernel(w):
     """Per-output-channel symmetric int8 quantization of a kernel.
 
     Args:
-      w: float [in, out]: numpy (host, while loading) or jax (a loaded or abstract model).
+      w: float [in, out] or a layer stack [L, in, out]: numpy (host, while loading) or jax (a
+        loaded or abstract model).
     Returns:
-      (int8 [in, out], float32 scale [out]) with w ~= q * scale; the same values on both paths.
-      An all-zero channel gets scale 1.
+      (int8 [(L,) in, out], float32 scale [(L,) out]) with w ~= q * scale per layer; the same
+      values on both paths. An all-zero channel gets scale 1.
     """
     if isinstance(w, np.ndarray):
         return _quantize_host(w)
@@ -143,16 +150,20 @@ def quantize_kernel(w):
 
 
 def dequantize_kernel(q, scale):
-    """float32 [in, out] = q * scale (tests, inspection; the model never materialises it)."""
-    return q.astype(np.float32) * scale
+    """float32 [(L,) in, out] = q * scale (tests, export; the model never materialises it)."""
+    return q.astype(np.float32) * np.expand_dims(scale, -2)
 
 
 class Int8Dense(nnx.Module):
-    """Drop-in for `nnx.Linear` with an int8 kernel and a float32 per-output-channel scale."""
+    """Drop-in for `nnx.Linear` with an int8 kernel and a float32 per-output-channel scale.
+
+    In a layer stack the parameters carry a leading L axis (kernel [L, in, out], scale [L, out])
+    and the layer scan hands each step its own [in, out] / [out] slice.
+    """
 
     def __init__(self, kernel: nnx.Param, kernel_scale: nnx.Param, bias: nnx.Param | None, dtype):
-        self.kernel = kernel  # int8 [in, out], the Linear's logical axis names
-        self.kernel_scale = kernel_scale  # float32 [out], the output axis name
+        self.kernel = kernel  # int8 [(L,) in, out], the Linear's logical axis names
+        self.kernel_scale = kernel_scale  # float32 [(L,) out], ("layers",) + the output axis name
         self.bias = bias
         self.dtype = dtype  # compute dtype (None: the input's)
 
@@ -174,14 +185,15 @@ class Int8Dense(nnx.Module):
 
 
 def _scale_param(scale, kernel: nnx.Param) -> nnx.Param:
-    """The scale Param: the kernel's output axis name, and its sharding when already placed."""
+    """The scale Param: the kernel's axis names without `in` ([(L,) out]), and its sharding when
+    the kernel is already placed."""
     names = kernel.get_metadata().get("out_sharding")
-    meta = {} if names is None else {"out_sharding": (tuple(names)[-1],)}
+    meta = {} if names is None else {"out_sharding": tuple(names)[:-2] + tuple(names)[-1:]}
     k = kernel[...]
     sharding = getattr(k, "sharding", None)  # tracers have none: get_abstract_model places them
     if isinstance(sharding, NamedSharding):
         spec = tuple(sharding.spec) + (None,) * (k.ndim - len(sharding.spec))
-        scale = jax.device_put(scale, NamedSharding(sharding.mesh, P(spec[-1])))
+        scale = jax.device_put(scale, NamedSharding(sharding.mesh, P(*spec[:-2], spec[-1])))
     # eager_sharding=False: placed above (or by get_abstract_model), no mesh context needed
     return nnx.Param(scale, eager_sharding=False, **meta)
 
@@ -292,19 +304,27 @@ def read_quantized(items, read) -> list[tuple[tuple, np.ndarray]]:
 
     Args:
       items: [(path, var)] from `nnx.to_flat_state` of an abstract (possibly quantized) model.
-      read: read(path, dtype) -> numpy array of the parameter in model layout (float).
+      read: read(path, dtype, layer) -> numpy array of the parameter in model layout (float);
+        layer=None reads the whole parameter, an int the one layer of a stacked parameter.
     Returns: [(path, numpy array)] in `items` order; each `kernel_scale` comes from its kernel.
     """
     scales, out = {}, []
     for path, var in items:
         if is_scale_path(path):
             continue
-        dtype = var.get_value().dtype
-        if is_int8(dtype):
-            q, scales[scale_path(path)] = quantize_kernel(read(path, np.float32))
+        dtype, shape = var.get_value().dtype, tuple(var.get_value().shape)
+        if not is_int8(dtype):
+            out.append((path, read(path, dtype, None)))
+        elif len(shape) == 2:  # one kernel [in, out]
+            q, scales[scale_path(path)] = quantize_kernel(read(path, np.float32, None))
             out.append((path, q))
-        else:
-            out.append((path, read(path, dtype)))
+        else:  # a layer stack [L, in, out], layer by layer: one float32 layer in memory
+            q = np.empty(shape, np.int8)
+            scale = np.empty(shape[:-2] + shape[-1:], np.float32)
+            for i in range(shape[0]):
+                q[i], scale[i] = quantize_kernel(read(path, np.float32, i))
+            out.append((path, q))
+            scales[scale_path(path)] = scale
     order = {tuple(p): i for i, (p, _) in enumerate(items)}
     out += [(p, s) for p, s in scales.items()]
     return sorted(out, key=lambda kv: order[tuple(kv[0])])

@@ -3,6 +3,8 @@
 Input is the processor's patch layout: `pixel_patches` [I, P, 588] with inner order (c, kh, kw),
 bucketed `position_ids` [I, P] and the key mask `vision_mask` [I, P]. The conv patch embedding
 (kernel = stride = 14) is a Dense layer over patch vectors (weights.py reshapes the conv kernel).
+The encoder layers are one stack (parameters with a leading L axis, `encoder.layers.fc1.kernel`
+[L, Dv, Fv]) run under one `nnx.scan`, optionally rematerialised (`VisionConfig.remat`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpmv_jax.config import VisionConfig
-from minicpmv_jax.layers import LayerNorm, attend, dense, embed
+from minicpmv_jax.layers import LayerNorm, attend, dense, embed, scan_layers, stack_layers
 
 
 class VisionEmbeddings(nnx.Module):
@@ -77,7 +79,7 @@ class VisionLayer(nnx.Module):
 
 class VisionEncoder(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
-        self.layers = nnx.List([VisionLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = stack_layers(lambda r: VisionLayer(cfg, rngs=r), cfg.num_layers, rngs)
 
 
 class VisionTower(nnx.Module):
@@ -107,6 +109,5 @@ class VisionTower(nnx.Module):
         """
         x = self.embeddings(patches, position_ids).astype(self.cfg.dtype)
         mask = key_mask[:, None, None, :]  # [I, 1, 1, P]
-        for layer in self.encoder.layers:
-            x = layer(x, mask)
+        x = scan_layers(lambda x, layer: layer(x, mask), x, self.encoder.layers, self.cfg.remat)
         return self.post_layernorm(x)

@@ -3,9 +3,19 @@
 Name rule: the attribute path of a parameter is its checkpoint key. `...kernel` is the
 `...weight` of a torch Linear transposed ((out, in) -> (in, out)); `bias` stays `bias`; norm
 `scale` and embedding tables are `weight`. `EXCEPTIONS` lists the tensors that do not follow the
-rule. Tensors are read one at a time (safetensors `framework="numpy"`, which reads bfloat16 via
-ml_dtypes), converted to the parameter dtype and placed with the parameter's sharding, so peak host
-memory stays near the size of the loaded model plus one tensor.
+rule.
+
+Layer stacks: the decoder layers (`llm.model.layers`) and vision encoder layers
+(`vpm.encoder.layers`) are stacked (llm.py, vision.py): the parameter
+`llm.model.layers.mlp.up_proj.kernel` [L, D, F] holds the checkpoint's per-layer tensors
+`llm.model.layers.{i}.mlp.up_proj.weight` (transposed) at index i of its leading axis. The name
+rule and `EXCEPTIONS` apply to the per-layer name `llm.model.layers.{i}.mlp.up_proj.kernel`;
+`unstack` lists them for a stacked parameter.
+
+Tensors are read one at a time (safetensors `framework="numpy"`, which reads bfloat16 via
+ml_dtypes), converted to the parameter dtype and placed with the parameter's sharding; a stacked
+parameter is filled layer by layer into one host buffer that becomes the device array, so peak
+host memory stays near the size of the loaded model plus one checkpoint tensor.
 """
 
 from __future__ import annotations
@@ -83,14 +93,46 @@ EXCEPTIONS: dict[str, tuple[str, Transform, Callable[[tuple], tuple]]] = {
 }
 
 
-def path_name(path: Iterable[Any]) -> str:
-    """nnx state path ('llm', 'model', 'layers', 3, ...) -> 'llm.model.layers.3....'."""
+STACKS = ("llm.model.layers", "vpm.encoder.layers")  # stacked layers: leading axis L
+
+
+def path_name(path: Iterable[Any] | str) -> str:
+    """nnx state path ('llm', 'model', 'layers', 'mlp', ...) -> 'llm.model.layers.mlp....'."""
+    if isinstance(path, str):
+        return path
     return ".".join(str(getattr(p, "key", p)) for p in path)
 
 
-def hf_source(path: Iterable[Any]) -> tuple[str, Transform, Callable[[tuple], tuple]]:
-    """Checkpoint tensor name, transform and expected source shape of one parameter path."""
+def stack_of(path: Iterable[Any] | str) -> str | None:
+    """The layer stack ("llm.model.layers" / "vpm.encoder.layers") a stacked parameter is in."""
     name = path_name(path)
+    for stack in STACKS:
+        if name.startswith(stack + ".") and not name[len(stack) + 1 :].split(".")[0].isdigit():
+            return stack
+    return None
+
+
+def unstack(path: Iterable[Any] | str, num_layers: int) -> list[tuple[int | None, str]]:
+    """[(layer index, per-layer parameter name)] of a parameter; [(None, name)] if not stacked.
+
+    'llm.model.layers.mlp.up_proj.kernel' -> [(0, 'llm.model.layers.0.mlp.up_proj.kernel'), ...]
+    """
+    name = path_name(path)
+    stack = stack_of(name)
+    if stack is None:
+        return [(None, name)]
+    rest = name[len(stack) + 1 :]
+    return [(i, f"{stack}.{i}.{rest}") for i in range(num_layers)]
+
+
+def hf_source(path: Iterable[Any] | str) -> tuple[str, Transform, Callable[[tuple], tuple]]:
+    """Checkpoint tensor name, transform and source shape of one per-layer parameter path.
+
+    For a stacked parameter pass each per-layer name of `unstack` (and the shape without L).
+    """
+    name = path_name(path)
+    if stack_of(name) is not None:
+        raise ValueError(f"{name} is a stacked parameter: map each name of unstack() instead")
     if name in EXCEPTIONS:
         return EXCEPTIONS[name]
     prefix, _, leaf = name.rpartition(".")
@@ -101,7 +143,9 @@ def hf_source(path: Iterable[Any]) -> tuple[str, Transform, Callable[[tuple], tu
     return name, _identity, lambda s: s  # bias, raw params (resampler.query)
 
 
-def hf_name_and_inverse(path: Iterable[Any]) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+def hf_name_and_inverse(
+    path: Iterable[Any] | str,
+) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
     """For export/round trips: (source name, param -> source tensor) where it is invertible."""
     name = path_name(path)
     src, _, _ = hf_source(path)
@@ -114,14 +158,34 @@ def hf_name_and_inverse(path: Iterable[Any]) -> tuple[str, Callable[[np.ndarray]
     return src, lambda a: a
 
 
-def to_hf_state_dict(state: nnx.State) -> dict[str, np.ndarray]:
-    """Model params -> checkpoint-layout numpy tensors (inverse of the loader)."""
+def per_layer_arrays(state: nnx.State | nnx.Module):
+    """Yield (per-layer parameter name, array) of every parameter, unstacking the layer stacks.
+
+    Works for parameter states and for gradient (or optimizer-moment) trees of the same layout;
+    leaves may be jax or numpy arrays.
+    """
+    if isinstance(state, nnx.Module):
+        state = nnx.state(state, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        a = var.get_value() if hasattr(var, "get_value") else var
+        for i, name in unstack(path, a.shape[0] if stack_of(path) else 0):
+            yield name, (a if i is None else a[i])
+
+
+def to_hf_state_dict(state: nnx.State | nnx.Module) -> dict[str, np.ndarray]:
+    """Parameters (or gradients) -> {official checkpoint tensor name: numpy array}.
+
+    The inverse of the loader: layer stacks are split into the official per-layer tensors
+    (`llm.model.layers.3.self_attn.q_proj.weight`), kernels transposed back, the resampler's
+    q/k/v fused again. Takes a model, an `nnx.State` of parameters, or any tree of the same
+    layout, e.g. the gradients `jax.grad` returns for a parameter state, to compare per-tensor
+    values under the official names.
+    """
     out: dict[str, np.ndarray] = {}
     fused: dict[str, dict[int, np.ndarray]] = {}
-    for path, var in nnx.to_flat_state(state):
-        a = np.asarray(var.get_value())
-        name = path_name(path)
-        src, inv = hf_name_and_inverse(path)
+    for name, arr in per_layer_arrays(state):
+        a = np.asarray(arr)
+        src, inv = hf_name_and_inverse(name)
         if inv is None:
             j = "qkv".index(name.split(".")[2][0])
             fused.setdefault(src, {})[j] = a.T if name.endswith("kernel") else a
@@ -188,9 +252,10 @@ def validate(flat_abstract, src: dict[str, Any]) -> None:
     for path, var in flat_abstract:
         if quant.is_scale_path(path):  # int8 scale: computed from its kernel's tensor
             continue
-        name, _, src_shape = hf_source(path)
-        want = tuple(src_shape(tuple(var.get_value().shape)))
-        needed.setdefault(name, want)
+        shape = tuple(var.get_value().shape)
+        for i, layer_name in unstack(path, shape[0] if stack_of(path) else 0):
+            name, _, src_shape = hf_source(layer_name)
+            needed.setdefault(name, tuple(src_shape(shape if i is None else shape[1:])))
     missing = sorted(n for n in needed if n not in src)
     unexpected = sorted(n for n in src if n not in needed)
     mismatched = []
@@ -209,6 +274,19 @@ def validate(flat_abstract, src: dict[str, Any]) -> None:
         raise CheckpointError(
             "checkpoint does not match the model config:\n  " + "\n  ".join(problems)
         )
+
+
+def _read(src: dict[str, Any], param_name: str) -> np.ndarray:
+    """One (per-layer) parameter in model layout, read from its checkpoint tensor."""
+    name, transform, _ = hf_source(param_name)
+    reader, f = src[name]
+    try:
+        raw = reader.get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{f}: corrupt or truncated safetensors file, cannot read {name} ({e})"
+        ) from e
+    return transform(raw)
 
 
 def load_safetensors(
@@ -234,23 +312,27 @@ def load_safetensors(
         for path, var in tqdm(flat, desc="loading weights", unit="tensor", disable=not progress):
             if quant.is_scale_path(path):  # int8 weight-only: placed with its kernel below
                 continue
-            name, transform, _ = hf_source(path)
-            reader, f = src[name]
             sds = var.get_value()
-            try:
-                raw = reader.get_tensor(name)
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(
-                    f"{f}: corrupt or truncated safetensors file, cannot read {name} ({e})"
-                ) from e
-            arr = transform(raw)
-            if quant.is_int8(sds.dtype):  # quantized on the host: the float weight never moves
-                arr, scale = quant.quantize_kernel(arr)
-                spath = quant.scale_path(path)
-                svar = scale_vars[spath]
-                leaves.append((spath, svar.replace(place(scale, svar.get_value().sharding))))
-            arr = np.ascontiguousarray(arr.astype(sds.dtype, copy=False))
-            del raw
+            shape, int8 = tuple(sds.shape), quant.is_int8(sds.dtype)
+            layers = unstack(path, shape[0] if stack_of(path) else 0)
+            if layers[0][0] is None and not int8:  # one tensor: no staging buffer needed
+                arr = np.ascontiguousarray(_read(src, layers[0][1]).astype(sds.dtype, copy=False))
+            else:
+                # one host buffer, filled one checkpoint tensor at a time; int8 layers are
+                # quantized on the host, so the float weight never moves
+                arr = np.empty(shape, sds.dtype)
+                scale = np.empty(shape[:-2] + shape[-1:], np.float32) if int8 else None
+                for i, layer_name in layers:
+                    w = _read(src, layer_name)
+                    at = ... if i is None else i
+                    if int8:
+                        w, scale[at] = quant.quantize_kernel(w)
+                    arr[at] = w
+                    del w
+                if int8:
+                    spath = quant.scale_path(path)
+                    svar = scale_vars[spath]
+                    leaves.append((spath, svar.replace(place(scale, svar.get_value().sharding))))
             # place(): each process fills only its own devices' shards (multi-host loading)
             leaves.append((path, var.replace(place(arr, sds.sharding))))
             del arr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -224,3 +225,46 @@ def test_sincos_tables_match_official_numpy():
     np.testing.assert_allclose(got_t[1:], _official_1d(4096, ids[1:].astype(np.float32)), atol=1e-6)
     assert not got_t[0].any()  # id -1 (image): no temporal term; id 0 is not zero
     assert got_t[1].any()
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_keeps_loss_and_gradients(policy):
+    """Per-layer rematerialisation (LLM and vision stacks) changes what the backward pass keeps,
+    not the numbers: loss and every gradient equal the no-remat ones (float32: 1e-5 relative)."""
+    m = model()
+    graphdef, state = nnx.split(m.module, nnx.Param)
+    rng = np.random.default_rng(0)
+    x, _ = fixture_embeds()
+    t = x.shape[1]
+    weights = rng.normal(size=(1, t, m.config.llm.vocab_size)).astype(np.float32)
+    i, p, vis = 2, 16, m.config.vision
+    patches = rng.normal(size=(i, p, vis.patch_dim)).astype(np.float32)
+    pos = np.tile(np.arange(p, dtype=np.int32), (i, 1))
+    key_mask = np.arange(p)[None, :] < np.array([[16], [9]])
+
+    def loss_fn(params, remat):
+        module = nnx.merge(graphdef, params)
+        module.llm.cfg = dataclasses.replace(module.llm.cfg, remat=remat)
+        module.vpm.cfg = dataclasses.replace(module.vpm.cfg, remat=remat)
+        logits, _ = module.llm(x, np.arange(t)[None], None, np.ones((1, t), bool))
+        feats = module.vpm(patches, pos, key_mask)
+        return jnp.sum(logits * weights) + jnp.sum(jnp.where(key_mask[..., None], feats, 0) ** 2)
+
+    grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss_fn), static_argnums=1)(state, policy))
+    assert jaxpr.count("remat") >= 2  # one per stack: the policy really is applied
+    with jax.default_matmul_precision("highest"):
+        (want_loss, want), (got_loss, got) = grad(state, "none"), grad(state, policy)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    want, got = nnx.to_flat_state(want), nnx.to_flat_state(got)
+    # absolute floor: 1e-6 of the largest gradient (the key-bias gradients are exactly zero in
+    # exact arithmetic, softmax being shift-invariant, and come out as rounding noise)
+    floor = 1e-6 * max(float(np.abs(v.get_value()).max()) for _, v in want)
+    for (path, a), (_, b) in zip(want, got, strict=True):
+        a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=floor, err_msg=str(path))
+
+
+def test_unknown_remat_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown remat policy 'some'"):
+        dataclasses.replace(model().config.llm, remat="some")

@@ -52,13 +52,17 @@ def test_preset_param_count(version):
 def test_preset_shapes_and_partitioning():
     _, abstract = MiniCPMV.abstract_module(MINICPM_V_4_5)
     flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(abstract)}
-    q = flat["llm.model.layers.0.self_attn.q_proj.kernel"]
-    assert q.get_value().shape == (4096, 32 * 128)
-    assert q.out_sharding == ("embed", "q_heads")
-    assert flat["llm.model.layers.35.self_attn.q_norm.scale"].get_value().shape == (128,)
+    # layer stacks: one parameter per layer tensor, the 36 decoder / 26 vision layers leading
+    q = flat["llm.model.layers.self_attn.q_proj.kernel"]
+    assert q.get_value().shape == (36, 4096, 32 * 128)
+    assert q.out_sharding == ("layers", "embed", "q_heads")
+    assert flat["llm.model.layers.self_attn.q_norm.scale"].get_value().shape == (36, 128)
+    fc1 = flat["vpm.encoder.layers.mlp.fc1.kernel"]
+    assert fc1.get_value().shape == (27, 1152, 4304)
+    assert fc1.out_sharding == ("layers", "vis_embed", "vis_mlp")
     assert flat["vpm.embeddings.position_embedding.embedding"].get_value().shape == (4900, 1152)
     assert flat["resampler.query"].get_value().shape == (64, 4096)
-    assert "llm.model.layers.36.mlp.up_proj.kernel" not in flat
+    assert not any(".layers.0." in k for k in flat)
 
 
 def test_with_dtype():

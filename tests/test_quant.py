@@ -95,6 +95,20 @@ def test_quantize_kernel_per_output_channel(monkeypatch):
     np.testing.assert_array_equal(sb, scale)
 
 
+def test_quantize_layer_stack_per_layer():
+    """A stacked kernel [L, in, out] quantizes each layer on its own (host and device paths)."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(3, 16, 8)).astype(np.float32) * np.array([0.1, 1.0, 10.0])[:, None, None]
+    per_layer = [quant.quantize_kernel(w[i]) for i in range(3)]
+    for q, scale in (quant.quantize_kernel(w), quant.quantize_kernel(jnp.asarray(w))):
+        assert q.shape == (3, 16, 8) and scale.shape == (3, 8)
+        for i, (qi, si) in enumerate(per_layer):
+            np.testing.assert_array_equal(np.asarray(q[i]), qi)
+            np.testing.assert_array_equal(np.asarray(scale[i]), si)
+        deq = quant.dequantize_kernel(np.asarray(q), np.asarray(scale))
+        np.testing.assert_array_equal(deq[2], quant.dequantize_kernel(*per_layer[2]))
+
+
 def _linear(bias: bool):
     with jax.set_mesh(make_mesh()), nnx.logical_axis_rules(sharding.RULES):
         return dense(
@@ -157,8 +171,10 @@ def test_load_time_quantization_matches_quantizing_a_loaded_model():
     assert cfg == quant.QuantConfig() and quant.describe(float_model) is None
     kernels = [k for k, v in a.items() if v.dtype == np.int8]
     cfg_llm = loaded.config.llm
-    # 7 projections per decoder layer + lm_head; nothing in the vision tower or resampler
-    assert len(kernels) == 7 * cfg_llm.num_layers + 1
+    # the 7 stacked projections of the decoder layers + lm_head; nothing in the vision tower or
+    # resampler
+    assert len(kernels) == 7 + 1
+    assert all(a[k].shape[0] == cfg_llm.num_layers for k in kernels if ".layers." in k)
     assert all(k.startswith("llm.") for k in kernels)
     assert quant.param_bytes(loaded) < 0.6 * quant.param_bytes(float_model)
 
@@ -208,9 +224,9 @@ def test_sharded_int8_matches_one_device():
     one = _model("minicpm-v-2_6", "int8")
     many = _model("minicpm-v-2_6", "int8", (1, 2, 4))
     specs = sharding.describe(many.state)
-    q = "llm.model.layers.0.self_attn.q_proj"
-    assert specs[f"{q}.kernel"] == str(jax.sharding.PartitionSpec("fsdp", "tensor"))
-    assert specs[f"{q}.kernel_scale"] == str(jax.sharding.PartitionSpec("tensor"))
+    q = "llm.model.layers.self_attn.q_proj"  # stacked [L, in, out]: L replicated
+    assert specs[f"{q}.kernel"] == str(jax.sharding.PartitionSpec(None, "fsdp", "tensor"))
+    assert specs[f"{q}.kernel_scale"] == str(jax.sharding.PartitionSpec(None, "tensor"))
     batch = _batch(_cases("minicpm-v-2_6")[0])
     np.testing.assert_allclose(many.prompt_logits(batch), one.prompt_logits(batch), atol=1e-4)
 

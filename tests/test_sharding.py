@@ -180,9 +180,9 @@ def test_mesh_matches_single_device(shape):
     specs = sharding.describe(model.state)
     if shape == (1, 1, 8):  # vocab 423, 4 heads, 2 KV heads: replicated over tensor
         assert specs["llm.lm_head.kernel"] == "P('fsdp', None)"
-        layer = "llm.model.layers.0."
-        assert specs[layer + "self_attn.k_proj.kernel"] == "P('fsdp', None)"
-        assert specs[layer + "mlp.up_proj.kernel"] == "P('fsdp', 'tensor')"
+        layer = "llm.model.layers."  # stacked: the leading layer axis is replicated
+        assert specs[layer + "self_attn.k_proj.kernel"] == "P(None, 'fsdp', None)"
+        assert specs[layer + "mlp.up_proj.kernel"] == "P(None, 'fsdp', 'tensor')"
     out = _run(model)
     np.testing.assert_allclose(out["logits"], ref["logits"], rtol=0, atol=1e-4)
     np.testing.assert_array_equal(out["tokens"], ref["tokens"])

@@ -7,6 +7,8 @@ import functools
 import json
 import shutil
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -124,6 +126,28 @@ def test_round_trip_to_checkpoint_names():
     assert back.keys() == src.keys()
     for k, want in src.items():
         np.testing.assert_array_equal(back[k], want, err_msg=k)
+
+
+def test_gradients_under_official_names():
+    """to_hf_state_dict maps a gradient tree of the stacked layout to the official per-layer
+    tensors: loss = sum_l (l + 1) * sum(q_proj kernel of layer l) has gradient l + 1 in
+    `llm.model.layers.{l}.self_attn.q_proj.weight` (and in no other layer's tensor)."""
+    model = _load(SRC)
+    params = nnx.state(model.module, nnx.Param)
+
+    def loss(p):
+        k = p["llm"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"][...]  # [L, D, N*H]
+        return jnp.sum(k * (jnp.arange(k.shape[0]) + 1.0)[:, None, None])
+
+    grads = to_hf_state_dict(jax.grad(loss)(params))
+    names = to_hf_state_dict(params)
+    assert grads.keys() == names.keys() == _src_tensors().keys()
+    for name, g in grads.items():
+        assert g.shape == names[name].shape, name
+        want = 0.0
+        if name.endswith("self_attn.q_proj.weight"):
+            want = int(name.split(".")[3]) + 1.0
+        np.testing.assert_array_equal(g, np.full_like(g, want), err_msg=name)
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
