@@ -135,18 +135,6 @@ class PreparedBatch:
         return self.input_ids.shape + ((0, 0) if v is None else v["pixel_patches"].shape[:2])
 
 
-def prompt_positions(attention_mask: np.ndarray) -> np.ndarray:
-    """RoPE positions transformers derives from the attention mask during generate().
-
-    ``position_ids = cumsum(mask) - 1`` with masked positions set to 1 (``prepare_inputs_for_
-    generation``). Quirk (2.6 / 4.5 official): the mask is ``input_ids != 0``, so a genuine id-0
-    token in the prompt is masked and the tokens after it are shifted by one position.
-    """
-    m = attention_mask.astype(np.int64)
-    pos = np.cumsum(m, axis=-1) - 1
-    return np.where(m > 0, pos, 1).astype(np.int32)
-
-
 def prepare_batch(outputs: Sequence[Any], buckets: Buckets, query_num: int) -> PreparedBatch:
     """Stack processor outputs of several conversations into one padded batch.
 
@@ -157,7 +145,7 @@ def prepare_batch(outputs: Sequence[Any], buckets: Buckets, query_num: int) -> P
     batched conversation sees exactly what it sees alone (for 2.5 this deliberately differs from
     the official batched call, whose mask and strip positions span every slice of the batch).
     """
-    from minicpmv_jax.model import image_slot_from_bounds
+    from minicpmv_jax.model import image_slot_from_bounds, prompt_positions
 
     b = len(outputs)
     lengths = [int(np.asarray(o["input_ids"]).shape[-1]) for o in outputs]

@@ -10,6 +10,7 @@ from gen_helpers import TEST_BUCKETS, case_messages, load_model
 
 from minicpmv_jax import generate as gen
 from minicpmv_jax.errors import MessageError, MiniCPMVError, PromptTooLongError
+from minicpmv_jax.model import prompt_positions
 from minicpmv_jax.processor import ProcessorOutput
 
 CASES = FIXTURES / "minicpm-v-2_6" / "cases"
@@ -40,7 +41,7 @@ def test_prefill_decode_equals_full_forward(model):
 def test_prompt_positions_reproduce_the_id0_quirk():
     """generate() positions: cumsum(mask) - 1, masked positions 1 (2.6/4.5 mask = ids != 0)."""
     mask = np.array([True, True, False, True, True])
-    np.testing.assert_array_equal(gen.prompt_positions(mask), [0, 1, 1, 2, 3])
+    np.testing.assert_array_equal(prompt_positions(mask), [0, 1, 1, 2, 3])
 
 
 def test_batch_equals_each_conversation_alone(model):
