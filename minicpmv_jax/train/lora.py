@@ -113,12 +113,10 @@ class LoraConfig:
 
     @classmethod
     def from_peft(cls, cfg: Mapping[str, Any]) -> LoraConfig:
-        unsupported = [
-            k
-            for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform")
-            if cfg.get(k)
-        ]
-        if cfg.get("peft_type", "LORA") != "LORA" or unsupported or cfg.get("bias", "none") != "none":
+        extras = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform")
+        unsupported = [k for k in extras if cfg.get(k)]
+        plain = cfg.get("peft_type", "LORA") == "LORA" and cfg.get("bias", "none") == "none"
+        if not plain or unsupported:
             raise CheckpointError(
                 f"adapter_config.json: only plain LoRA (bias none) is supported, got "
                 f"peft_type={cfg.get('peft_type')!r}, bias={cfg.get('bias')!r}, {unsupported}"
@@ -168,7 +166,9 @@ def init_lora(
     for i, t in enumerate(lora_targets(state, config)):
         d_in, d_out = flat[t.path].get_value().shape
         bound = 1.0 / math.sqrt(d_in)
-        a = jax.random.uniform(jax.random.fold_in(key, i), (config.r, d_in), jnp.float32, -bound, bound)
+        a = jax.random.uniform(
+            jax.random.fold_in(key, i), (config.r, d_in), jnp.float32, -bound, bound
+        )
         out[t.name] = {"A": a, "B": jnp.zeros((d_out, config.r), jnp.float32)}
     return out
 
@@ -330,7 +330,8 @@ def merge_lora(model, adapter: Adapter, saved: Mapping[str, np.ndarray] | None =
             a = transform(np.asarray(saved[src], np.float32))
             if a.shape != var.get_value().shape:
                 raise CheckpointError(f"adapter tensor {src}: shape {a.shape} != model's")
-            var = var.replace(jax.device_put(a.astype(var.get_value().dtype), var.get_value().sharding))
+            old = var.get_value()
+            var = var.replace(jax.device_put(a.astype(old.dtype), old.sharding))
         flat.append((path, var))
     graphdef = nnx.graphdef(model.module)
     new = _replace(model, nnx.merge(graphdef, nnx.from_flat_state(flat)))

@@ -216,7 +216,9 @@ def _logits_jit(graphdef, state, arrays, num_groups):
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "num_groups", "targets", "scaling")
 )
-def _loss_grads_jit(graphdef, trainable, lora, frozen, loaded, arrays, num_groups, targets, scaling):
+def _loss_grads_jit(
+    graphdef, trainable, lora, frozen, loaded, arrays, num_groups, targets, scaling
+):
     TRACE_COUNTS["loss_and_grads"] += 1
 
     def loss_fn(trainable, lora):
