@@ -110,6 +110,19 @@ def merge_embeds(
     return jnp.where((image_slot >= 0)[..., None], rows, text)
 
 
+def prompt_positions(attention_mask: np.ndarray) -> np.ndarray:
+    """RoPE positions transformers derives from the attention mask during generate().
+
+    ``position_ids = cumsum(mask) - 1`` with masked positions set to 1 (``prepare_inputs_for_
+    generation``). Quirk (2.6 / 4.5 official): the mask is ``input_ids != 0``, so a genuine id-0
+    token in the prompt (``!``) is masked and the tokens after it are shifted down by one position;
+    new tokens continue at ``mask.sum()``, ``mask.sum() + 1``, ...
+    """
+    m = np.asarray(attention_mask).astype(np.int64)
+    pos = np.cumsum(m, axis=-1) - 1
+    return np.where(m > 0, pos, 1).astype(np.int32)
+
+
 def image_slot_from_bounds(image_bound: np.ndarray, t: int, q: int) -> np.ndarray:
     """int32 [T]: feature row g*Q + j for token s_g + j of bound g = [s_g, e_g); -1 elsewhere."""
     slot = np.full((t,), -1, np.int32)
@@ -186,12 +199,11 @@ def _encode_jit(graphdef, state, pixel_patches, position_ids, vision_mask, patch
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), out_shardings=PS())
-def _prompt_jit(graphdef, state, input_ids, image_slot, feats, token_valid):
+def _prompt_jit(graphdef, state, input_ids, image_slot, feats, token_valid, positions):
     """(float32 logits [1, T, V], float32 merged embeddings [1, T, D]) in one compilation."""
     TRACE_COUNTS["prompt"] += 1
     module = nnx.merge(graphdef, state)
     x = merge_embeds(module, input_ids, image_slot, feats)  # [1, T, D]
-    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
     logits, _ = module.llm(x, positions, None, token_valid)
     return logits, x.astype(jnp.float32)
 
@@ -245,6 +257,7 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
         self.mesh = mesh
         self.slice_buckets = tuple(slice_buckets)
         self.graphdef, self.state = nnx.split(module)
+        self.adapter = None  # a PEFT LoRA adapter merged into the weights (train.lora.Adapter)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -285,6 +298,7 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
         progress: bool = True,
         load_processor: bool = True,
         quant: str | quantization.QuantConfig | None = None,
+        adapter: str | os.PathLike | None = None,
     ) -> MiniCPMV:
         """Load an official checkpoint folder (or hub id): config.json + safetensors (+ processor).
 
@@ -296,6 +310,9 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
           quant: "int8" stores the LLM's dense layers (and lm_head) as int8 with per-channel
             scales, quantized on the host while loading; "int8+vision" also the vision tower
             (see quant.py). An orbax folder written quantized loads quantized by itself.
+          adapter: a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors),
+            merged into the weights as PEFT's merge_and_unload does; `model.adapter` keeps it for
+            further training (minicpmv_jax.train).
         """
         folder = resolve_checkpoint(path_or_hub_id)
         cfg_file = folder / "config.json"
@@ -326,7 +343,12 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
             from minicpmv_jax.processor import MiniCPMVProcessor  # lazy: numpy/tokenizer side
 
             processor = MiniCPMVProcessor.from_pretrained(folder)
-        return cls(config, module, processor, mesh=mesh)
+        model = cls(config, module, processor, mesh=mesh)
+        if adapter is not None:
+            from minicpmv_jax.train.lora import load_adapter  # lazy: training code
+
+            model = load_adapter(model, adapter)
+        return model
 
     # ------------------------------------------------------------------ helpers
     def _precision(self):
@@ -396,8 +418,12 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
         mask = batch.get("attention_mask")
         valid = np.zeros((1, tb), bool)
         valid[0, :t] = True if mask is None else np.asarray(mask, bool).reshape(-1)
+        positions = np.zeros((1, tb), np.int32)  # pad slots: never attended, any position
+        positions[0, :t] = prompt_positions(valid[0, :t])
         with self._precision():
-            logits, embeds = _prompt_jit(self.graphdef, self.state, ids_p, slot, feats, valid)
+            logits, embeds = _prompt_jit(
+                self.graphdef, self.state, ids_p, slot, feats, valid, positions
+            )
         out["embeds"] = np.asarray(embeds[0, :t], np.float32)
         out["logits"] = np.asarray(logits[0, :t], np.float32)
         return out
@@ -409,8 +435,10 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
     def prompt_logits(self, batch, return_intermediates: bool = False):
         """float32 [T, V]: logits at every prompt position (no cache).
 
-        Positions 0..T-1 and the official attention mask: keys where `attention_mask` is False
-        (2.6/4.5 quirk: input_ids == 0) are not attended; 2.5 attends everything.
+        The official attention mask and the positions generate() derives from it
+        (`prompt_positions`): keys where `attention_mask` is False (2.6/4.5 quirk: input_ids == 0,
+        the token `!`) are not attended and shift every later position down by one; 2.5 attends
+        everything at positions 0..T-1.
         With return_intermediates=True returns (logits, {"vision", "resampler", "embeds"}) so that
         a parity failure can name its stage.
         """
