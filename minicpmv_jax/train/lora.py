@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from minicpmv_jax.errors import CheckpointError, MiniCPMVError
-from minicpmv_jax.weights import EXCEPTIONS, path_name
+from minicpmv_jax.weights import EXCEPTIONS, stack_of, unstack
 
 # finetune.py LoraArguments: the target regex and modules_to_save of the official scripts
 DEFAULT_TARGET = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
@@ -135,19 +135,21 @@ class Target:
     """One LoRA'd Linear: its official module name and where its kernel lives in the state."""
 
     name: str  # official module name, e.g. llm.model.layers.0.self_attn.q_proj
-    path: tuple  # nnx state path of the kernel [in, out]
+    path: tuple  # nnx state path of the kernel [in, out], or of its layer stack [L, in, out]
+    layer: int | None = None  # index in the layer stack; None: not stacked
 
 
 def lora_targets(state: nnx.State, config: LoraConfig) -> tuple[Target, ...]:
     """Every torch Linear (kernel parameter under the plain name rule) that config targets."""
     out = []
-    for path, _ in nnx.to_flat_state(state):
-        name = path_name(path)
-        if not name.endswith(".kernel") or name in EXCEPTIONS:
-            continue  # norms, embeddings, biases; conv / fused exceptions are no torch Linear
-        module = name[: -len(".kernel")]
-        if config.saved_module(module + ".weight") is None and config.targets(module):
-            out.append(Target(module, tuple(path)))
+    for path, var in nnx.to_flat_state(state):
+        shape = var.get_value().shape
+        for layer, name in unstack(path, shape[0] if stack_of(path) else 0):
+            if not name.endswith(".kernel") or name in EXCEPTIONS:
+                continue  # norms, embeddings, biases; conv / fused exceptions are no torch Linear
+            module = name[: -len(".kernel")]
+            if config.saved_module(module + ".weight") is None and config.targets(module):
+                out.append(Target(module, tuple(path), layer))
     if not out:
         raise MiniCPMVError(f"LoRA target_modules {config.target_modules!r} match no Linear layer")
     return tuple(out)
@@ -164,7 +166,7 @@ def init_lora(
     key = jax.random.key(seed)
     out = {}
     for i, t in enumerate(lora_targets(state, config)):
-        d_in, d_out = flat[t.path].get_value().shape
+        d_in, d_out = flat[t.path].get_value().shape[-2:]
         bound = 1.0 / math.sqrt(d_in)
         a = jax.random.uniform(
             jax.random.fold_in(key, i), (config.r, d_in), jnp.float32, -bound, bound
@@ -191,7 +193,11 @@ def apply_lora(
         delta = lora[t.name]["B"] @ lora[t.name]["A"]  # [out, in]
         if loaded is not None and t.name in loaded:
             delta = delta - loaded[t.name]["B"] @ loaded[t.name]["A"]
-        flat[t.path] = var.replace((w + scaling * delta.T).astype(w.dtype))
+        if t.layer is None:
+            w = (w + scaling * delta.T).astype(w.dtype)
+        else:  # one layer of a stacked kernel [L, in, out]
+            w = w.at[t.layer].set((w[t.layer] + scaling * delta.T).astype(w.dtype))
+        flat[t.path] = var.replace(w)
     return nnx.from_flat_state(list(flat.items()))
 
 
@@ -216,7 +222,7 @@ def peft_name(name: str, config: LoraConfig, *, saved: bool = False) -> str:
         raise ValueError(f"{name} is neither a LoRA tensor nor in modules_to_save")
     if saved:
         return PEFT_PREFIX + name
-    return f"{PEFT_PREFIX}{module}.modules_to_save.default{name[len(module):]}"
+    return f"{PEFT_PREFIX}{module}.modules_to_save.default{name[len(module) :]}"
 
 
 def save_adapter(
@@ -325,13 +331,22 @@ def merge_lora(model, adapter: Adapter, saved: Mapping[str, np.ndarray] | None =
     flat = []
     saved = dict(saved or {})
     for path, var in nnx.to_flat_state(state):
-        src, transform, _ = hf_source(path)
-        if src in saved:
+        old = var.get_value()
+        new = None
+        for layer, name in unstack(path, old.shape[0] if stack_of(path) else 0):
+            src, transform, _ = hf_source(name)
+            if src not in saved:
+                continue
             a = transform(np.asarray(saved[src], np.float32))
-            if a.shape != var.get_value().shape:
+            if a.shape != (old.shape if layer is None else old.shape[1:]):
                 raise CheckpointError(f"adapter tensor {src}: shape {a.shape} != model's")
-            old = var.get_value()
-            var = var.replace(jax.device_put(a.astype(old.dtype), old.sharding))
+            if layer is None:
+                new = a.astype(old.dtype)
+            else:  # one layer of a stack: the other layers keep their weights
+                new = np.array(old) if new is None else new
+                new[layer] = a.astype(old.dtype)
+        if new is not None:
+            var = var.replace(jax.device_put(new, old.sharding))
         flat.append((path, var))
     graphdef = nnx.graphdef(model.module)
     new = _replace(model, nnx.merge(graphdef, nnx.from_flat_state(flat)))
