@@ -229,6 +229,17 @@ class ProcessorOutput(dict):
 # =============================================================================================
 
 
+class _NoTorchAdvice(logging.Filter):
+    """Drops transformers' "PyTorch was not found" advice, printed when it is imported: only its
+    tokenizers are used here, and torch is never needed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "PyTorch was not found" not in record.getMessage()
+
+
+logging.getLogger("transformers").addFilter(_NoTorchAdvice())
+
+
 def load_tokenizer(folder: str | os.PathLike, version: str):
     """Fast tokenizer of a checkpoint folder, without remote code.
 
