@@ -71,7 +71,8 @@ _ROLES = ("system", "user", "assistant")
 _CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|start_header_id|>",
                    "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>")  # fmt: skip
 # File extensions of videos a lone path string may name (images: PIL's registered extensions).
-_VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+_VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv",
+                     ".flv")  # fmt: skip
 
 
 # =============================================================================================
@@ -226,6 +227,17 @@ class ProcessorOutput(dict):
 # =============================================================================================
 # Tokenizer and chat template
 # =============================================================================================
+
+
+class _NoTorchAdvice(logging.Filter):
+    """Drops transformers' "PyTorch was not found" advice, printed when it is imported: only its
+    tokenizers are used here, and torch is never needed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "PyTorch was not found" not in record.getMessage()
+
+
+logging.getLogger("transformers").addFilter(_NoTorchAdvice())
 
 
 def load_tokenizer(folder: str | os.PathLike, version: str):

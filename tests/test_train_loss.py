@@ -11,38 +11,19 @@ import json
 
 import numpy as np
 import pytest
-from train_helpers import TRAIN_VERSIONS, fixture_batch, load_train_model, sft_samples, train_dir
+from train_helpers import (
+    TRAIN_VERSIONS,
+    adapter_model,
+    batch_rows,
+    fixture_batch,
+    fixture_logits,
+    load_train_model,
+    train_dir,
+)
 
-from minicpmv_jax import MiniCPMV, train
+from minicpmv_jax import train
 from minicpmv_jax.errors import MiniCPMVError
 from minicpmv_jax.train.lora import LoraConfig
-
-
-def batch_rows(version, model):
-    _, meta = fixture_batch(version)
-    names = [m["name"] for _, m in sft_samples(version)]
-    sft = train_dir(version) / "sft"
-    return [
-        train.training_example(model, sft_samples(version)[names.index(n)][0], image_root=sft)
-        for n in meta["samples"]
-    ]
-
-
-@functools.cache
-def adapter_model(version):
-    from train_helpers import train_checkpoint
-
-    return MiniCPMV.from_pretrained(
-        train_checkpoint(version),
-        dtype="float32",
-        progress=False,
-        adapter=train_dir(version) / "batch" / "lora" / "adapter",
-    )
-
-
-def fixture_logits(version, name):
-    with np.load(train_dir(version) / "batch" / name) as z:
-        return z[z.files[0]]
 
 
 @pytest.mark.parametrize("version", TRAIN_VERSIONS)

@@ -67,3 +67,34 @@ def fixture_batch(version: str):
     with np.load(d / "batch.npz") as z:
         arrays = {k: z[k] for k in z.files}
     return arrays, meta
+
+
+@functools.cache
+def adapter_model(version: str):
+    """The training model with the fixture's PEFT adapter (batch/lora/adapter) merged in."""
+    from minicpmv_jax import MiniCPMV
+
+    return MiniCPMV.from_pretrained(
+        train_checkpoint(version),
+        dtype="float32",
+        progress=False,
+        adapter=train_dir(version) / "batch" / "lora" / "adapter",
+    )
+
+
+def batch_rows(version: str, model) -> list[dict]:
+    """Training examples of the fixture batch's rows (batch.json "samples"), in order."""
+    from minicpmv_jax import train
+
+    _, meta = fixture_batch(version)
+    names = [m["name"] for _, m in sft_samples(version)]
+    sft = train_dir(version) / "sft"
+    return [
+        train.training_example(model, sft_samples(version)[names.index(n)][0], image_root=sft)
+        for n in meta["samples"]
+    ]
+
+
+def fixture_logits(version: str, name: str) -> np.ndarray:
+    with np.load(train_dir(version) / "batch" / name) as z:
+        return z[z.files[0]]

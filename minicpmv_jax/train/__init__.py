@@ -12,17 +12,19 @@ from minicpmv_jax.train.data import (
     read_samples,
     training_example,
 )
-from minicpmv_jax.train.lora import LoraConfig
+from minicpmv_jax.train.lora import LoraConfig, export_adapter, save_merged
 from minicpmv_jax.train.loss import forward_logits, loss_and_grads, prepare_batch
 
 __all__ = [
     "IGNORE_INDEX",
     "LoraConfig",
     "collate",
+    "export_adapter",
     "forward_logits",
     "load_examples",
     "loss_and_grads",
     "prepare_batch",
     "read_samples",
+    "save_merged",
     "training_example",
 ]

@@ -344,3 +344,31 @@ def load_adapter(model, folder: str | os.PathLike):
     config, lora, saved = read_adapter(folder)
     lora = {m: {k: jnp.asarray(a) for k, a in ab.items()} for m, ab in lora.items()}
     return merge_lora(model, Adapter(config, lora), saved)
+
+
+def export_adapter(model, folder: str | os.PathLike) -> pathlib.Path:
+    """Write `model.adapter` in PEFT's layout: its A/B, and the modules_to_save tensors taken
+    from the model's weights (official names and layout), loadable by PeftModel.from_pretrained
+    onto the official model and by MiniCPMV.from_pretrained(base, adapter=folder)."""
+    from minicpmv_jax.weights import to_hf_state_dict
+
+    adapter = getattr(model, "adapter", None)
+    if adapter is None:
+        raise MiniCPMVError("the model has no LoRA adapter to export (train with mode='lora')")
+    saved = {
+        n: a
+        for n, a in to_hf_state_dict(nnx.state(model.module, nnx.Param)).items()
+        if adapter.config.saved_module(n) is not None
+    }
+    base = getattr(model.processor, "folder", None)
+    return save_adapter(folder, adapter.config, adapter.lora, saved, str(base) if base else None)
+
+
+def save_merged(model, folder: str | os.PathLike, **kwargs) -> pathlib.Path:
+    """Save the model (adapter merged into its weights, or fully fine-tuned) as an orbax folder
+    with the base's config and tokenizer files; convert.to_safetensors turns it into the
+    official safetensors layout. kwargs go to checkpoint.save (overwrite, progress)."""
+    from minicpmv_jax import checkpoint
+
+    base = getattr(model.processor, "folder", None)
+    return checkpoint.save(folder, model, side_files_from=base, **kwargs)
