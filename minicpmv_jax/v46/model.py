@@ -41,6 +41,7 @@ GENERATION_KEYS = (
     "top_p",
     "min_new_tokens",
     "length_penalty",
+    "min_p",
     "early_stopping",
     "seed",
 )
