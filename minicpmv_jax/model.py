@@ -332,14 +332,13 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
         if hf.get("model_type") == "minicpmv4_6":  # native-transformers 4.6: minicpmv_jax/v46
             from minicpmv_jax.v46.model import MiniCPMV46
 
-            if quant is not None:
-                raise CheckpointError("quant is not supported for MiniCPM-V 4.6 yet")
             return MiniCPMV46.from_pretrained(
                 folder,
                 _as_dtype(dtype),
                 mesh,
                 progress=progress,
                 load_processor=load_processor,
+                quant=quant,
                 hf=hf,
             )
         config = MiniCPMVConfig.from_hf(hf, dtype=_as_dtype(dtype))
