@@ -329,6 +329,19 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
             hf = json.loads(cfg_file.read_text())
         except ValueError as e:
             raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+        if hf.get("model_type") == "minicpmv4_6":  # native-transformers 4.6: minicpmv_jax/v46
+            from minicpmv_jax.v46.model import MiniCPMV46
+
+            if quant is not None:
+                raise CheckpointError("quant is not supported for MiniCPM-V 4.6 yet")
+            return MiniCPMV46.from_pretrained(
+                folder,
+                _as_dtype(dtype),
+                mesh,
+                progress=progress,
+                load_processor=load_processor,
+                hf=hf,
+            )
         config = MiniCPMVConfig.from_hf(hf, dtype=_as_dtype(dtype))
         mesh = mesh if mesh is not None else make_mesh()
         from minicpmv_jax import checkpoint  # lazy: orbax is only needed for orbax folders
