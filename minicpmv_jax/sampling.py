@@ -40,7 +40,8 @@ class DecodeMode:
     """Static (hashable) part of the decoding settings: one compiled decode loop per value.
 
     The numeric knobs (temperature, top-k, top-p, penalties) live in ``SamplingParams`` and are
-    traced, so changing them never recompiles.
+    traced, so changing them never recompiles. Both are derived from a validated
+    ``settings.GenerationSettings`` and do not check their values again.
     """
 
     do_sample: bool = False
@@ -48,16 +49,6 @@ class DecodeMode:
     # transformers' ``early_stopping``: False (heuristic), True (stop at num_beams finished) or
     # "never" (heuristic with the best possible length).
     early_stopping: bool | str = False
-
-    def __post_init__(self):
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.num_beams > 1 and self.do_sample:
-            raise ValueError("beam sampling (num_beams > 1 with sampling) is not supported")
-        if self.early_stopping not in (False, True, "never"):
-            raise ValueError(
-                f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
-            )
 
 
 @flax.struct.dataclass
@@ -82,13 +73,6 @@ class SamplingParams:
         min_new_tokens: int = 0,
         length_penalty: float = 1.0,
     ) -> SamplingParams:
-        check_sampling_values(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            min_new_tokens=min_new_tokens,
-        )
         f32, i32 = jnp.float32, jnp.int32
         return cls(
             temperature=jnp.asarray(temperature, f32),
@@ -98,22 +82,6 @@ class SamplingParams:
             min_new_tokens=jnp.asarray(min_new_tokens, i32),
             length_penalty=jnp.asarray(length_penalty, f32),
         )
-
-
-def check_sampling_values(
-    *, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=0
-) -> None:
-    """Raise ValueError on values transformers would reject (checked in Python, before tracing)."""
-    if not float(temperature) > 0.0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if int(top_k) < 0 or int(top_k) != top_k:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k}")
-    if not 0.0 < float(top_p) <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not float(repetition_penalty) > 0.0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if int(min_new_tokens) < 0:
-        raise ValueError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
 
 
 # --------------------------------------------------------------------------------------------
