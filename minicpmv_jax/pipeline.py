@@ -47,6 +47,7 @@ class MiniCPMV:
         self.processor = processor
         self.mesh = mesh
         self.graphdef, self.state = nnx.split(module)
+        self.adapter = None  # a PEFT LoRA adapter merged into the weights (train.lora.Adapter)
         self._chat: ChatSampler | None = None
         self._sampler: Sampler | None = None
 
@@ -72,6 +73,7 @@ class MiniCPMV:
         progress: bool = True,
         load_processor: bool = True,
         quant: str | quantization.QuantConfig | None = None,
+        adapter: str | os.PathLike | None = None,
     ) -> MiniCPMV:
         """Load an official checkpoint folder (or hub id): config.json + safetensors (+ processor).
 
@@ -83,6 +85,9 @@ class MiniCPMV:
           quant: "int8" stores the LLM's dense layers (and lm_head) as int8 with per-channel
             scales, quantized on the host while loading; "int8+vision" also the vision tower
             (see quant.py). An orbax folder written quantized loads quantized by itself.
+          adapter: a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors),
+            merged into the weights as PEFT's merge_and_unload does; `model.adapter` keeps it for
+            further training (minicpmv_jax.train).
         """
         folder = network.resolve_checkpoint(path_or_hub_id)
         mesh = mesh if mesh is not None else make_mesh()
@@ -92,7 +97,12 @@ class MiniCPMV:
             from minicpmv_jax.processor import MiniCPMVProcessor  # lazy: numpy/tokenizer side
 
             processor = MiniCPMVProcessor.from_pretrained(folder)
-        return cls(config, module, processor, mesh=mesh)
+        model = cls(config, module, processor, mesh=mesh)
+        if adapter is not None:
+            from minicpmv_jax.train.lora import load_adapter  # lazy: training code
+
+            model = load_adapter(model, adapter)
+        return model
 
     # ------------------------------------------------------------------ samplers
     def configure_generation(
