@@ -67,7 +67,7 @@ def fused_projections(cfg, repeats: int, rows=(1, 8, 256)) -> dict[str, Any]:
 
 def host_sync(bench: models.Bench, steps: int, repeats: int) -> dict[str, Any]:
     """Decode tokens/s at batch 1: on-device loop (run) vs one host round trip per token."""
-    from minicpmv_jax.generate import GenerationSettings
+    from minicpmv_jax.settings import GenerationSettings
 
     gen = bench.model.sampler
     conv = models.text_prompt(32, bench.config.llm.vocab_size)

@@ -20,7 +20,8 @@ import numpy as np
 
 from benchmarks import models
 from benchmarks.measure import CompileCounter
-from minicpmv_jax.generate import TRACE_COUNTS, GenerationSettings, RequestShape
+from minicpmv_jax.generate import TRACE_COUNTS, RequestShape
+from minicpmv_jax.settings import GenerationSettings
 
 QUESTIONS = (
     "What is this?",

@@ -132,7 +132,8 @@ class ChatSampler:
           max_new_tokens: default per version (2.5: 1024; 2.6 / 4.5: 2048).
           sampling: multinomial sampling (``do_sample``) instead of greedy / beam search.
           num_beams, repetition_penalty, **kwargs: ``temperature``, ``top_k``, ``top_p``,
-            ``min_new_tokens``, ``length_penalty``, ``early_stopping``, ``seed``.
+            ``min_new_tokens``, ``min_p``, ``length_penalty``, ``early_stopping``, ``seed``
+            (None, the default: fresh randomness each call; an int: reproducible sampling).
           return_dict: return the full ``GenerationOutput``; record_logits: keep the raw logits
             of every greedy / sampling step in it (``step_logits`` [B, M, V]).
         Returns:
@@ -145,8 +146,8 @@ class ChatSampler:
             raise GenerationError("generate() got an empty batch")
         defaults = {
             "do_sample": bool(sampling),
-            "num_beams": int(num_beams),
-            "repetition_penalty": float(repetition_penalty),
+            "num_beams": num_beams,
+            "repetition_penalty": repetition_penalty,
         }
         settings = GenerationSettings.create(self.version, max_new_tokens, defaults, kwargs)
         out = self.sampler.run(outputs, settings, record_logits=record_logits)
@@ -188,7 +189,8 @@ class ChatSampler:
           sampling: official defaults: True = top-p / top-k sampling, False = beam search
             (num_beams 3, repetition_penalty 1.2); override with ``**generation_kwargs``
             (``num_beams``, ``repetition_penalty``, ``temperature``, ``top_k``, ``top_p``,
-            ``min_new_tokens``, ``length_penalty``, ``early_stopping``, ``seed``).
+            ``min_new_tokens``, ``min_p``, ``length_penalty``, ``early_stopping``, ``seed``;
+            no seed: fresh randomness each call).
           stream: return a generator of text pieces (one conversation, no beam search).
           max_slice_nums, use_image_id, system_prompt, enable_thinking (4.5), temporal_ids (4.5
             video groups): processor settings, as in the official chat().

@@ -586,7 +586,7 @@ class Sampler:
                     next_pos,
                     max_new,
                     params,
-                    jax.random.key(settings.seed),
+                    settings.key(),
                     mode=mode,
                     terminators=terminators,
                     buffer=m,
@@ -678,7 +678,7 @@ class Sampler:
         logits, cache = self.prefill(prepared, s_len)
         params = settings.params()
         max_new = jnp.asarray(settings.max_new_tokens, jnp.int32)
-        key = jax.random.key(settings.seed)
+        key = settings.key()
         with self.context():
             s, token, stop = self._first_step(logits, params, key, max_new, buffer=m, **kw)
         next_pos = jnp.asarray(prepared.next_position)

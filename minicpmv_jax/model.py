@@ -99,11 +99,18 @@ def merge_embeds(
 
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
     """Local folder, or a hub id fetched with huggingface_hub (clear error when offline)."""
-    p = pathlib.Path(path_or_hub_id).expanduser()
+    from minicpmv_jax.checkpoint import absolute, partial_dir
+
+    p = absolute(path_or_hub_id)  # orbax needs absolute paths; errors name the full path
     if p.is_dir():
         return p
     if p.exists():
         raise CheckpointError(f"{p} is a file; expected a checkpoint folder")
+    if partial_dir(p).is_dir():
+        raise CheckpointError(
+            f"{p}: no such checkpoint folder, but an unfinished conversion / save to it is in "
+            f"the hidden folder {partial_dir(p)}: run it again to finish it"
+        )
     s = str(path_or_hub_id)
     if s.count("/") != 1 or s.startswith((".", "/", "~")):
         raise CheckpointError(f"{s}: no such checkpoint folder (and not a hub id 'org/name')")

@@ -69,7 +69,8 @@ _ROLES = ("system", "user", "assistant")
 _CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|start_header_id|>",
                    "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>")  # fmt: skip
 # File extensions of videos a lone path string may name (images: PIL's registered extensions).
-_VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+_VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv",
+                     ".flv")  # fmt: skip
 
 
 # =============================================================================================

@@ -1,17 +1,23 @@
 """Generation settings: one frozen dataclass, built and validated once at the API edge.
 
 ``generate()``, ``chat()``, the CLI and ``RequestShape`` all build a ``GenerationSettings``;
-its ``__post_init__`` is the only place decoding values are checked. The compiled programs get
-what it derives: ``mode`` (``sampling.DecodeMode``, static) and ``params()``
-(``sampling.SamplingParams``, traced), which do not check again.
+its ``__post_init__`` is the only place a request's decoding settings are checked (the numeric
+ranges by ``sampling.check_sampling_values``, which ``sampling.filtered_logprobs`` shares). The
+compiled programs get what it derives: ``mode`` (``sampling.DecodeMode``, static), ``params()``
+(``sampling.SamplingParams``, traced) and ``key()``, none of which checks again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import numpy as np
+
+from minicpmv_jax import sampling
 from minicpmv_jax.errors import MiniCPMVError
 from minicpmv_jax.sampling import DecodeMode, SamplingParams
 from minicpmv_jax.versions import VersionSpec
@@ -31,6 +37,7 @@ GENERATION_KEYS = (
     "min_new_tokens",
     "length_penalty",
     "early_stopping",
+    "min_p",
     "seed",
 )
 
@@ -54,27 +61,38 @@ class GenerationSettings:
     min_new_tokens: int = 0
     length_penalty: float = 1.0
     early_stopping: bool | str = False
-    seed: int = 0
+    min_p: float = 0.0
+    seed: int | None = None  # None: fresh randomness for every call; an int: reproducible
 
     def __post_init__(self):
-        if int(self.max_new_tokens) < 1:
+        for name in ("max_new_tokens", "num_beams", "top_k", "min_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise GenerationError(f"{name} must be an integer, got {value!r}")
+        seed = self.seed
+        if seed is not None and (
+            isinstance(seed, bool)
+            or not isinstance(seed, (int, np.integer))
+            or not 0 <= seed < 2**32
+        ):
+            raise GenerationError(f"seed must be an integer in [0, 2**32) or None, got {seed!r}")
+        if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if int(self.num_beams) < 1:
+        if self.num_beams < 1:
             raise GenerationError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.do_sample and self.num_beams > 1:
             raise GenerationError("sampling with num_beams > 1 (beam sampling) is not supported")
-        if self.do_sample and not float(self.temperature) > 0.0:
-            raise GenerationError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if int(self.top_k) < 0 or int(self.top_k) != self.top_k:
-            raise GenerationError(
-                f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}"
+        try:
+            sampling.check_sampling_values(
+                temperature=self.temperature if self.do_sample else 1.0,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                repetition_penalty=self.repetition_penalty,
+                min_new_tokens=self.min_new_tokens,
+                min_p=self.min_p,
             )
-        if not 0.0 < float(self.top_p) <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not float(self.repetition_penalty) > 0.0:
-            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if int(self.min_new_tokens) < 0:
-            raise GenerationError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
         if self.early_stopping not in (False, True, "never"):
             raise GenerationError("early_stopping must be True, False or 'never'")
 
@@ -95,7 +113,7 @@ class GenerationSettings:
             )
         if max_new_tokens is None:
             max_new_tokens = version.max_new_tokens
-        return cls(max_new_tokens=int(max_new_tokens), **{**defaults, **kwargs})
+        return cls(max_new_tokens=max_new_tokens, **{**defaults, **kwargs})
 
     @classmethod
     def for_chat(
@@ -124,4 +142,10 @@ class GenerationSettings:
             repetition_penalty=self.repetition_penalty,
             min_new_tokens=self.min_new_tokens,
             length_penalty=self.length_penalty,
+            min_p=self.min_p,
         )
+
+    def key(self) -> jax.Array:
+        """The sampling PRNG key: the seed's, or one from fresh OS randomness when seed is None
+        (as an unseeded transformers ``generate(do_sample=True)`` differs from call to call)."""
+        return jax.random.key(secrets.randbits(32) if self.seed is None else self.seed)
