@@ -154,6 +154,17 @@ def init_module(config: MiniCPMVConfig, *, seed: int = 0, mesh=None, quant=None)
         return quantization.quantize_module(module, quant)
 
 
+def read_hf_config(folder: pathlib.Path) -> dict:
+    """A checkpoint folder's parsed config.json (clear errors when missing or invalid)."""
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{folder}: config.json is missing")
+    try:
+        return json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+
+
 def load_module(
     folder: pathlib.Path,
     dtype: Any,
@@ -167,13 +178,7 @@ def load_module(
     Stored tensors of any dtype are converted to `dtype` one at a time; `quant` as in
     `MiniCPMV.from_pretrained` (an orbax folder written quantized loads quantized by itself).
     """
-    cfg_file = folder / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{folder}: config.json is missing")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+    hf = read_hf_config(folder)
     config = MiniCPMVConfig.from_hf(hf, dtype=jnp.dtype(dtype))
     from minicpmv_jax import checkpoint  # lazy: orbax is only needed for orbax folders
 

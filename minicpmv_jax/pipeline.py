@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -26,6 +27,7 @@ from minicpmv_jax import quant as quantization
 from minicpmv_jax.batching import Buckets
 from minicpmv_jax.chat import ChatSampler, ChatStats
 from minicpmv_jax.config import MiniCPMVConfig
+from minicpmv_jax.errors import CheckpointError
 from minicpmv_jax.generate import GenerationOutput, RequestShape, Sampler
 from minicpmv_jax.settings import GenerationError
 from minicpmv_jax.sharding import make_mesh
@@ -90,6 +92,20 @@ class MiniCPMV:
             further training (minicpmv_jax.train).
         """
         folder = network.resolve_checkpoint(path_or_hub_id)
+        hf = network.read_hf_config(folder)
+        if hf.get("model_type") == "minicpmv4_6":  # native-transformers 4.6: minicpmv_jax/v46
+            from minicpmv_jax.v46.model import MiniCPMV46
+
+            if quant is not None:
+                raise CheckpointError("quant is not supported for MiniCPM-V 4.6 yet")
+            return MiniCPMV46.from_pretrained(
+                folder,
+                jnp.dtype(dtype),
+                mesh,
+                progress=progress,
+                load_processor=load_processor,
+                hf=hf,
+            )
         mesh = mesh if mesh is not None else make_mesh()
         config, module = network.load_module(folder, dtype, mesh, progress=progress, quant=quant)
         processor = None

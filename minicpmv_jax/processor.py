@@ -227,6 +227,17 @@ class ProcessorOutput(dict):
 # =============================================================================================
 
 
+class _NoTorchAdvice(logging.Filter):
+    """Drops transformers' "PyTorch was not found" advice, printed when it is imported: only its
+    tokenizers are used here, and torch is never needed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "PyTorch was not found" not in record.getMessage()
+
+
+logging.getLogger("transformers").addFilter(_NoTorchAdvice())
+
+
 def load_tokenizer(folder: str | os.PathLike, version: str):
     """Fast tokenizer of a checkpoint folder, without remote code.
 
@@ -526,7 +537,7 @@ class MiniCPMVProcessor:
                             f"{where}: dict items must be {{'text': s}} or {{'image': x}}"
                         )
                 if isinstance(item, str):
-                    parts.append(self._check_text(item, where))
+                    parts.append(self._check_text(item, where, typed=role != "assistant"))
                 elif isinstance(item, (Image.Image, bytes, bytearray, os.PathLike)):
                     if role == "system":
                         raise MessageError(f"{where}: images are not allowed in a system message")
@@ -551,10 +562,11 @@ class MiniCPMVProcessor:
             raise MessageError("the first (non-system) message must have role 'user'")
         return out, images
 
-    def _check_text(self, text: str, where: str) -> str:
+    def _check_text(self, text: str, where: str, typed: bool = True) -> str:
         """A text item as it will be tokenised; clear errors for what would go silently wrong:
-        lone surrogates (not encodable), typed chat-control tokens, and a lone string that names
-        an existing image or video file (it would be sent as text, not as the picture)."""
+        lone surrogates (not encodable) and, in text a person typed (``typed``: user and system
+        messages; an assistant turn holds the model's own answer), chat-control tokens and a
+        lone string that names an existing image or video file (sent as text, not the file)."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -562,10 +574,12 @@ class MiniCPMVProcessor:
                 f"{where}: the text has a lone surrogate {text[e.start]!r} at character {e.start} "
                 "(half of a UTF-16 pair, not a character); fix the string's decoding"
             ) from None
-        typed = [t for t in self._control_tokens if t in text]
-        if typed:
+        if not typed:
+            return text
+        control = [t for t in self._control_tokens if t in text]
+        if control:
             raise MessageError(
-                f"{where}: the text spells the chat-control token(s) {', '.join(typed)}; the "
+                f"{where}: the text spells the chat-control token(s) {', '.join(control)}; the "
                 "tokenizer would turn them into real control tokens (e.g. an end of turn), so "
                 "they are refused: remove them from the text"
             )

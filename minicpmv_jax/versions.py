@@ -50,6 +50,7 @@ class VersionSpec:
     """What one MiniCPM-V release does differently (see the module docstring)."""
 
     name: str  # "2.6": config.json's `version`, normalised
+    model_type: str | None = None  # config.json's `model_type` when it names the release alone
     # -- template and placeholders
     placeholder: str  # "slice_grid": <slice>-wrapped slices; "image_grid": 2.5's layout
     image_ids: bool  # <image_id>k</image_id> before each image (default of use_image_id)
@@ -122,6 +123,15 @@ def parse(raw: Any, where: str = "config.json") -> str:
     return name
 
 
+def of_config(hf: Mapping[str, Any], where: str = "config.json") -> str:
+    """The registered name of a checkpoint's parsed config.json: its `model_type` when a record
+    claims it (4.6 folders carry no `version`), else its `version` (``parse``)."""
+    for version in _REGISTRY.values():
+        if version.model_type is not None and hf.get("model_type") == version.model_type:
+            return version.name
+    return parse(hf.get("version"), where)
+
+
 def spec(version: str) -> VersionSpec:
     """The record of a registered version name ("2.6"); raises UnsupportedVersionError."""
     try:
@@ -190,5 +200,24 @@ V4_5 = register(
         temporal=True,
         qk_norm=True,
         video="4.5",
+    )
+)
+# 4.6: its own processor and network (minicpmv_jax/v46); the record carries what shared code
+# reads (tokenizer family, defaults) and how its config.json is recognised
+V4_6 = register(
+    VersionSpec(
+        name="4.6",
+        model_type="minicpmv4_6",
+        placeholder="v46",
+        image_ids=False,
+        bound_start=(),
+        bound_end=(),
+        terminators=("<|im_end|>", "<|endoftext|>"),
+        qwen_tokenizer=True,
+        max_inp_length=16384,
+        vision_strip=False,
+        mask_id0=False,
+        max_new_tokens=2048,
+        sampling_defaults=types.MappingProxyType({"do_sample": True, "temperature": 0.7}),
     )
 )
