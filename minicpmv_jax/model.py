@@ -30,7 +30,8 @@ from jax.sharding import PartitionSpec as PS
 from minicpmv_jax import quant as quantization
 from minicpmv_jax.chat import GenerationMixin
 from minicpmv_jax.config import MiniCPMVConfig
-from minicpmv_jax.errors import CheckpointError
+from minicpmv_jax.errors import CheckpointError, MiniCPMVError
+from minicpmv_jax.kernels import IMPLS
 from minicpmv_jax.kv_cache import KVCache
 from minicpmv_jax.llm import Llm
 from minicpmv_jax.resampler import Resampler
@@ -285,6 +286,7 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
         progress: bool = True,
         load_processor: bool = True,
         quant: str | quantization.QuantConfig | None = None,
+        attn_impl: str = "xla",
     ) -> MiniCPMV:
         """Load an official checkpoint folder (or hub id): config.json + safetensors (+ processor).
 
@@ -296,7 +298,12 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
           quant: "int8" stores the LLM's dense layers (and lm_head) as int8 with per-channel
             scales, quantized on the host while loading; "int8+vision" also the vision tower
             (see quant.py). An orbax folder written quantized loads quantized by itself.
+          attn_impl: the LLM's attention kernel (`kernels.IMPLS`): "xla" (any backend), "cudnn"
+            (GPU flash attention, bf16 / fp16), "splash" (TPU Pallas prefill kernel, under
+            `shard_map` on a mesh) or "reference" (plain jnp).
         """
+        if attn_impl not in IMPLS:
+            raise MiniCPMVError(f"attn_impl {attn_impl!r} is not one of {IMPLS}")
         folder = resolve_checkpoint(path_or_hub_id)
         cfg_file = folder / "config.json"
         if not cfg_file.exists():
@@ -305,7 +312,7 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
             hf = json.loads(cfg_file.read_text())
         except ValueError as e:
             raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
-        config = MiniCPMVConfig.from_hf(hf, dtype=_as_dtype(dtype))
+        config = MiniCPMVConfig.from_hf(hf, dtype=_as_dtype(dtype), attn_impl=attn_impl)
         mesh = mesh if mesh is not None else make_mesh()
         from minicpmv_jax import checkpoint  # lazy: orbax is only needed for orbax folders
 
