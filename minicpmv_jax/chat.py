@@ -48,6 +48,7 @@ GENERATION_KEYS = (
     "min_new_tokens",
     "length_penalty",
     "early_stopping",
+    "min_p",
     "seed",
 )
 
@@ -85,7 +86,7 @@ def make_settings(
     values.update(kwargs)
     if max_new_tokens is None:
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS[version]
-    return GenerationSettings(max_new_tokens=int(max_new_tokens), **values)
+    return GenerationSettings(max_new_tokens=max_new_tokens, **values)
 
 
 def postprocess(ids: np.ndarray, processor, enable_thinking: bool = False) -> str:
@@ -218,7 +219,8 @@ class GenerationMixin:
           max_new_tokens: default per version (2.5: 1024; 2.6 / 4.5: 2048).
           sampling: multinomial sampling (``do_sample``) instead of greedy / beam search.
           num_beams, repetition_penalty, **kwargs: ``temperature``, ``top_k``, ``top_p``,
-            ``min_new_tokens``, ``length_penalty``, ``early_stopping``, ``seed``.
+            ``min_new_tokens``, ``min_p``, ``length_penalty``, ``early_stopping``, ``seed``
+            (None, the default: fresh randomness each call; an int: reproducible sampling).
           return_dict: return the full ``GenerationOutput``; record_logits: keep the raw logits
             of every greedy / sampling step in it (``step_logits`` [B, M, V]).
         Returns:
@@ -234,10 +236,12 @@ class GenerationMixin:
             raise GenerationError(f"unknown generation argument(s) {unknown}")
         version = self.config.version
         settings = GenerationSettings(
-            max_new_tokens=int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS[version]),
+            max_new_tokens=(
+                DEFAULT_MAX_NEW_TOKENS[version] if max_new_tokens is None else max_new_tokens
+            ),
             do_sample=bool(sampling),
-            num_beams=int(num_beams),
-            repetition_penalty=float(repetition_penalty),
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
             **kwargs,
         )
         with self._generation_precision():
@@ -280,7 +284,8 @@ class GenerationMixin:
           sampling: official defaults: True = top-p / top-k sampling, False = beam search
             (num_beams 3, repetition_penalty 1.2); override with ``**generation_kwargs``
             (``num_beams``, ``repetition_penalty``, ``temperature``, ``top_k``, ``top_p``,
-            ``min_new_tokens``, ``length_penalty``, ``early_stopping``, ``seed``).
+            ``min_new_tokens``, ``min_p``, ``length_penalty``, ``early_stopping``, ``seed``;
+            no seed: fresh randomness each call).
           stream: return a generator of text pieces (one conversation, no beam search).
           max_slice_nums, use_image_id, system_prompt, enable_thinking (4.5), temporal_ids (4.5
             video groups): processor settings, as in the official chat().

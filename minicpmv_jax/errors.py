@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "DataError",
     "ImageError",
     "MessageError",
     "MiniCPMVError",
@@ -43,3 +44,12 @@ class CheckpointError(MiniCPMVError):
 
 class PromptTooLongError(MiniCPMVError):
     """The tokenised prompt exceeds the maximum input length in a way that cannot be truncated."""
+
+
+class DataError(MiniCPMVError):
+    """A fine-tuning sample is malformed; the message names the sample id and the field."""
+
+    def __init__(self, sample_id: str, field: str, message: str):
+        super().__init__(f"sample {sample_id!r}, field {field!r}: {message}")
+        self.sample_id = sample_id
+        self.field = field

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -135,18 +136,6 @@ class PreparedBatch:
         return self.input_ids.shape + ((0, 0) if v is None else v["pixel_patches"].shape[:2])
 
 
-def prompt_positions(attention_mask: np.ndarray) -> np.ndarray:
-    """RoPE positions transformers derives from the attention mask during generate().
-
-    ``position_ids = cumsum(mask) - 1`` with masked positions set to 1 (``prepare_inputs_for_
-    generation``). Quirk (2.6 / 4.5 official): the mask is ``input_ids != 0``, so a genuine id-0
-    token in the prompt is masked and the tokens after it are shifted by one position.
-    """
-    m = attention_mask.astype(np.int64)
-    pos = np.cumsum(m, axis=-1) - 1
-    return np.where(m > 0, pos, 1).astype(np.int32)
-
-
 def prepare_batch(outputs: Sequence[Any], buckets: Buckets, query_num: int) -> PreparedBatch:
     """Stack processor outputs of several conversations into one padded batch.
 
@@ -157,7 +146,7 @@ def prepare_batch(outputs: Sequence[Any], buckets: Buckets, query_num: int) -> P
     batched conversation sees exactly what it sees alone (for 2.5 this deliberately differs from
     the official batched call, whose mask and strip positions span every slice of the batch).
     """
-    from minicpmv_jax.model import image_slot_from_bounds
+    from minicpmv_jax.model import image_slot_from_bounds, prompt_positions
 
     b = len(outputs)
     lengths = [int(np.asarray(o["input_ids"]).shape[-1]) for o in outputs]
@@ -292,12 +281,24 @@ class GenerationSettings:
     min_new_tokens: int = 0
     length_penalty: float = 1.0
     early_stopping: bool | str = False
-    seed: int = 0
+    min_p: float = 0.0
+    seed: int | None = None  # None: fresh randomness for every call; an int: reproducible
 
     def __post_init__(self):
-        if int(self.max_new_tokens) < 1:
+        for name in ("max_new_tokens", "num_beams", "top_k", "min_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise GenerationError(f"{name} must be an integer, got {value!r}")
+        seed = self.seed
+        if seed is not None and (
+            isinstance(seed, bool)
+            or not isinstance(seed, (int, np.integer))
+            or not 0 <= seed < 2**32
+        ):
+            raise GenerationError(f"seed must be an integer in [0, 2**32) or None, got {seed!r}")
+        if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if int(self.num_beams) < 1:
+        if self.num_beams < 1:
             raise GenerationError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.do_sample and self.num_beams > 1:
             raise GenerationError("sampling with num_beams > 1 (beam sampling) is not supported")
@@ -308,6 +309,7 @@ class GenerationSettings:
                 top_p=self.top_p,
                 repetition_penalty=self.repetition_penalty,
                 min_new_tokens=self.min_new_tokens,
+                min_p=self.min_p,
             )
         except ValueError as e:
             raise GenerationError(str(e)) from None
@@ -328,7 +330,13 @@ class GenerationSettings:
             repetition_penalty=self.repetition_penalty,
             min_new_tokens=self.min_new_tokens,
             length_penalty=self.length_penalty,
+            min_p=self.min_p,
         )
+
+    def key(self) -> jax.Array:
+        """The sampling PRNG key: the seed's, or one from fresh OS randomness when seed is None
+        (as an unseeded transformers ``generate(do_sample=True)`` differs from call to call)."""
+        return jax.random.key(secrets.randbits(32) if self.seed is None else self.seed)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -722,7 +730,7 @@ class Generator:
                 next_pos,
                 max_new,
                 params,
-                jax.random.key(settings.seed),
+                settings.key(),
                 mode=mode,
                 terminators=self.terminators,
                 buffer=m,
@@ -814,7 +822,7 @@ class Generator:
         mode, params = settings.mode, settings.params()
         kw = {"mode": mode, "terminators": self.terminators}
         max_new = jnp.asarray(settings.max_new_tokens, jnp.int32)
-        key = jax.random.key(settings.seed)
+        key = settings.key()
         s, token, stop = self._first_step(logits, params, key, max_new, buffer=m, **kw)
         next_pos = jnp.asarray(prepared.next_position)
         try:

@@ -111,6 +111,19 @@ def merge_embeds(
     return jnp.where((image_slot >= 0)[..., None], rows, text)
 
 
+def prompt_positions(attention_mask: np.ndarray) -> np.ndarray:
+    """RoPE positions transformers derives from the attention mask during generate().
+
+    ``position_ids = cumsum(mask) - 1`` with masked positions set to 1 (``prepare_inputs_for_
+    generation``). Quirk (2.6 / 4.5 official): the mask is ``input_ids != 0``, so a genuine id-0
+    token in the prompt (``!``) is masked and the tokens after it are shifted down by one position;
+    new tokens continue at ``mask.sum()``, ``mask.sum() + 1``, ...
+    """
+    m = np.asarray(attention_mask).astype(np.int64)
+    pos = np.cumsum(m, axis=-1) - 1
+    return np.where(m > 0, pos, 1).astype(np.int32)
+
+
 def image_slot_from_bounds(image_bound: np.ndarray, t: int, q: int) -> np.ndarray:
     """int32 [T]: feature row g*Q + j for token s_g + j of bound g = [s_g, e_g); -1 elsewhere."""
     slot = np.full((t,), -1, np.int32)
@@ -187,12 +200,11 @@ def _encode_jit(graphdef, state, pixel_patches, position_ids, vision_mask, patch
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), out_shardings=PS())
-def _prompt_jit(graphdef, state, input_ids, image_slot, feats, token_valid):
+def _prompt_jit(graphdef, state, input_ids, image_slot, feats, token_valid, positions):
     """(float32 logits [1, T, V], float32 merged embeddings [1, T, D]) in one compilation."""
     TRACE_COUNTS["prompt"] += 1
     module = nnx.merge(graphdef, state)
     x = merge_embeds(module, input_ids, image_slot, feats)  # [1, T, D]
-    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
     logits, _ = module.llm(x, positions, None, token_valid)
     return logits, x.astype(jnp.float32)
 
@@ -203,11 +215,18 @@ def _as_dtype(dtype) -> jnp.dtype:
 
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
     """Local folder, or a hub id fetched with huggingface_hub (clear error when offline)."""
-    p = pathlib.Path(path_or_hub_id).expanduser()
+    from minicpmv_jax.checkpoint import absolute, partial_dir
+
+    p = absolute(path_or_hub_id)  # orbax needs absolute paths; errors name the full path
     if p.is_dir():
         return p
     if p.exists():
         raise CheckpointError(f"{p} is a file; expected a checkpoint folder")
+    if partial_dir(p).is_dir():
+        raise CheckpointError(
+            f"{p}: no such checkpoint folder, but an unfinished conversion / save to it is in "
+            f"the hidden folder {partial_dir(p)}: run it again to finish it"
+        )
     s = str(path_or_hub_id)
     if s.count("/") != 1 or s.startswith((".", "/", "~")):
         raise CheckpointError(f"{s}: no such checkpoint folder (and not a hub id 'org/name')")
@@ -246,6 +265,7 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
         self.mesh = mesh
         self.slice_buckets = tuple(slice_buckets)
         self.graphdef, self.state = nnx.split(module)
+        self.adapter = None  # a PEFT LoRA adapter merged into the weights (train.lora.Adapter)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -286,6 +306,7 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
         progress: bool = True,
         load_processor: bool = True,
         quant: str | quantization.QuantConfig | None = None,
+        adapter: str | os.PathLike | None = None,
         attn_impl: str = "xla",
     ) -> MiniCPMV:
         """Load an official checkpoint folder (or hub id): config.json + safetensors (+ processor).
@@ -298,6 +319,9 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
           quant: "int8" stores the LLM's dense layers (and lm_head) as int8 with per-channel
             scales, quantized on the host while loading; "int8+vision" also the vision tower
             (see quant.py). An orbax folder written quantized loads quantized by itself.
+          adapter: a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors),
+            merged into the weights as PEFT's merge_and_unload does; `model.adapter` keeps it for
+            further training (minicpmv_jax.train).
           attn_impl: the LLM's attention kernel (`kernels.IMPLS`): "xla" (any backend), "cudnn"
             (GPU flash attention, bf16 / fp16), "splash" (TPU Pallas prefill kernel, under
             `shard_map` on a mesh) or "reference" (plain jnp).
@@ -312,6 +336,21 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
             hf = json.loads(cfg_file.read_text())
         except ValueError as e:
             raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+        if hf.get("model_type") == "minicpmv4_6":  # native-transformers 4.6: minicpmv_jax/v46
+            from minicpmv_jax.v46.model import MiniCPMV46
+
+            if quant is not None:
+                raise CheckpointError("quant is not supported for MiniCPM-V 4.6 yet")
+            if attn_impl != "xla":
+                raise CheckpointError("attn_impl is not supported for MiniCPM-V 4.6 yet")
+            return MiniCPMV46.from_pretrained(
+                folder,
+                _as_dtype(dtype),
+                mesh,
+                progress=progress,
+                load_processor=load_processor,
+                hf=hf,
+            )
         config = MiniCPMVConfig.from_hf(hf, dtype=_as_dtype(dtype), attn_impl=attn_impl)
         mesh = mesh if mesh is not None else make_mesh()
         from minicpmv_jax import checkpoint  # lazy: orbax is only needed for orbax folders
@@ -333,7 +372,12 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
             from minicpmv_jax.processor import MiniCPMVProcessor  # lazy: numpy/tokenizer side
 
             processor = MiniCPMVProcessor.from_pretrained(folder)
-        return cls(config, module, processor, mesh=mesh)
+        model = cls(config, module, processor, mesh=mesh)
+        if adapter is not None:
+            from minicpmv_jax.train.lora import load_adapter  # lazy: training code
+
+            model = load_adapter(model, adapter)
+        return model
 
     # ------------------------------------------------------------------ helpers
     def _precision(self):
@@ -403,8 +447,12 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
         mask = batch.get("attention_mask")
         valid = np.zeros((1, tb), bool)
         valid[0, :t] = True if mask is None else np.asarray(mask, bool).reshape(-1)
+        positions = np.zeros((1, tb), np.int32)  # pad slots: never attended, any position
+        positions[0, :t] = prompt_positions(valid[0, :t])
         with self._precision():
-            logits, embeds = _prompt_jit(self.graphdef, self.state, ids_p, slot, feats, valid)
+            logits, embeds = _prompt_jit(
+                self.graphdef, self.state, ids_p, slot, feats, valid, positions
+            )
         out["embeds"] = np.asarray(embeds[0, :t], np.float32)
         out["logits"] = np.asarray(logits[0, :t], np.float32)
         return out
@@ -416,8 +464,10 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
     def prompt_logits(self, batch, return_intermediates: bool = False):
         """float32 [T, V]: logits at every prompt position (no cache).
 
-        Positions 0..T-1 and the official attention mask: keys where `attention_mask` is False
-        (2.6/4.5 quirk: input_ids == 0) are not attended; 2.5 attends everything.
+        The official attention mask and the positions generate() derives from it
+        (`prompt_positions`): keys where `attention_mask` is False (2.6/4.5 quirk: input_ids == 0,
+        the token `!`) are not attended and shift every later position down by one; 2.5 attends
+        everything at positions 0..T-1.
         With return_intermediates=True returns (logits, {"vision", "resampler", "embeds"}) so that
         a parity failure can name its stage.
         """

@@ -66,6 +66,13 @@ IMAGE_MARKER = "(<image>./</image>)"
 # chat()'s default max_inp_length per version (the processor truncates to it).
 DEFAULT_MAX_INP_LENGTH = {"2.5": 2048, "2.6": 8192, "4.5": 16384}
 _ROLES = ("system", "user", "assistant")
+# Chat-control tokens that typed text must not spell (the official tokenizer would turn a typed
+# `<|im_end|>` into a real end of turn); the version's terminators, bos and eos are added.
+_CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>")  # fmt: skip
+# File extensions of videos a lone path string may name (images: PIL's registered extensions).
+_VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv",
+                     ".flv")  # fmt: skip
 
 
 # =============================================================================================
@@ -220,6 +227,17 @@ class ProcessorOutput(dict):
 # =============================================================================================
 # Tokenizer and chat template
 # =============================================================================================
+
+
+class _NoTorchAdvice(logging.Filter):
+    """Drops transformers' "PyTorch was not found" advice, printed when it is imported: only its
+    tokenizers are used here, and torch is never needed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "PyTorch was not found" not in record.getMessage()
+
+
+logging.getLogger("transformers").addFilter(_NoTorchAdvice())
 
 
 def load_tokenizer(folder: str | os.PathLike, version: str):
@@ -398,6 +416,15 @@ class MiniCPMVProcessor:
             self.image_id_end_id = self._token_id(tokens["im_id_end"])
             self.terminators = [self._token_id("<|im_end|>"), self._token_id("<|endoftext|>")]
         self.bos_id = tokenizer.bos_token_id
+        vocab = tokenizer.get_vocab()
+        self._control_tokens = tuple(
+            t
+            for t in dict.fromkeys(
+                [*_CONTROL_TOKENS, tokenizer.bos_token, tokenizer.eos_token]
+                + tokenizer.convert_ids_to_tokens(self.terminators)
+            )
+            if t and t in vocab and t in tokenizer.all_special_tokens
+        )
         # image_bound start/end tokens: 2.6/4.5 count <image> and <slice>; 2.5 only <image>
         # (its slices are wrapped in <image>...</image> inside one <slice>...</slice>).
         if version == "2.5":
@@ -537,7 +564,7 @@ class MiniCPMVProcessor:
                             f"{where}: dict items must be {{'text': s}} or {{'image': x}}"
                         )
                 if isinstance(item, str):
-                    parts.append(item)
+                    parts.append(self._check_text(item, where, typed=role != "assistant"))
                 elif isinstance(item, (Image.Image, bytes, bytearray, os.PathLike)):
                     if role == "system":
                         raise MessageError(f"{where}: images are not allowed in a system message")
@@ -553,13 +580,53 @@ class MiniCPMVProcessor:
             if out[0]["role"] == "system":
                 raise MessageError("both system_prompt and a leading system message were given")
             # Official chat(): `if system_prompt:` prepends {'role': 'system', ...}.
-            out.insert(0, {"role": "system", "content": str(system_prompt)})
+            text = self._check_text(str(system_prompt), "system_prompt")
+            out.insert(0, {"role": "system", "content": text})
         first = 1 if out[0]["role"] == "system" else 0
         if len(out) == first:
             raise MessageError("empty conversation: only a system message was given")
         if out[first]["role"] != "user":
             raise MessageError("the first (non-system) message must have role 'user'")
         return out, images
+
+    def _check_text(self, text: str, where: str, typed: bool = True) -> str:
+        """A text item as it will be tokenised; clear errors for what would go silently wrong:
+        lone surrogates (not encodable) and, in text a person typed (``typed``: user and system
+        messages; an assistant turn holds the model's own answer), chat-control tokens and a
+        lone string that names an existing image or video file (sent as text, not the file)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise MessageError(
+                f"{where}: the text has a lone surrogate {text[e.start]!r} at character {e.start} "
+                "(half of a UTF-16 pair, not a character); fix the string's decoding"
+            ) from None
+        if not typed:
+            return text
+        control = [t for t in self._control_tokens if t in text]
+        if control:
+            raise MessageError(
+                f"{where}: the text spells the chat-control token(s) {', '.join(control)}; the "
+                "tokenizer would turn them into real control tokens (e.g. an end of turn), so "
+                "they are refused: remove them from the text"
+            )
+        words = text.split()
+        if len(words) == 1 and len(text) < 4096:
+            path = pathlib.Path(words[0]).expanduser()
+            suffix = path.suffix.lower()
+            is_image = suffix in Image.registered_extensions()
+            if (is_image or suffix in _VIDEO_EXTENSIONS) and path.is_file():
+                how = (
+                    f"{{'image': {words[0]!r}}} or pathlib.Path({words[0]!r})"
+                    if is_image
+                    else f"minicpmv_jax.video.load_video({words[0]!r}, version).message(question)"
+                )
+                kind = "an image" if is_image else "a video"
+                raise MessageError(
+                    f"{where}: the text {words[0]!r} names {kind} file, which would be sent as "
+                    f"text; to send the file itself pass {how}"
+                )
+        return text
 
     def _template_variables(self, enable_thinking: bool) -> dict[str, Any]:
         tok = self.tokenizer

@@ -154,9 +154,14 @@ def mesh_shape(mesh) -> dict[str, int]:
     """{axis name: size} of a Mesh / AbstractMesh, or of a plain (data, fsdp, tensor) tuple."""
     if isinstance(mesh, dict):
         return dict(mesh)
-    if isinstance(mesh, (tuple, list)):
+    if isinstance(mesh, (tuple, list)) and len(mesh) == len(MESH_AXES):
         return dict(zip(MESH_AXES, mesh, strict=True))
-    return dict(mesh.shape)
+    if isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
+        return dict(mesh.shape)
+    raise MiniCPMVError(
+        f"mesh must be a Mesh, an AbstractMesh, a (data, fsdp, tensor) tuple such as (1, 2, 4) "
+        f"or an {{axis: size}} dict, got {mesh!r}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------

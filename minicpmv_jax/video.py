@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -97,6 +98,18 @@ def sample_frames_45(
       (int64 [n] source frame indices, packing = frames per temporal group).
     """
     _check_counts(num_frames, fps)
+    if isinstance(choose_fps, bool) or not (
+        isinstance(choose_fps, numbers.Real) and math.isfinite(choose_fps) and choose_fps > 0
+    ):
+        raise VideoError(
+            f"choose_fps must be a number of frames per second > 0, got {choose_fps!r}"
+        )
+    if force_packing is not None and (
+        isinstance(force_packing, bool)
+        or not isinstance(force_packing, numbers.Integral)
+        or force_packing < 1
+    ):
+        raise VideoError(f"force_packing must be an integer >= 1, got {force_packing!r}")
     duration = num_frames / fps
     if choose_fps * int(duration) <= max_num_frames:
         packing = 1

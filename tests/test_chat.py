@@ -12,6 +12,8 @@ from minicpmv_jax.processor import MiniCPMVProcessor
 CHAT_CASES = [
     ("minicpm-llama3-v-2_5", "beam_default_single"),
     ("minicpm-v-2_6", "greedy_rep_penalty"),
+    ("minicpm-v-2_6", "mask_id0_image"),  # `!` (id 0) masked, later positions shifted
+    ("minicpm-v-4_5", "mask_id0_text_only"),
     ("minicpm-v-4_5", "thinking_on"),
     ("minicpm-v-4_5", "beam_default_video"),
 ]

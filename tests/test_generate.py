@@ -10,6 +10,7 @@ from gen_helpers import TEST_BUCKETS, case_messages, load_model
 
 from minicpmv_jax import generate as gen
 from minicpmv_jax.errors import MessageError, MiniCPMVError, PromptTooLongError
+from minicpmv_jax.model import prompt_positions
 from minicpmv_jax.processor import ProcessorOutput
 
 CASES = FIXTURES / "minicpm-v-2_6" / "cases"
@@ -40,7 +41,7 @@ def test_prefill_decode_equals_full_forward(model):
 def test_prompt_positions_reproduce_the_id0_quirk():
     """generate() positions: cumsum(mask) - 1, masked positions 1 (2.6/4.5 mask = ids != 0)."""
     mask = np.array([True, True, False, True, True])
-    np.testing.assert_array_equal(gen.prompt_positions(mask), [0, 1, 1, 2, 3])
+    np.testing.assert_array_equal(prompt_positions(mask), [0, 1, 1, 2, 3])
 
 
 def test_batch_equals_each_conversation_alone(model):
@@ -100,6 +101,17 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
     assert a == b
 
 
+def test_sampling_without_seed_draws_fresh_randomness(model):
+    """No seed: every call draws new randomness (12 tokens at temperature 2 over the whole
+    vocabulary: three equal answers would have probability far below 1e-9)."""
+    batch = _batch(model, "single_448x448")
+    kw = {"sampling": True, "max_new_tokens": 12, "temperature": 2.0, "top_p": 1.0, "top_k": 0}
+    unseeded = [tuple(model.generate(batch, **kw)) for _ in range(3)]
+    assert len(set(unseeded)) > 1
+    seeded = {tuple(model.generate(batch, seed=7, **kw)) for _ in range(2)}
+    assert len(seeded) == 1
+
+
 def test_min_new_tokens_delays_the_terminator(model):
     batch = _batch(model, "beam_default_single")  # greedy ends with a terminator at step 15
     ids = model.generate(batch, max_new_tokens=16, num_beams=3, repetition_penalty=1.2)
@@ -142,6 +154,13 @@ def test_prompt_longer_than_cache(model):
         ({"repetition_penalty": -1.0}, "repetition_penalty"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"min_new_tokens": -1}, "min_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer, got 2.5"),
+        ({"max_new_tokens": "8"}, "max_new_tokens must be an integer"),
+        ({"top_k": 2.0}, "top_k must be an integer"),
+        ({"seed": 1.5}, r"seed must be an integer in \[0, 2\*\*32\) or None, got 1.5"),
+        ({"seed": "7"}, "seed must be an integer"),
+        ({"seed": -1}, "seed must be"),
+        ({"sampling": True, "min_p": 1.5}, "min_p"),
         ({"sampling": True, "num_beams": 2}, "num_beams"),
         ({"early_stopping": "sometimes"}, "early_stopping"),
         ({"do_what_i_mean": True}, "do_what_i_mean"),

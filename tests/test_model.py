@@ -12,6 +12,7 @@ from conftest import FIXTURES, VERSIONS, all_cases, case_id, case_pil_messages, 
 from model_inputs import PATCH_BUCKETS, batch_from_case
 
 from minicpmv_jax.config import normalize_version
+from minicpmv_jax.model import prompt_positions
 
 TOL = {"vision": 1e-4, "resampler": 1e-4, "embeds": 1e-4, "logits": 5e-4}
 STAGES = tuple(TOL)
@@ -167,3 +168,24 @@ def test_processor_output_equals_fixture_inputs(case):
         keys += ["pixel_patches", "patch_valid", "vision_mask", "position_ids"]
     for k in keys:
         np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(ref[k]), err_msg=k)
+
+
+ID0_CASES = [c for c in CASES if c[1].name.startswith("mask_id0_")]
+
+
+@pytest.mark.parametrize("case", ID0_CASES, ids=case_id)
+def test_id0_prompt_positions_are_the_official_prefill_positions(case):
+    """2.6/4.5: `!` (id 0) is masked and shifts later positions (generate()'s prefill ids)."""
+    folder, case_dir = case
+    data, batch = batch_for(folder, case_dir)
+    mask = np.asarray(batch["attention_mask"])
+    assert not mask.all()  # the case has id 0 in its prompt
+    want = data["llm"]["prompt_position_ids"][0]
+    np.testing.assert_array_equal(prompt_positions(mask), want)
+
+
+def test_v25_attends_id0():
+    """2.5 passes no attention mask: a prompt `!` (id 0 in Llama 3 too) is attended."""
+    proc = model_for(VERSIONS[0]).processor
+    batch = proc([{"role": "user", "content": ["! hi ! there"]}])
+    assert (batch["input_ids"] == 0).sum() == 2 and batch["attention_mask"].all()

@@ -271,3 +271,49 @@ def test_temporal_ids_errors(proc26, proc45):
         temporal_ids=[np.array([0, 1], np.int32), np.array([2, 3], np.int32)],
     )
     assert out.group_sizes.tolist() == [2, 2] and out.temporal_ids.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("token", ["<|im_end|>", "<|endoftext|>", "<|im_start|>"])
+def test_typed_control_tokens_are_refused(proc26, token):
+    """The official tokenizer makes a typed `<|im_end|>` a real end of turn; here: an error."""
+    with pytest.raises(MessageError, match=r"message 0 item 0: .*chat-control"):
+        proc26(user(f"What about {token} here?"))
+    with pytest.raises(MessageError, match="system_prompt"):
+        proc26(user("hi"), system_prompt=f"be {token} brief")
+
+
+def test_assistant_turns_may_hold_control_tokens(proc26):
+    """An assistant turn is the model's own answer (it can contain any token): not refused."""
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "a<|endoftext|>b"},
+        {"role": "user", "content": "and?"},
+    ]
+    assert "a<|endoftext|>b" in proc26(msgs).prompt
+
+
+def test_grounding_tokens_stay_allowed(proc26):
+    out = proc26(user("Where is <ref>the cat</ref>?"))
+    assert proc26.tokenizer.convert_tokens_to_ids("<ref>") in out.input_ids
+
+
+def test_lone_surrogate(proc26):
+    with pytest.raises(MessageError, match=r"message 0 item 1: .*lone surrogate '\\ud83e'"):
+        proc26(user("ok", "broken \ud83e emoji"))
+
+
+def test_string_naming_an_image_or_video_file(tmp_path, monkeypatch, proc26):
+    """A lone path string would be sent as text: the error says how to send the file."""
+    Image.new("RGB", (20, 20)).save(tmp_path / "cat.png")
+    (tmp_path / "clip.mp4").write_bytes(b"\0")
+    with pytest.raises(MessageError, match=r"names an image file.*\{'image': "):
+        proc26(user(str(tmp_path / "cat.png"), "What is this?"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MessageError, match=r"pathlib.Path\('cat.png'\)"):
+        proc26(user(" cat.png\n"))
+    with pytest.raises(MessageError, match=r"names a video file.*load_video\('clip.mp4'"):
+        proc26(user("clip.mp4"))
+    # words around the name, a missing file, or a non-media file: plain text
+    (tmp_path / "notes.txt").write_text("x")
+    for text in ("Describe cat.png please", "dog.png", "notes.txt"):
+        assert f"user\n{text}<|im_end|>" in proc26(user(text)).prompt

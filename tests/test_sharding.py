@@ -267,6 +267,15 @@ def test_memory_plan_presets():
     assert plan(MINICPM_V_4_5, (1, 1, 8)).fits(16 * GiB)
 
 
+@pytest.mark.parametrize("mesh", [None, (1, 2), "1,2,4", 8])
+def test_memory_plan_bad_mesh_is_a_clear_error(mesh):
+    from minicpmv_jax.errors import MiniCPMVError
+    from minicpmv_jax.memory import plan
+
+    with pytest.raises(MiniCPMVError, match=r"mesh must be a Mesh.*\(data, fsdp, tensor\) tuple"):
+        plan(MINICPM_V_2_6, mesh)
+
+
 @pytest.mark.parametrize("argv", [[], ["--quant", "int8", "--single-device"]])
 def test_readme_memory_tables_are_current(argv, capsys):
     """The README's memory tables are exactly what `python -m minicpmv_jax.memory` prints."""

@@ -1,0 +1,137 @@
+"""SigLIP2 vision tower of MiniCPM-V 4.6 with the intra-ViT window-attention merger.
+
+Layout: one row per visual unit (source image, slice, video frame or composite), padded to a
+patch bucket P: `patches` [U, P, 588] in raster order of the unit's (h, w) patch grid, so the
+official block-diagonal attention (each unit attends only to itself) is attention inside a row
+with padded keys masked. Host-side index arrays (processor46.vision_inputs) carry everything that
+depends on the grid sizes, so the tower compiles once per (U, P) bucket.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minicpmv_jax.layers import LayerNorm, dense, embed, param
+from minicpmv_jax.v46.config import Siglip2Config
+from minicpmv_jax.vision import VisionAttention, VisionLayer
+
+
+class PatchEmbedding(nnx.Module):
+    """Conv2d(3 -> Dv, kernel = stride = patch) kept in the checkpoint layout [Dv, 3, p, p]."""
+
+    def __init__(self, cfg: Siglip2Config, *, rngs: nnx.Rngs):
+        p, d = cfg.patch_size, cfg.hidden_size
+
+        def init(key, shape, dtype):  # lecun normal over the 3*p*p fan-in
+            return nnx.initializers.lecun_normal()(key, (d, 3 * p * p), dtype).reshape(shape)
+
+        kw = {"param_dtype": cfg.param_dtype, "rngs": rngs}
+        self.weight = param((d, 3, p, p), ("vis_embed", None, None, None), init=init, **kw)
+        self.bias = param((d,), ("vis_embed",), init=nnx.initializers.zeros_init(), **kw)
+        self.dtype = cfg.dtype
+
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        """patches [U, P, 3*p*p] with inner order (c, ky, kx) -> [U, P, Dv]."""
+        w = self.weight[...]
+        w = w.reshape(w.shape[0], -1).astype(self.dtype)  # [Dv, 588], same (c, ky, kx) order
+        return patches.astype(self.dtype) @ w.T + self.bias[...].astype(self.dtype)
+
+
+class Siglip2Embeddings(nnx.Module):
+    def __init__(self, cfg: Siglip2Config, *, rngs: nnx.Rngs):
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
+        self.patch_embedding = PatchEmbedding(cfg, rngs=rngs)
+        self.position_embedding = embed(
+            cfg.patches_per_side**2, cfg.hidden_size, ("positions", "vis_embed"), **kw
+        )
+
+    def __call__(self, patches, position_ids):
+        """patches [U, P, 588], position_ids int [U, P] -> [U, P, Dv]."""
+        return self.patch_embedding(patches) + self.position_embedding(
+            position_ids.astype(jnp.int32)
+        )
+
+
+class ViTWindowMerger(nnx.Module):
+    """2x2 windows -> 1 token: window attention, then an MLP over the concatenated window plus
+    the window mean (`MiniCPMV4_6ViTWindowAttentionMerger`)."""
+
+    def __init__(self, cfg: Siglip2Config, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
+        nkw = {"param_dtype": cfg.param_dtype, "rngs": rngs, "name": "vis_embed"}
+        self.layer_norm1 = LayerNorm(d, cfg.layer_norm_eps, **nkw)
+        self.self_attn = VisionAttention(cfg, rngs=rngs)
+        self.pre_norm = LayerNorm(4 * d, cfg.layer_norm_eps, **nkw)
+        self.linear_1 = dense(4 * d, 4 * f, ("vis_embed", "vis_mlp"), **kw)
+        self.linear_2 = dense(4 * f, d, ("vis_mlp", "vis_embed"), **kw)
+
+    def __call__(self, x: jax.Array, window_index: jax.Array) -> jax.Array:
+        """x [U, P, Dv]; window_index int [U, P]: source row of each slot, windows in raster order
+        of the halved grid, (TL, TR, BL, BR) inside a window. Returns [U, P/4, Dv]."""
+        u, p, d = x.shape
+        xw = jnp.take_along_axis(x, window_index[..., None], axis=1)  # [U, P, Dv]
+        y = self.layer_norm1(xw).reshape(u * p // 4, 4, d)  # LN is per token: reorder first
+        mask = jnp.ones((1, 1, 4, 4), bool)  # each window is its own attention block
+        z = xw + self.self_attn(y, mask).reshape(u, p, d)
+        win = z.reshape(u, p // 4, 4, d)
+        h = self.linear_1(self.pre_norm(win.reshape(u, p // 4, 4 * d)))
+        return self.linear_2(jax.nn.gelu(h, approximate=True)) + jnp.mean(win, axis=2)
+
+
+class Siglip2Encoder(nnx.Module):
+    def __init__(self, cfg: Siglip2Config, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([VisionLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+
+
+class Siglip2Tower(nnx.Module):
+    """`model.vision_tower`: embeddings -> layers 0..insert -> [ViT merger] -> remaining layers
+    -> post_layernorm."""
+
+    def __init__(self, cfg: Siglip2Config, *, rngs: nnx.Rngs):
+        self.embeddings = Siglip2Embeddings(cfg, rngs=rngs)
+        self.encoder = Siglip2Encoder(cfg, rngs=rngs)
+        self.vit_merger = ViTWindowMerger(cfg, rngs=rngs)
+        self.post_layernorm = LayerNorm(
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+            param_dtype=cfg.param_dtype,
+            rngs=rngs,
+            name="vis_embed",
+        )
+        self.cfg = cfg
+
+    def __call__(
+        self,
+        patches: jax.Array,
+        position_ids: jax.Array,
+        valid: jax.Array,
+        window_index: jax.Array | None,
+        *,
+        intermediates: bool = False,
+    ):
+        """Vision features of every unit.
+
+        Args:
+          patches: float [U, P, 588]; position_ids: int [U, P]; valid: bool [U, P] (patch < h*w).
+          window_index: int [U, P] (16x: the ViT merger's window order) or None (4x: no merger).
+          intermediates: also return {"embeddings", "layer_insert_output", "vit_merger_output"}.
+        Returns: [U, P/4 (16x) or P (4x), Dv] after post_layernorm (padded rows not meaningful).
+        """
+        x = self.embeddings(patches, position_ids).astype(self.cfg.dtype)
+        inter = {"embeddings": x}
+        mask = valid[:, None, None, :]
+        for i, layer in enumerate(self.encoder.layers):
+            x = layer(x, mask)
+            if i == self.cfg.insert_layer_id:
+                inter["layer_insert_output"] = x
+                if window_index is not None:
+                    x = self.vit_merger(x, window_index)
+                    inter["vit_merger_output"] = x
+                    # the halved grids are raster-ordered: unit u keeps rows < h*w/4
+                    mask = jnp.take_along_axis(valid, window_index, axis=1)[:, ::4]
+                    mask = mask[:, None, None, :]
+        out = self.post_layernorm(x)
+        return (out, inter) if intermediates else out

@@ -1,0 +1,184 @@
+"""MiniCPM-V 4.6 model stages against the golden outputs of transformers' native `minicpmv4_6`.
+
+Tolerances (float32, CPU): vision / ViT merger / projector / merged embeddings 1e-4, prompt logits
+1e-3 (the reference DeltaNet's chunked and recurrent paths alone differ by ~1e-4, MANIFEST.md),
+prefill states 1e-4, greedy ids exact.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+F46 = FIXTURES / "minicpm-v-4_6"
+VISION_STAGES = ("embeddings", "layer_insert_output", "vit_merger_output", "last_hidden_state")
+
+
+def fixture_batch(name: str) -> tuple[dict, dict]:
+    """(request dict as the 4.6 processor returns it, every fixture array) for one case."""
+    d = F46 / "cases" / name
+    case = json.loads((d / "case.json").read_text())
+    data = {"case": case}
+    for part in ("processor", "vision", "merger", "llm"):
+        if (d / f"{part}.npz").exists():
+            with np.load(d / f"{part}.npz") as z:
+                data[part] = {k: z[k] for k in z.files}
+    pr = data["processor"]
+    batch = {"input_ids": pr["input_ids"][0], "downsample_mode": case["downsample_mode"]}
+    for src, dst, ts in (
+        ("pixel_values_u8", "pixel_values", "target_sizes"),
+        ("pixel_values_videos_u8", "pixel_values_videos", "target_sizes_videos"),
+    ):
+        if src in pr:  # the fused rescale + normalise of the released processor
+            batch[dst] = (pr[src].astype(np.float32) - 127.5) / 127.5
+            batch[ts] = pr[ts]
+    return batch, data
+
+
+@pytest.fixture(scope="module")
+def model():
+    from minicpmv_jax import MiniCPMV  # the public entry point dispatches on model_type
+
+    return MiniCPMV.from_pretrained(F46 / "checkpoint", dtype="float32", progress=False)
+
+
+@pytest.mark.parametrize("name", ["single_448x448", "sliced_1344x896_4x", "video_stack3"])
+def test_vision_stages(model, name):
+    batch, data = fixture_batch(name)
+    pre = "video_" if "pixel_values_videos" in batch else ""
+    enc = model.encode(batch)
+    checked = 0
+    for k in VISION_STAGES:
+        if pre + k in data["vision"]:
+            np.testing.assert_allclose(enc[k], data["vision"][pre + k], atol=1e-4, err_msg=k)
+            checked += 1
+    assert checked >= 2
+    assert ("vit_merger_output" in enc) == (batch["downsample_mode"] == "16x")
+    key = (
+        pre + "tokens_per_unit" if pre + "tokens_per_unit" in data["merger"] else "tokens_per_unit"
+    )
+    np.testing.assert_array_equal(enc["tokens_per_unit"], data["merger"][key])
+    out = data["merger"][pre + "output" if pre + "output" in data["merger"] else "output"]
+    np.testing.assert_allclose(enc["output"], out, atol=1e-4)
+
+
+def test_video_pads_take_the_video_features(model):
+    batch, data = fixture_batch("video_stack3")
+    np.testing.assert_allclose(model.input_embeds(batch), data["llm"]["inputs_embeds"], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["single_448x448", "text_only"])  # one token bucket: one compile
+def test_prompt_logits(model, name):
+    batch, data = fixture_batch(name)
+    llm = data["llm"]
+    logits, inter = model.prompt_logits(batch, return_intermediates=True)
+    np.testing.assert_allclose(inter["embeds"], llm["inputs_embeds"], atol=1e-4)
+    np.testing.assert_allclose(
+        logits[llm["prompt_logits_positions"]], llm["prompt_logits"], atol=1e-3
+    )
+
+
+def test_batched_greedy_ids(model):
+    """Two requests of different lengths (one image, one text-only) decoded as one left-padded
+    batch: each row's greedy ids equal the reference's (both stop at an eos within 16)."""
+    a, da = fixture_batch("single_448x448")
+    b, db = fixture_batch("text_only")
+    want_a, want_b = da["llm"]["generated_ids"], db["llm"]["generated_ids"]
+    ids = model.generate([a, b], max_new_tokens=16)
+    np.testing.assert_array_equal(ids[0], want_a)
+    np.testing.assert_array_equal(ids[1], want_b)
+
+
+def test_prefill_states_and_cached_step(model):
+    """Prefill of L-1 tokens: conv / recurrent / K-V states equal the reference cache; one
+    recurrent decode step of the last token equals the reference's cached step (and the full
+    forward's last logits)."""
+    batch, data = fixture_batch("single_448x448")
+    llm = data["llm"]
+    ids = batch["input_ids"]
+    short = {**batch, "input_ids": ids[:-1]}
+    other, _ = fixture_batch("text_only")  # a second, shorter row (more left padding)
+    _, cache, lengths = model.prefill([short, other], 16)
+    n = len(ids) - 1
+    assert lengths.tolist() == [n, len(other["input_ids"])]
+    kinds = model.config.llm.layer_types
+    lin = [i for i, k in enumerate(kinds) if k == "linear_attention"]
+    full = [i for i, k in enumerate(kinds) if k == "full_attention"]
+    for j, layer in enumerate(lin):
+        np.testing.assert_allclose(
+            np.asarray(cache.conv[j, 0]), llm[f"gdn_prefill_conv_state_layer{layer}"], atol=1e-4
+        )
+        np.testing.assert_allclose(
+            np.asarray(cache.rec[j, 0]), llm[f"gdn_prefill_recurrent_state_layer{layer}"], atol=1e-4
+        )
+    valid = np.asarray(cache.kv.valid[0])
+    assert valid.sum() == n
+    for j, layer in enumerate(full):
+        for buf, key in ((cache.kv.k, "key"), (cache.kv.v, "value")):
+            got = np.asarray(buf[j, 0])[valid].transpose(1, 0, 2)  # [K, n, H]
+            # downstream of three DeltaNet layers: their ~1e-4 path differences, k_norm-amplified
+            np.testing.assert_allclose(got, llm[f"gdn_prefill_{key}_cache_layer{layer}"], atol=1e-3)
+    step, _ = model.decode_step(cache, [ids[-1], other["input_ids"][-1]], [n, lengths[1]])
+    np.testing.assert_allclose(np.asarray(step[0]), llm["gdn_cached_step_logits"], atol=1e-3)
+    np.testing.assert_allclose(np.asarray(step[0]), llm["gdn_full_last_logits"], atol=1e-3)
+
+
+def test_processor_to_greedy_ids_and_chat(model):
+    """The public path: model.processor(chat-format messages) -> generate; chat() with the
+    official message format ([PIL.Image, str]) answers the decoded greedy ids."""
+    from PIL import Image
+
+    _, data = fixture_batch("single_448x448")
+    d = F46 / "cases" / "single_448x448"
+    img = Image.open(d / "image_0.png")
+    text = data["case"]["messages"][0]["content"][1]["text"]
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": img}, {"type": "text", "text": text}],
+        }
+    ]
+    batch = model.processor(msgs)
+    np.testing.assert_array_equal(batch.input_ids, data["processor"]["input_ids"][0])
+    want = data["llm"]["generated_ids"]
+    np.testing.assert_array_equal(
+        model.generate(batch, max_new_tokens=16, sampling=False, num_beams=1), want
+    )
+    answer = model.chat(
+        [{"role": "user", "content": [img, text]}], max_new_tokens=16, sampling=False
+    )
+    tok = model.processor.tokenizer
+    assert answer == tok.decode([int(t) for t in want[:-1]], skip_special_tokens=True).strip()
+
+
+def test_sampling_top_k_1_is_greedy_and_seeded(model):
+    batch, data = fixture_batch("text_only")
+    want = data["llm"]["generated_ids"]
+    np.testing.assert_array_equal(model.generate(batch, 16, sampling=True, top_k=1, seed=3), want)
+    a = model.generate(batch, 16, sampling=True, temperature=5.0, seed=7)
+    b = model.generate(batch, 16, sampling=True, temperature=5.0, seed=7)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, want)  # temperature 5 on a tiny random model leaves greedy
+
+
+def test_cache_reorder_moves_every_state(model):
+    """Reordering the hybrid cache's rows (as beam search does) moves K/V, conv and recurrent
+    states together: the swapped cache's next-step logits are the original's, swapped."""
+    a, _ = fixture_batch("single_448x448")
+    b, _ = fixture_batch("text_only")
+    _, cache, lengths = model.prefill([a, b], 16)
+    tokens = [a["input_ids"][-1], b["input_ids"][-1]]
+    swapped = jax.tree.map(jnp.copy, cache.reorder(np.array([1, 0])))  # decode_step donates
+    want, _ = model.decode_step(cache, tokens, lengths)
+    got, _ = model.decode_step(swapped, tokens[::-1], lengths[::-1])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want)[::-1], atol=1e-5)
+
+
+def test_beam_search_runs_on_the_hybrid_cache(model):
+    batch, _ = fixture_batch("text_only")
+    ids = model.generate(batch, max_new_tokens=8, num_beams=2)
+    assert 1 <= len(ids) <= 8
+    assert len(ids) == 8 or int(ids[-1]) in model.config.eos_ids
