@@ -339,8 +339,6 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
         if hf.get("model_type") == "minicpmv4_6":  # native-transformers 4.6: minicpmv_jax/v46
             from minicpmv_jax.v46.model import MiniCPMV46
 
-            if quant is not None:
-                raise CheckpointError("quant is not supported for MiniCPM-V 4.6 yet")
             if attn_impl != "xla":
                 raise CheckpointError("attn_impl is not supported for MiniCPM-V 4.6 yet")
             return MiniCPMV46.from_pretrained(
@@ -349,6 +347,7 @@ class MiniCPMV(GenerationMixin):  # generate(), chat(): chat.py
                 mesh,
                 progress=progress,
                 load_processor=load_processor,
+                quant=quant,
                 hf=hf,
             )
         config = MiniCPMVConfig.from_hf(hf, dtype=_as_dtype(dtype), attn_impl=attn_impl)
