@@ -172,14 +172,16 @@ def load_module(
     *,
     progress: bool = True,
     quant: str | quantization.QuantConfig | None = None,
+    attn_impl: str = "xla",
 ) -> tuple[MiniCPMVConfig, MiniCPMVModule]:
     """(config, module) of a checkpoint folder: config.json + safetensors, or an orbax folder.
 
     Stored tensors of any dtype are converted to `dtype` one at a time; `quant` as in
-    `MiniCPMV.from_pretrained` (an orbax folder written quantized loads quantized by itself).
+    `MiniCPMV.from_pretrained` (an orbax folder written quantized loads quantized by itself);
+    `attn_impl` selects the LLM's attention kernel (`kernels.IMPLS`).
     """
     hf = read_hf_config(folder)
-    config = MiniCPMVConfig.from_hf(hf, dtype=jnp.dtype(dtype))
+    config = MiniCPMVConfig.from_hf(hf, dtype=jnp.dtype(dtype), attn_impl=attn_impl)
     from minicpmv_jax import checkpoint  # lazy: orbax is only needed for orbax folders
 
     orbax = checkpoint.is_orbax_checkpoint(folder)  # written by convert.to_orbax / save()

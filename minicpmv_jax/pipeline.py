@@ -27,8 +27,9 @@ from minicpmv_jax import quant as quantization
 from minicpmv_jax.batching import Buckets
 from minicpmv_jax.chat import ChatSampler, ChatStats
 from minicpmv_jax.config import MiniCPMVConfig
-from minicpmv_jax.errors import CheckpointError
+from minicpmv_jax.errors import CheckpointError, MiniCPMVError
 from minicpmv_jax.generate import GenerationOutput, RequestShape, Sampler
+from minicpmv_jax.kernels import IMPLS
 from minicpmv_jax.settings import GenerationError
 from minicpmv_jax.sharding import make_mesh
 
@@ -76,6 +77,7 @@ class MiniCPMV:
         load_processor: bool = True,
         quant: str | quantization.QuantConfig | None = None,
         adapter: str | os.PathLike | None = None,
+        attn_impl: str = "xla",
     ) -> MiniCPMV:
         """Load an official checkpoint folder (or hub id): config.json + safetensors (+ processor).
 
@@ -90,24 +92,32 @@ class MiniCPMV:
           adapter: a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors),
             merged into the weights as PEFT's merge_and_unload does; `model.adapter` keeps it for
             further training (minicpmv_jax.train).
+          attn_impl: the LLM's attention kernel (`kernels.IMPLS`): "xla" (any backend), "cudnn"
+            (GPU flash attention, bf16 / fp16), "splash" (TPU Pallas prefill kernel, under
+            `shard_map` on a mesh) or "reference" (plain jnp).
         """
+        if attn_impl not in IMPLS:
+            raise MiniCPMVError(f"attn_impl {attn_impl!r} is not one of {IMPLS}")
         folder = network.resolve_checkpoint(path_or_hub_id)
         hf = network.read_hf_config(folder)
         if hf.get("model_type") == "minicpmv4_6":  # native-transformers 4.6: minicpmv_jax/v46
             from minicpmv_jax.v46.model import MiniCPMV46
 
-            if quant is not None:
-                raise CheckpointError("quant is not supported for MiniCPM-V 4.6 yet")
+            if attn_impl != "xla":
+                raise CheckpointError("attn_impl is not supported for MiniCPM-V 4.6 yet")
             return MiniCPMV46.from_pretrained(
                 folder,
                 jnp.dtype(dtype),
                 mesh,
                 progress=progress,
                 load_processor=load_processor,
+                quant=quant,
                 hf=hf,
             )
         mesh = mesh if mesh is not None else make_mesh()
-        config, module = network.load_module(folder, dtype, mesh, progress=progress, quant=quant)
+        config, module = network.load_module(
+            folder, dtype, mesh, progress=progress, quant=quant, attn_impl=attn_impl
+        )
         processor = None
         if load_processor:
             from minicpmv_jax.processor import MiniCPMVProcessor  # lazy: numpy/tokenizer side

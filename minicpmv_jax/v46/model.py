@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minicpmv_jax import quant as quantization
 from minicpmv_jax import sampling as smp
 from minicpmv_jax.errors import CheckpointError, MiniCPMVError
+from minicpmv_jax.model import AbstractRngs
 from minicpmv_jax.settings import GenerationSettings
-from minicpmv_jax.sharding import RULES, make_mesh
+from minicpmv_jax.sharding import RULES, _fit, make_mesh, mesh_shape
 from minicpmv_jax.v46 import vision_inputs
 from minicpmv_jax.v46.config import MiniCPMV46Config, check_downsample_mode
 from minicpmv_jax.v46.projector import Projector
@@ -34,6 +36,54 @@ from minicpmv_jax.v46.siglip2 import Siglip2Tower
 
 # DeltaNet projections shard their heads over `tensor` like the attention heads.
 RULES_46 = (*RULES, ("lin_heads", "tensor"), ("lin_v_heads", "tensor"))
+
+
+def logical_sizes_46(cfg: MiniCPMV46Config) -> dict[str, set[int]]:
+    """Per logical axis, the sizes its mesh axes must divide (as sharding.logical_sizes)."""
+    llm, vis = cfg.llm, cfg.vision
+    return {
+        "embed": {llm.hidden_size},
+        "mlp": {llm.intermediate_size},
+        "vocab": {llm.vocab_size},
+        "q_heads": {llm.num_heads},
+        "kv_heads": {llm.num_kv_heads},
+        "lin_heads": {llm.lin_num_key_heads, llm.lin_num_value_heads},
+        "lin_v_heads": {llm.lin_num_value_heads},
+        "vis_embed": {vis.hidden_size},
+        "vis_mlp": {vis.intermediate_size},
+        "vis_heads": {vis.num_heads},
+        "head_dim": {llm.head_dim, llm.lin_value_head_dim},
+        "positions": {vis.patches_per_side**2},
+    }
+
+
+def rules_46(cfg: MiniCPMV46Config, mesh) -> tuple:
+    """RULES_46 on one mesh: an axis whose sizes the mesh axes do not divide is sharded over the
+    longest dividing prefix, or replicated (the fallback of sharding.rules_for)."""
+    shape = mesh_shape(mesh)
+    sizes = logical_sizes_46(cfg)
+    return tuple(
+        (name, _fit(target, sizes[name], shape) if name in sizes and target else target)
+        for name, target in RULES_46
+    )
+
+
+class Quant46(quantization.QuantConfig):
+    """int8 weight-only layers of 4.6: the text model's projections (the LM head is the tied
+    embedding and stays float); with vision=True also the SigLIP2 encoder layers."""
+
+    def selects(self, name: str) -> bool:
+        if name.startswith("model.language_model.layers."):
+            return self.llm
+        if name.startswith("model.vision_tower.encoder.layers."):
+            return self.vision
+        return False
+
+
+def parse_quant(quant) -> Quant46 | None:
+    q = quantization.parse(quant)
+    return None if q is None else Quant46(llm=q.llm, lm_head=False, vision=q.vision)
+
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
 GENERATION_KEYS = (
@@ -234,16 +284,27 @@ class MiniCPMV46:
 
     # ------------------------------------------------------------------ construction
     @staticmethod
-    def abstract_module(config: MiniCPMV46Config, mesh=None):
+    def abstract_module(config: MiniCPMV46Config, mesh=None, quant=None):
+        """(graphdef, abstract state) with shardings and no memory; quant: None / "int8" /
+        "int8+vision" (the layers Quant46 selects become int8 with per-channel scales)."""
         mesh = mesh if mesh is not None else make_mesh()
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES_46):
-            return nnx.get_abstract_model(lambda: MiniCPMV46Module(config, rngs=nnx.Rngs(0)), mesh)
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_46(config, mesh)):
+            return nnx.get_abstract_model(
+                lambda: quantization.quantize_module(
+                    MiniCPMV46Module(config, rngs=AbstractRngs()), parse_quant(quant)
+                ),
+                mesh,
+            )
 
     @classmethod
-    def from_config(cls, config: MiniCPMV46Config, *, seed: int = 0, mesh=None, processor=None):
+    def from_config(
+        cls, config: MiniCPMV46Config, *, seed: int = 0, mesh=None, processor=None, quant=None
+    ):
+        """Randomly initialised model (tests, benchmarks)."""
         mesh = mesh if mesh is not None else make_mesh()
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES_46):
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_46(config, mesh)):
             module = MiniCPMV46Module(config, rngs=nnx.Rngs(seed))
+            module = quantization.quantize_module(module, parse_quant(quant))
         return cls(config, module, processor, mesh=mesh)
 
     @classmethod
@@ -255,11 +316,16 @@ class MiniCPMV46:
         *,
         progress: bool = True,
         load_processor: bool = True,
+        quant=None,
         hf: dict | None = None,
     ) -> MiniCPMV46:
-        """Load a native-transformers 4.6 folder (config.json + safetensors, tied embeddings)."""
+        """Load a native-transformers 4.6 folder (config.json + safetensors, tied embeddings,
+        streamed one tensor at a time) or an orbax folder written by `checkpoint.save`.
+
+        quant: None, "int8" or "int8+vision" (quantized on the host while loading)."""
         import pathlib
 
+        from minicpmv_jax import checkpoint
         from minicpmv_jax.weights import checkpoint_files, load_safetensors
 
         folder = pathlib.Path(folder)
@@ -272,10 +338,16 @@ class MiniCPMV46:
         generation = json.loads(gen_file.read_text()) if gen_file.exists() else None
         config = MiniCPMV46Config.from_hf(hf, dtype=dtype, generation=generation)
         mesh = mesh if mesh is not None else make_mesh()
-        graphdef, abstract = cls.abstract_module(config, mesh)
-        module = load_safetensors(
-            graphdef, abstract, checkpoint_files(folder)[0], progress=progress
-        )
+        if checkpoint.is_orbax_checkpoint(folder):
+            stored = quantization.stored_quant(checkpoint.read_metadata(folder))
+            graphdef, abstract = cls.abstract_module(config, mesh, stored)
+            module = checkpoint.restore_module(folder, graphdef, abstract, progress=progress)
+            if quant is not None and stored is None:
+                module = quantization.quantize_module(module, parse_quant(quant))
+        else:
+            graphdef, abstract = cls.abstract_module(config, mesh, quant)
+            files = checkpoint_files(folder)[0]
+            module = load_safetensors(graphdef, abstract, files, progress=progress)
         processor = None
         if load_processor:
             from minicpmv_jax.v46.processor import MiniCPMV46Processor
