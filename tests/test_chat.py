@@ -5,8 +5,10 @@ import pytest
 from conftest import FIXTURES, VERSIONS, all_cases, load_case
 from gen_helpers import case_messages, load_model
 
-from minicpmv_jax.chat import chat_generation_defaults, make_settings, postprocess
+from minicpmv_jax import versions
+from minicpmv_jax.chat import postprocess
 from minicpmv_jax.processor import MiniCPMVProcessor
+from minicpmv_jax.settings import GenerationSettings
 
 # (version folder, case) replayed through chat(**chat_kwargs) end to end
 CHAT_CASES = [
@@ -20,13 +22,13 @@ CHAT_CASES = [
 
 
 def test_official_defaults():
-    assert chat_generation_defaults("2.6", sampling=False) == {
+    assert versions.spec("2.6").generation_defaults(sampling=False) == {
         "do_sample": False,
         "num_beams": 3,
         "repetition_penalty": 1.2,
     }
     for v, penalty in (("2.5", 1.05), ("2.6", 1.05), ("4.5", 1.03)):
-        d = chat_generation_defaults(v, sampling=True)
+        d = versions.spec(v).generation_defaults(sampling=True)
         assert d == {
             "do_sample": True,
             "top_p": 0.8,
@@ -34,11 +36,19 @@ def test_official_defaults():
             "temperature": 0.7,
             "repetition_penalty": penalty,
         }
-    thinking = chat_generation_defaults("4.5", sampling=True, enable_thinking=True)
+    thinking = versions.spec("4.5").generation_defaults(sampling=True, enable_thinking=True)
     assert thinking == {"do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 1.0}
-    assert make_settings("2.5", None, True, False, {}).max_new_tokens == 1024
-    assert make_settings("2.6", None, True, False, {}).max_new_tokens == 2048
-    s = make_settings("4.5", 7, False, False, {"num_beams": 1, "length_penalty": 0.5})
+    assert (
+        GenerationSettings.for_chat(versions.spec("2.5"), None, True, False, {}).max_new_tokens
+        == 1024
+    )
+    assert (
+        GenerationSettings.for_chat(versions.spec("2.6"), None, True, False, {}).max_new_tokens
+        == 2048
+    )
+    s = GenerationSettings.for_chat(
+        versions.spec("4.5"), 7, False, False, {"num_beams": 1, "length_penalty": 0.5}
+    )
     assert (s.max_new_tokens, s.num_beams, s.repetition_penalty, s.length_penalty) == (
         7,
         1,

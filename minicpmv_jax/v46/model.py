@@ -26,6 +26,7 @@ from minicpmv_jax import quant as quantization
 from minicpmv_jax import sampling as smp
 from minicpmv_jax.errors import CheckpointError, MiniCPMVError
 from minicpmv_jax.model import AbstractRngs
+from minicpmv_jax.settings import GenerationSettings
 from minicpmv_jax.sharding import RULES, _fit, make_mesh, mesh_shape
 from minicpmv_jax.v46 import vision_inputs
 from minicpmv_jax.v46.config import MiniCPMV46Config, check_downsample_mode
@@ -567,15 +568,19 @@ class MiniCPMV46:
             **defaults,
             **{k: kwargs[k] for k in kwargs if k not in ("early_stopping", "seed")},
         }
-        try:
-            mode = smp.DecodeMode(
-                do_sample=bool(sampling),
-                num_beams=num_beams,
-                early_stopping=kwargs.get("early_stopping", False),
-            )
-            params = smp.SamplingParams.create(repetition_penalty=repetition_penalty, **knobs)
-        except ValueError as e:
-            raise MiniCPMVError(str(e)) from None
+        early_stopping = kwargs.get("early_stopping", False)
+        GenerationSettings(  # the one check of decoding values (raises GenerationError)
+            max_new_tokens=max_new,
+            do_sample=bool(sampling),
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+            early_stopping=early_stopping,
+            **knobs,
+        )
+        mode = smp.DecodeMode(
+            do_sample=bool(sampling), num_beams=num_beams, early_stopping=early_stopping
+        )
+        params = smp.SamplingParams.create(repetition_penalty=repetition_penalty, **knobs)
         single = not isinstance(batch, (list, tuple))
         reqs = [batch] if single else list(batch)
         if not reqs:
