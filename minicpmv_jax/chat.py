@@ -52,34 +52,67 @@ def postprocess(ids: np.ndarray, processor, enable_thinking: bool = False) -> st
 
 
 class _TextStream:
-    """Incremental detokenisation: yields only complete UTF-8 text.
+    """Incremental detokenisation in time linear in the answer: yields complete UTF-8 text.
 
-    The text after each token is ``postprocess`` of the tokens so far, which already holds back
-    trailing whitespace (``strip``); a trailing replacement character (an unfinished multi-byte
-    sequence) is held back too. Every piece extends the previous ones, so the concatenation of the
+    Each token decodes only a short window (the ids since the last emitted piece, plus the ones
+    before them for context), as transformers' ``TextStreamer`` and vLLM do; a window ending in a
+    replacement character (an unfinished multi-byte sequence) waits for more tokens. The rules of
+    ``postprocess`` apply on the way: id 0 and a leading bos are dropped, a terminator ends the
+    answer, leading whitespace is dropped and trailing whitespace held back until more text
+    follows (``strip``), and the thinking prefix opens the answer. The concatenation of the
     pieces equals the blocking answer.
     """
 
     def __init__(self, processor, enable_thinking: bool):
         self.processor = processor
-        self.enable_thinking = enable_thinking
-        self.ids: list[int] = []
-        self.sent = ""
         self.terminators = set(processor.terminators)
+        self.bos = getattr(processor, "bos_id", None)
+        self.head = versions.spec(processor.version).thinking_prefix if enable_thinking else ""
+        self.ids: list[int] = []  # the answer's ids after postprocess's filtering
+        self.prefix = 0  # ids[prefix:read]: context of the next window, already emitted
+        self.read = 0  # ids[read:]: not emitted yet
+        self.held = ""  # trailing whitespace held back
+        self.started = False  # a non-whitespace character was emitted
 
-    def _emit(self, text: str) -> str:
-        if not text.startswith(self.sent):  # cannot happen for byte-level BPE; be safe
-            return ""
-        piece, self.sent = text[len(self.sent) :], text
-        return piece
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self.processor.decode(np.asarray(self.ids[start:end], np.int64))
+
+    def _emit(self, piece: str) -> str:
+        text = self.held + piece
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+            text = self.head + text
+        kept = text.rstrip()
+        self.held = text[len(kept) :]
+        return kept
 
     def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        text = postprocess(np.asarray(self.ids), self.processor, self.enable_thinking)
-        return self._emit(text.removesuffix("\ufffd"))
+        token = int(token)
+        if token == 0 or token in self.terminators or (not self.ids and token == self.bos):
+            return ""  # postprocess: every id 0, a leading bos, the final terminator
+        self.ids.append(token)
+        before = self._decode(self.prefix, self.read)
+        text = self._decode(self.prefix)
+        if text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return self._emit(text[len(before) :])
 
     def flush(self) -> str:
-        return self._emit(postprocess(np.asarray(self.ids), self.processor, self.enable_thinking))
+        """The rest of the answer (an unfinished multi-byte tail decodes as the blocking answer
+        decodes it); held-back trailing whitespace is dropped."""
+        piece = ""
+        if self.read < len(self.ids):
+            piece = self._decode(self.prefix)[len(self._decode(self.prefix, self.read)) :]
+            self.prefix = self.read = len(self.ids)
+            piece = self._emit(piece)
+        if not self.started:  # an empty answer is the thinking prefix alone
+            self.started = True
+            return self.head
+        return piece
 
 
 @dataclasses.dataclass

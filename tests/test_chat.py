@@ -6,7 +6,7 @@ from conftest import FIXTURES, VERSIONS, all_cases, load_case
 from gen_helpers import case_messages, load_model
 
 from minicpmv_jax import versions
-from minicpmv_jax.chat import postprocess
+from minicpmv_jax.chat import _TextStream, postprocess
 from minicpmv_jax.processor import MiniCPMVProcessor
 from minicpmv_jax.settings import GenerationSettings
 
@@ -94,3 +94,33 @@ def test_chat_replays_the_official_call(version, name):
         # official sampling defaults run (seeded, deterministic)
         a = model.chat(msgs, max_new_tokens=6, seed=0)
         assert isinstance(a, str) and a == model.chat(msgs, max_new_tokens=6, seed=0)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_streamed_text_is_the_answer_in_linear_time(processors, version):
+    """Streamed pieces add up to postprocess() of the same ids, for every case's generated ids
+    and for a 2000-token answer made of them; the tokenizer decodes O(answer) ids in total (the
+    window per token stays short), not the whole answer again per token."""
+    proc = processors[version]
+    decoded = []
+    decode = proc.decode
+    proc.decode = lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw)
+    try:
+        answers, body = [], []
+        for _, folder in all_cases((version,)):
+            case = load_case(folder)["case"]
+            ids = list(case["generated_ids"])
+            answers.append((ids, case["chat_kwargs"].get("enable_thinking", False)))
+            body += [t for t in ids if t not in proc.terminators]
+        long = (body * (2000 // len(body) + 1))[:2000]
+        answers.append((long + [proc.terminators[0]], version == "4.5"))
+        for ids, thinking in answers:
+            stream = _TextStream(proc, thinking)
+            decoded.clear()
+            text = "".join([stream.push(t) for t in ids] + [stream.flush()])
+            proc.decode = decode  # the reference answer's decoding is not counted
+            assert text == postprocess(np.asarray(ids), proc, thinking)
+            proc.decode = lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw)
+            assert sum(decoded) <= 16 * len(ids), (sum(decoded), len(ids))
+    finally:
+        proc.decode = decode
