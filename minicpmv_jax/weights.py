@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from minicpmv_jax import quant
 from minicpmv_jax.errors import CheckpointError
-from minicpmv_jax.sharding import place
+from minicpmv_jax.sharding import path_name, place
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,6 @@ EXCEPTIONS: dict[str, tuple[str, Transform, Callable[[tuple], tuple]]] = {
 
 
 STACKS = ("llm.model.layers", "vpm.encoder.layers")  # stacked layers: leading axis L
-
-
-def path_name(path: Iterable[Any] | str) -> str:
-    """nnx state path ('llm', 'model', 'layers', 'mlp', ...) -> 'llm.model.layers.mlp....'."""
-    if isinstance(path, str):
-        return path
-    return ".".join(str(getattr(p, "key", p)) for p in path)
 
 
 def stack_of(path: Iterable[Any] | str) -> str | None:

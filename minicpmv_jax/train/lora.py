@@ -222,7 +222,7 @@ def peft_name(name: str, config: LoraConfig, *, saved: bool = False) -> str:
         raise ValueError(f"{name} is neither a LoRA tensor nor in modules_to_save")
     if saved:
         return PEFT_PREFIX + name
-    return f"{PEFT_PREFIX}{module}.modules_to_save.default{name[len(module) :]}"
+    return f"{PEFT_PREFIX}{module}.modules_to_save.default{name[len(module):]}"
 
 
 def save_adapter(
@@ -301,14 +301,7 @@ class Adapter:
 
 def _replace(model, module) -> Any:
     """A new MiniCPMV around `module` with the same config, processor and mesh."""
-    return type(model)(
-        model.config,
-        module,
-        model.processor,
-        mesh=model.mesh,
-        slice_buckets=model.slice_buckets,
-        token_bucket=model.token_bucket,
-    )
+    return type(model)(model.config, module, model.processor, mesh=model.mesh)
 
 
 def merge_lora(model, adapter: Adapter, saved: Mapping[str, np.ndarray] | None = None):
