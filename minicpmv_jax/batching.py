@@ -113,12 +113,13 @@ class VisionBatch:
         def cat(name, fill, dtype, per_patch=True):
             xs = []
             for o in parts:
-                x = np.asarray(o[name]).astype(dtype)
+                x = np.asarray(o[name], dtype)  # no copy when the dtype already matches
                 if per_patch and x.shape[1] < p:  # [I, P, ...]: pad P to the batch's
                     widths = [(0, 0), (0, p - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
                     x = np.pad(x, widths, constant_values=fill)
                 xs.append(x)
-            return np.concatenate(xs, axis=0)
+            # one conversation: its arrays as they are (a video's pixels are GBs: no copy)
+            return xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
 
         groups, temporal, offset = [], [], 0
         for o in parts:
@@ -145,6 +146,8 @@ class VisionBatch:
         n = self.num_slices
         if slices < n:
             raise ValueError(f"cannot pad {n} slices to {slices}")
+        if slices == n:
+            return self
 
         def pad(x, fill):
             return np.pad(x, [(0, slices - n)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)

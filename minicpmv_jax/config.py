@@ -24,6 +24,11 @@ def _dtype(d: Any) -> jnp.dtype:
 REMAT = ("none", "full", "dots")  # the policies of layers.REMAT_POLICIES
 
 
+def _check_batch_size(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"vision_batch_size must be a positive integer, got {n!r}")
+
+
 def _check_remat(remat: str) -> None:
     if remat not in REMAT:
         raise ValueError(f"unknown remat policy {remat!r}; expected one of {REMAT}")
@@ -41,12 +46,14 @@ class VisionConfig:
     image_size: int = 980
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
+    batch_size: int = 16  # slices per chunk of the tower (official `vision_batch_size`)
     remat: str = "none"  # per-layer rematerialisation: "none" | "full" | "dots" (layers.py)
     param_dtype: jnp.dtype = jnp.bfloat16
     dtype: jnp.dtype = jnp.bfloat16
 
     def __post_init__(self):
         _check_remat(self.remat)
+        _check_batch_size(self.batch_size)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} % heads {self.num_heads} != 0")
 
@@ -81,6 +88,7 @@ class VisionConfig:
             "image_size": vc.get("image_size", 980),
             "num_channels": vc.get("num_channels", 3),
             "layer_norm_eps": vc.get("layer_norm_eps", 1e-6),
+            "batch_size": hf.get("vision_batch_size", 16),
         }
         kw.update(overrides)
         return cls(**kw)
@@ -96,10 +104,12 @@ class ResamplerConfig:
     num_heads: int  # official: embed_dim // 128
     temporal: bool = False  # 4.5 3D resampler: temporal sin-cos term on keys + frame groups
     layer_norm_eps: float = 1e-6
+    batch_size: int = 16  # slices per chunk (the vision tower's `vision_batch_size`)
     param_dtype: jnp.dtype = jnp.bfloat16
     dtype: jnp.dtype = jnp.bfloat16
 
     def __post_init__(self):
+        _check_batch_size(self.batch_size)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"resampler embed_dim {self.embed_dim} % heads {self.num_heads} != 0")
         if self.embed_dim % 4:
@@ -118,6 +128,7 @@ class ResamplerConfig:
             "kv_dim": (hf.get("vision_config", {}) or {}).get("hidden_size", 1152),
             "num_heads": d // 128,  # official: `num_heads=embed_dim // 128`
             "temporal": versions.spec(version).temporal,
+            "batch_size": hf.get("vision_batch_size", 16),
         }
         kw.update(overrides)
         return cls(**kw)
@@ -219,6 +230,15 @@ class MiniCPMVConfig:
             self,
             vision=dataclasses.replace(self.vision, remat=policy),
             llm=dataclasses.replace(self.llm, remat=policy),
+        )
+
+    def with_vision_batch_size(self, n: int) -> MiniCPMVConfig:
+        """Same config with `n` slices per chunk of the vision tower and resampler (the official
+        `vision_batch_size`; peak vision memory grows with it, speed too, up to a point)."""
+        return dataclasses.replace(
+            self,
+            vision=dataclasses.replace(self.vision, batch_size=n),
+            resampler=dataclasses.replace(self.resampler, batch_size=n),
         )
 
     @classmethod

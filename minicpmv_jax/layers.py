@@ -1,5 +1,6 @@
 """Shared building blocks: dense(), RMSNorm, LayerNorm, RoPE, the attention switch attend() and
-the layer stack (stack_layers / scan_layers: stacked parameters under nnx.scan, optional remat)."""
+the layer stack (stack_layers / scan_layers: stacked parameters under nnx.scan, optional remat)
+and map_chunks (bounded-memory batches of independent rows)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,33 @@ def scan_layers(step, carry, layers: nnx.Module, remat: str = "none"):
         step = nnx.remat(step, policy=REMAT_POLICIES[remat], prevent_cse=False, graph=False)
     scan = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, graph=False)
     return scan(carry, layers)
+
+
+def map_chunks(f, xs: tuple, size: int, pads: tuple):
+    """`f(*xs)` computed `size` rows at a time inside one program (jax.lax.map over chunks).
+
+    Peak activation memory is then that of one chunk, whatever the number of rows: the official
+    code runs the vision tower on at most `vision_batch_size` slices per call for the same
+    reason. Rows must be independent of each other. The row count is padded up to a multiple of
+    `size` with `pads` (one fill value per array) and the padding rows are dropped again.
+
+    Args:
+      f: function of arrays with leading dim R (R <= size) -> pytree of arrays with leading R.
+      xs: arrays with the same leading dim I.
+      size: rows per chunk (static).
+      pads: fill value of the padding rows, one per array of `xs`.
+    """
+    i = xs[0].shape[0]
+    if i <= size:
+        return f(*xs)
+    n = -(-i // size)
+
+    def chunked(a, value):  # [I, ...] -> [n, size, ...]
+        a = jnp.pad(a, [(0, n * size - i)] + [(0, 0)] * (a.ndim - 1), constant_values=value)
+        return a.reshape(n, size, *a.shape[1:])
+
+    out = jax.lax.map(lambda a: f(*a), tuple(chunked(a, v) for a, v in zip(xs, pads, strict=True)))
+    return jax.tree.map(lambda o: o.reshape(n * size, *o.shape[2:])[:i], out)
 
 
 def param(shape, names, *, param_dtype, rngs: nnx.Rngs, init=None) -> nnx.Param:

@@ -6,7 +6,10 @@ their logical names go through the same `sharding.rules_for` table (with its
 fallbacks) that loading uses, so the parameter and KV-cache numbers are exact per-device shard
 sizes. Activations are an analytic estimate of the largest set live at once in a prefill with
 the XLA attention path (the one that materialises [N, T, S] scores); XLA fusion usually needs
-less, collective buffers and the compiled program's code are not counted.
+less, collective buffers and the compiled program's code are not counted. Vision activations
+count every slice's inputs and tower output plus ONE chunk of `vision_batch_size` slices in the
+tower and resampler (they run chunk by chunk); they agree with XLA's memory analysis of the
+compiled vision program within 25% (tests/test_vision_memory.py).
 
 `markdown_table(...)` renders the README table (`python -m minicpmv_jax.memory`).
 """
@@ -124,7 +127,8 @@ def plan(
       mesh: (data, fsdp, tensor), {axis: size}, a Mesh or an AbstractMesh.
       batch: B rows; cache_len: S KV slots per row (prompt bucket + new tokens).
       prompt_len: T tokens of the prefill (default cache_len - 256, at least 1).
-      num_slices, patch_bucket: I image slices of P patches encoded in the prefill (0 = text).
+      num_slices, patch_bucket: I image slices (the slice bucket) of P patches encoded in the
+        prefill (0 = text); the config's vision batch size sets the chunk.
       param_dtype, dtype, cache_dtype: override the config's parameter / compute dtypes and
         the cache dtype (default: compute dtype).
       full_logits: count [B, T, V] float32 logits (prompt_logits) instead of the last row only.
@@ -180,18 +184,26 @@ def plan(
 
     vision_peak = 0
     if num_slices:
-        i, p, dv = num_slices, patch_bucket, vis.hidden_size
+        i, p, dv, cb = num_slices, patch_bucket, vis.hidden_size, cdt.itemsize
+        # tower and resampler run c slices at a time (lax.map over chunks, vision_batch_size)
+        c = min(vis.batch_size, i)
         nv, fv = split("vis_heads", vis.num_heads), split("vis_mlp", vis.intermediate_size)
-        inputs = i * p * (vis.patch_dim * f32 + 4 * 3)  # patches + ids / masks
-        x = 2 * i * p * dv * cdt.itemsize
-        v_attn = 3 * i * p * nv * vis.head_dim * cdt.itemsize + 2 * i * nv * p * p * f32
-        v_mlp = 2 * i * p * fv * cdt.itemsize
-        # resampler: per slice [N, Q, P] float32 scores, keys / values [I, P, D]
+        # every slice: patches float32, position ids int32, two bool masks (a padded copy when
+        # the chunk size does not divide I); the tower output that feeds the resampler
+        inputs = i * p * (vis.patch_dim * f32 + 4 + 2) * (2 if i % c else 1)
+        feats = i * p * dv * cb
+        # one chunk of the tower: residual + block output, q / k / v, and three float32
+        # [N, P, P] buffers per slice in XLA's attention (scores, masked scores, probabilities)
+        x = 2 * c * p * dv * cb
+        v_attn = 3 * c * p * nv * vis.head_dim * cb + 3 * c * nv * p * p * f32
+        v_mlp = 2 * c * p * fv * cb
+        # one chunk of the resampler: kv, keys (+ position terms), values [c, P, D], float32
+        # [N, Q, P] scores and exponentials; per-slice softmax partials of every slice
         res = config.resampler
-        r = 2 * i * p * d * cdt.itemsize + 2 * i * split("q_heads", res.num_heads) * (
-            res.num_queries * p * f32
-        )
-        vision_peak = inputs + x + max(v_attn, v_mlp, r)
+        nr = split("q_heads", res.num_heads)
+        r = 4 * c * p * d * cb + 2 * c * nr * res.num_queries * p * f32
+        partials = i * nr * res.num_queries * (res.head_dim + 2) * f32
+        vision_peak = inputs + feats + partials + max(x + max(v_attn, v_mlp), r)
     activations = max(llm_peak, vision_peak)
     detail = {
         "rules": rules,

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from minicpmv_jax.config import ResamplerConfig
-from minicpmv_jax.layers import LayerNorm, dense, param
+from minicpmv_jax.layers import LayerNorm, dense, map_chunks, param
 
 
 def _omega(n: int) -> np.ndarray:
@@ -122,26 +122,37 @@ class Resampler(nnx.Module):
         Returns: [G, Q, D] in the compute dtype.
         """
         c = self.cfg
-        i, p, _ = x.shape
         n, h, d, dt = c.num_heads, c.head_dim, c.embed_dim, c.dtype
-        x = x.astype(dt)
-        kv = self.ln_kv(self.kv_proj(x) if self.kv_proj is not None else x)  # [I, P, D]
-        k_in = kv + sincos_2d(tgt_sizes, p, d).astype(dt)  # the table is cast to x's dtype
-        if c.temporal and temporal_ids is not None:
-            k_in = k_in + sincos_temporal(temporal_ids, d).astype(dt)[:, None, :]
         q = self.attn.q_proj(self.ln_q(self.query[...].astype(dt)))  # [Q, D]
         # torch MHA (non-fused path) scales q by 1/sqrt(head_dim) before the product.
         q = (q * (1.0 / np.sqrt(h)).astype(np.float32)).reshape(-1, n, h)  # [Q, N, H]
-        k = self.attn.k_proj(k_in).reshape(i, p, n, h)  # [I, P, N, H]
-        v = self.attn.v_proj(kv).reshape(i, p, n, h)  # value = kv (no position terms)
+        temporal = c.temporal and temporal_ids is not None
+        if temporal_ids is None:
+            temporal_ids = jnp.full(x.shape[:1], -1, jnp.int32)
 
-        s = jnp.einsum("qnh,ipnh->inqp", q, k).astype(jnp.float32)  # [I, N, Q, P]
-        valid = key_valid[:, None, None, :]  # [I, 1, 1, P]
-        m = jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1)  # [I, N, Q]
-        m = jnp.where(jnp.isfinite(m), m, 0.0)  # padding slices: no valid key
-        e = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)  # [I, N, Q, P]
-        l_i = jnp.sum(e, axis=-1)  # [I, N, Q]
-        o_i = jnp.einsum("inqp,ipnh->inqh", e, v.astype(jnp.float32))  # [I, N, Q, H]
+        def partials(x, tgt_sizes, key_valid, temporal_ids):
+            """Per-slice softmax partials of R slices: max m, sum l [R, N, Q], output o [R, N, Q, H]."""
+            r, p, _ = x.shape
+            x = x.astype(dt)
+            kv = self.ln_kv(self.kv_proj(x) if self.kv_proj is not None else x)  # [R, P, D]
+            k_in = kv + sincos_2d(tgt_sizes, p, d).astype(dt)  # the table is cast to x's dtype
+            if temporal:
+                k_in = k_in + sincos_temporal(temporal_ids, d).astype(dt)[:, None, :]
+            k = self.attn.k_proj(k_in).reshape(r, p, n, h)  # [R, P, N, H]
+            v = self.attn.v_proj(kv).reshape(r, p, n, h)  # value = kv (no position terms)
+            s = jnp.einsum("qnh,ipnh->inqp", q, k).astype(jnp.float32)  # [R, N, Q, P]
+            valid = key_valid[:, None, None, :]  # [R, 1, 1, P]
+            m = jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1)  # [R, N, Q]
+            m = jnp.where(jnp.isfinite(m), m, 0.0)  # padding slices: no valid key
+            e = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)  # [R, N, Q, P]
+            o_i = jnp.einsum("inqp,ipnh->inqh", e, v.astype(jnp.float32))  # [R, N, Q, H]
+            return m, jnp.sum(e, axis=-1), o_i
+
+        # Slices `batch_size` at a time (bounded memory, as the vision tower), then the softmax
+        # partials of each group's slices are combined.
+        m, l_i, o_i = map_chunks(
+            partials, (x, tgt_sizes, key_valid, temporal_ids), c.batch_size, (0, 0, False, -1)
+        )
 
         g = num_groups
         gid = jnp.where(group_index >= 0, group_index, g).astype(jnp.int32)  # g = dropped

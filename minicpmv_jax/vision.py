@@ -5,6 +5,9 @@ bucketed `position_ids` [I, P] and the key mask `vision_mask` [I, P]. The conv p
 (kernel = stride = 14) is a Dense layer over patch vectors (weights.py reshapes the conv kernel).
 The encoder layers are one stack (parameters with a leading L axis, `encoder.layers.fc1.kernel`
 [L, Dv, Fv]) run under one `nnx.scan`, optionally rematerialised (`VisionConfig.remat`).
+Slices go through the tower `VisionConfig.batch_size` at a time (the official `vision_batch_size`,
+16) inside the compiled program, so activation memory is that of one chunk, not of every slice
+or video frame of a request.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpmv_jax.config import VisionConfig
-from minicpmv_jax.layers import LayerNorm, attend, dense, embed, scan_layers, stack_layers
+from minicpmv_jax.layers import (
+    LayerNorm,
+    attend,
+    dense,
+    embed,
+    map_chunks,
+    scan_layers,
+    stack_layers,
+)
 
 
 class VisionEmbeddings(nnx.Module):
@@ -107,7 +118,14 @@ class VisionTower(nnx.Module):
             patch < maxL of the whole call). Each row needs at least one True.
         Returns: [I, P, Dv] in the compute dtype (padded rows are computed, not meaningful).
         """
+        # padding slices of the last chunk attend every key (finite), then are dropped
+        return map_chunks(
+            self._encode, (patches, position_ids, key_mask), self.cfg.batch_size, (0, 0, True)
+        )
+
+    def _encode(self, patches, position_ids, key_mask):
+        """One chunk of slices: [R, P, 588], [R, P], [R, P] -> [R, P, Dv]."""
         x = self.embeddings(patches, position_ids).astype(self.cfg.dtype)
-        mask = key_mask[:, None, None, :]  # [I, 1, 1, P]
+        mask = key_mask[:, None, None, :]  # [R, 1, 1, P]
         x = scan_layers(lambda x, layer: layer(x, mask), x, self.encoder.layers, self.cfg.remat)
         return self.post_layernorm(x)

@@ -1,0 +1,80 @@
+"""Bounded vision memory: the tower and resampler run `vision_batch_size` slices at a time.
+
+Chunked runs reproduce the official outputs (golden fixtures, chunks that do not divide the
+slice count, temporal groups split across chunks), and `memory.plan`'s vision activations agree
+with XLA's memory analysis of the compiled vision program for issue 11's two large requests.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import FIXTURES, case_pil_messages, load_case
+
+from benchmarks import vision_memory
+from minicpmv_jax import MiniCPMV, memory
+
+TOL = 1e-4  # as test_model's vision / resampler stages (float32, absolute)
+
+
+@functools.cache
+def _model(folder: str, vision_batch_size: int, tmp) -> MiniCPMV:
+    ckpt = tmp / f"{folder}-{vision_batch_size}"
+    shutil.copytree(FIXTURES / folder / "checkpoint", ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["vision_batch_size"] = vision_batch_size
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    return MiniCPMV.from_pretrained(ckpt, dtype="float32", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("folder", "case", "chunk"),
+    [
+        ("minicpm-v-2_6", "multi_image", 4),  # 6 slices: chunks of 4, the last one padded
+        ("minicpm-v-4_5", "video_12f_pack2", 5),  # 12 frames, groups of 2 split across chunks
+    ],
+)
+def test_chunked_vision_matches_fixture(folder, case, chunk, tmp_path_factory):
+    model = _model(folder, chunk, tmp_path_factory.mktemp("ckpt"))
+    assert model.config.vision.batch_size == chunk == model.config.resampler.batch_size
+    data = load_case(FIXTURES / folder / "cases" / case)
+    cj = data["case"]
+    kwargs = {
+        k: cj["chat_kwargs"][k]
+        for k in ("max_slice_nums", "use_image_id", "temporal_ids")
+        if k in cj["chat_kwargs"]
+    }
+    batch = model.processor(case_pil_messages(data["dir"], cj), **kwargs)
+    assert len(batch["tgt_sizes"]) > chunk  # more slices than one chunk
+    got = model.vision_features(batch)
+    want = data["vision"]["last_hidden_state"]
+    for i, (h, w) in enumerate(batch["tgt_sizes"]):
+        np.testing.assert_allclose(got[i, : h * w], want[i, : h * w], rtol=0, atol=TOL)
+    np.testing.assert_allclose(model.resample(batch), data["resampler"]["output"], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize(
+    ("folder", "slices", "patches"),
+    [
+        # vision_memory's cases: a 10-minute 4.5 video (540 frames -> slice bucket 576) and
+        # eight 4032x3024 photos on 2.6 (80 slices -> bucket 128)
+        ("minicpm-v-4_5", 576, 1152),
+        ("minicpm-v-2_6", 128, 1152),
+    ],
+)
+def test_plan_matches_compiled_vision_program(folder, slices, patches, tmp_path_factory):
+    """memory.plan's vision activations are within 25% of what XLA allocates for the compiled
+    tower + resampler program (arguments without weights + outputs + temporaries), and the
+    chunking keeps that program far below its unchunked size."""
+    model = _model(folder, 16, tmp_path_factory.mktemp("ckpt"))
+    measured = vision_memory.vision_program_bytes(model, slices, patches)["total"]
+    p = memory.plan(model.config, num_slices=slices, patch_bucket=patches, cache_len=1)
+    assert abs(p.detail["vision_activations"] - measured) <= 0.25 * measured
+    one_pass = memory.plan(
+        model.config.with_vision_batch_size(slices), num_slices=slices, patch_bucket=patches
+    )
+    assert one_pass.detail["vision_activations"] > 4 * measured
