@@ -69,7 +69,7 @@ def prepare_batch(
 
     Returns a dict of numpy arrays: input_ids, labels, positions, image_slot [B, Tb]; and, when
     the batch has images, the slice arrays of `model.pad_image_inputs` ([Ib, Pb, ...]);
-    plus the static `num_groups` (0 = no image in the batch) and `length` (the batch's T).
+    plus the static `num_groups` (0 = no vision input) and `length` (the batch's T).
     """
     cfg, proc = model.config, model.processor
     q, p = cfg.query_num, proc.patch_size
@@ -104,10 +104,11 @@ def prepare_batch(
         "num_groups": 0,
         "length": t,
     }
-    if not strips:
-        return out
-    tgt = np.array(tgt, np.int64)
-    longest = int((tgt[:, 0] * tgt[:, 1]).max())
+    if not strips and slice_buckets is None:
+        return out  # unbucketed text-only batch: no vision program at all
+    # (bucketed, a text-only batch runs one all-padding slice: one program shape for all batches)
+    tgt = np.array(tgt, np.int64).reshape(-1, 2)
+    longest = int((tgt[:, 0] * tgt[:, 1]).max()) if strips else 1
     pb = longest if patch_buckets is None else patch_bucket_size(longest, patch_buckets)
     patches = np.zeros((len(strips), pb, 3 * p * p), np.float32)
     for i, s in enumerate(strips):
@@ -126,7 +127,10 @@ def prepare_batch(
     for k in ("pixel_patches", "position_ids", "vision_mask", "patch_valid", "tgt_sizes"):
         out[k] = pad[k]
     out["temporal_ids"] = pad["temporal_ids"]
-    out["group_index"] = pad["group_index"]
+    # Every slice its own group, padding slices included (image_slot never reads theirs): an
+    # empty resampler group has max -inf, whose exp is masked in the forward but turns the
+    # backward into NaN.
+    out["group_index"] = np.arange(pad["num_groups"], dtype=np.int32)
     out["num_groups"] = pad["num_groups"]
     return out
 
