@@ -121,7 +121,7 @@ def convert(
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} not in {DTYPES}")
     folder = resolve_checkpoint(src)
-    out = pathlib.Path(out)
+    out = checkpoint.absolute(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
     cfg_file = folder / "config.json"
@@ -167,14 +167,14 @@ def convert(
         arrays = []
         # Files are reopened per group: safetensors memory-maps them, and the pages an earlier
         # group touched would otherwise stay in this process's resident set until the end.
-        with open_checkpoint(files) as src_map:
+        with writer.failing_names_partial(g), open_checkpoint(files) as src_map:
             # numpy leaves: orbax writes them as they are (no device copy); int8 layers are
             # quantized here and get their kernel_scale leaf
             arrays = quantization.read_quantized(
                 items, lambda path, dt: read_param(src_map, path, np.dtype(dt))
             )
             bar.update(len(items))
-        writer.write_group(g, arrays)
+            writer.write_group(g, arrays)
         del arrays
         release_free_memory()
     bar.close()
@@ -248,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        partial = checkpoint.partial_dir(checkpoint.absolute(args.out))
+        print(
+            f"interrupted: what was written is in {partial}; run again to resume", file=sys.stderr
+        )
+        return 130
     print(format_summary(summary, args.out))
     return 0
 

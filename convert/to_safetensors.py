@@ -40,14 +40,17 @@ INDEX_FILE = "model.safetensors.index.json"
 def parse_size(s: str | int) -> int:
     """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (GB = 10**9 as transformers' save_pretrained)."""
     if isinstance(s, int):
-        return s
+        s = str(s)
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?I?B?)\s*", s.upper())
     if not m:
         raise ValueError(f"cannot parse size {s!r} (examples: 5GB, 500MB)")
     num, unit = float(m.group(1)), m.group(2).rstrip("B")
     base = 1024 if unit.endswith("I") else 1000
     power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
-    return int(num * base**power)
+    size = int(num * base**power)
+    if size <= 0:
+        raise ValueError(f"max shard size must be at least 1 byte, got {s!r}")
+    return size
 
 
 def _group_tensors(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
@@ -132,7 +135,7 @@ def convert(
       dtype: "original" (the source checkpoint's dtype of each tensor) or a dtype name.
     """
     t0 = time.perf_counter()
-    src, out = pathlib.Path(src), pathlib.Path(out)
+    src, out = checkpoint.absolute(src), checkpoint.absolute(out)
     meta = checkpoint.read_metadata(src)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
@@ -211,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        partial = checkpoint.partial_dir(checkpoint.absolute(args.out))
+        print(f"interrupted: {partial} holds an unfinished export; run again", file=sys.stderr)
+        return 130
     print(
         f"wrote {args.out}: {s['num_tensors']} tensors, {s['bytes'] / 1024**3:.2f} GiB in "
         f"{', '.join(s['files'])}; side files: {', '.join(s['side_files']) or '-'}; "

@@ -26,6 +26,7 @@ finished group.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -86,6 +87,12 @@ def read_metadata(folder: str | os.PathLike) -> dict:
             f"supports ({FORMAT_VERSION}); upgrade minicpmv_jax"
         )
     return meta
+
+
+def absolute(folder: str | os.PathLike) -> pathlib.Path:
+    """`folder` as an absolute path (`~` expanded): orbax refuses relative paths, and every
+    public entry point here takes them."""
+    return pathlib.Path(folder).expanduser().absolute()
 
 
 def partial_dir(final: str | os.PathLike) -> pathlib.Path:
@@ -171,7 +178,7 @@ class CheckpointWriter:
     """
 
     def __init__(self, final: str | os.PathLike, signature: dict, *, overwrite: bool = False):
-        self.final = pathlib.Path(final)
+        self.final = absolute(final)
         if self.final.exists() and not overwrite:
             raise CheckpointError(f"{self.final} exists; pass overwrite=True (--overwrite)")
         self.tmp = partial_dir(self.final)
@@ -219,6 +226,20 @@ class CheckpointWriter:
         self.done.append(group)
         if _primary():
             self._save_progress()
+
+    @contextlib.contextmanager
+    def failing_names_partial(self, group: str):
+        """Re-raise an error while writing `group` as one that names the hidden
+        `.<name>.partial/` folder the failed run leaves behind."""
+        try:
+            yield
+        except Exception as e:
+            raise CheckpointError(
+                f"writing {self.final} stopped at parameter group {group} "
+                f"({type(e).__name__}: {e}); the "
+                f"unfinished checkpoint is kept in the hidden folder {self.tmp} (the same "
+                "conversion resumes from it; delete it to start over)"
+            ) from e
 
     def copy_files(self, src: str | os.PathLike) -> list[str]:
         """Copy the non-weight top-level files (config, tokenizer, processor, code) of `src`."""
@@ -281,7 +302,8 @@ def save(
     # have changed since)
     writer = CheckpointWriter(folder, {"kind": "save", "time": time.time()}, overwrite=overwrite)
     for g, items in tqdm(groups.items(), desc="saving", unit="group", disable=not progress):
-        writer.write_group(g, [(p, _value(v)) for p, v in items])
+        with writer.failing_names_partial(g):
+            writer.write_group(g, [(p, _value(v)) for p, v in items])
     if side_files_from is not None and _primary():
         writer.copy_files(side_files_from)
     if tensors is None:
@@ -380,7 +402,7 @@ def restore_state(
     Each array is read straight into its target sharding (any mesh, any host count) and cast to
     the target dtype. Raises CheckpointError naming missing / mis-shaped parameters.
     """
-    folder = pathlib.Path(folder)
+    folder = absolute(folder)
     meta = read_metadata(folder)
     flat = list(nnx.to_flat_state(abstract))
     groups = grouped(flat)
@@ -426,7 +448,7 @@ def iter_group_arrays(
 
     Reads on this host only (single-device CPU target), independent of any model config.
     """
-    folder = pathlib.Path(folder)
+    folder = absolute(folder)
     meta = read_metadata(folder)
     ckptr = ocp.StandardCheckpointer()
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])

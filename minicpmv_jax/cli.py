@@ -14,7 +14,9 @@ stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -60,7 +62,7 @@ def _chat_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="reproducible sampling (default: fresh)")
     return p
 
 
@@ -88,8 +90,8 @@ def _log(msg: str) -> None:
 
 
 def _generation_kwargs(args) -> dict:
-    kw = {"seed": args.seed}
-    for name in ("num_beams", "temperature", "top_p", "top_k", "repetition_penalty"):
+    kw = {}
+    for name in ("num_beams", "temperature", "top_p", "top_k", "repetition_penalty", "seed"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
@@ -113,16 +115,68 @@ def _mesh(spec: str | None):
         ) from None
 
 
+def _check_generation_args(args) -> None:
+    """The decoding options' values, checked as chat() will check them (no model needed)."""
+    from minicpmv_jax.processor import MiniCPMVProcessor
+    from minicpmv_jax.settings import GenerationSettings
+
+    if args.stream and args.no_sampling and (args.num_beams or 3) > 1:
+        raise MiniCPMVError("--stream needs --num-beams 1 with --no-sampling (beam search)")
+    if args.max_slice_nums is not None:
+        MiniCPMVProcessor._check_max_slice_nums(args.max_slice_nums)
+    max_new = 1 if args.max_new_tokens is None else args.max_new_tokens
+    GenerationSettings(
+        max_new_tokens=max_new, do_sample=not args.no_sampling, **_generation_kwargs(args)
+    )
+
+
+def _checkpoint_version(folder: pathlib.Path) -> str:
+    """The MiniCPM-V version of a checkpoint folder, read from its config.json."""
+    from minicpmv_jax import versions
+    from minicpmv_jax.errors import CheckpointError, UnsupportedVersionError
+
+    try:
+        return versions.of_config(json.loads((folder / "config.json").read_text()))
+    except UnsupportedVersionError:
+        raise
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: not a readable config ({e})") from None
+
+
 class ChatSession:
-    """One loaded model and a growing conversation (images / video attach to the first turn)."""
+    """One loaded model and a growing conversation (images / video attach to the first turn).
+
+    Every argument and input file (mesh, decoding values, images, video) is checked before the
+    model loads, so a typo fails in a second instead of after the loading.
+    """
 
     def __init__(self, args):
         self.args = args
         import jax
 
-        from minicpmv_jax.model import MiniCPMV
+        from minicpmv_jax.image import load_image
+        from minicpmv_jax.model import MiniCPMV, resolve_checkpoint
 
-        mesh = _mesh(args.mesh)  # a bad --mesh fails before any loading
+        mesh = _mesh(args.mesh)
+        _check_generation_args(args)
+        folder = resolve_checkpoint(args.model)
+        version = _checkpoint_version(folder)
+        self.media: list = [load_image(f, what=f"--image {f}") for f in args.image]
+        self.processor_kwargs: dict = {}
+        if args.video:
+            from minicpmv_jax.video import load_video
+
+            _log(f"sampling frames of {args.video} ...")
+            sample = load_video(args.video, version)
+            self.processor_kwargs.update(sample.processor_kwargs)
+            if sample.temporal_ids is not None and self.media:
+                # 4.5: each still image is a temporal group of its own ([-1]), before the video's
+                still = [[-1]] * len(self.media)
+                self.processor_kwargs["temporal_ids"] = still + sample.temporal_ids
+            self.media += list(sample.frames)
+            _log(f"{len(sample.frames)} frames")
+        if args.max_slice_nums is not None:
+            self.processor_kwargs["max_slice_nums"] = args.max_slice_nums
         where = "" if mesh is None else f", mesh {dict(mesh.shape)}"
         quant = "" if args.quant is None else f", {args.quant}"
         _log(f"loading {args.model} ({args.dtype}{quant}{where}) ...")
@@ -132,29 +186,12 @@ class ChatSession:
                 "--dtype float32 decodes several times faster where memory allows (BENCHMARKS.md)"
             )
         t0 = time.perf_counter()
-        self.model = MiniCPMV.from_pretrained(
-            args.model, dtype=args.dtype, mesh=mesh, quant=args.quant
-        )
+        self.model = MiniCPMV.from_pretrained(folder, dtype=args.dtype, mesh=mesh, quant=args.quant)
         if args.cache_dtype:
             self.model.configure_generation(cache_dtype=args.cache_dtype)
         self.load_s = time.perf_counter() - t0
-        version = self.model.config.version
         _log(f"loaded MiniCPM-V {version} in {self.load_s:.1f} s")
         self.history: list[dict] = []
-        self.media: list = [pathlib.Path(f) for f in args.image]
-        self.processor_kwargs: dict = {}
-        if args.max_slice_nums is not None:
-            self.processor_kwargs["max_slice_nums"] = args.max_slice_nums
-        if args.video:
-            from minicpmv_jax.video import load_video
-
-            _log(f"sampling frames of {args.video} ...")
-            sample = load_video(args.video, version)
-            self.media += list(sample.frames)
-            self.processor_kwargs.update(sample.processor_kwargs)
-            if args.max_slice_nums is not None:
-                self.processor_kwargs["max_slice_nums"] = args.max_slice_nums
-            _log(f"{len(sample.frames)} frames")
         self.first = True
 
     def _chat_kwargs(self) -> dict:
@@ -168,23 +205,31 @@ class ChatSession:
             **_generation_kwargs(a),
         )
 
+    def _warmup(self, msgs: list[dict]) -> float:
+        """Compile the programs this request runs (``RequestShape.of`` its processed prompt and
+        settings), so that the prefill and decoding times printed after it exclude compilation.
+        Returns the seconds spent."""
+        from minicpmv_jax import versions
+        from minicpmv_jax.generate import RequestShape
+        from minicpmv_jax.settings import GenerationSettings
+
+        a, model = self.args, self.model
+        _log("compiling (first request of this shape) ...")
+        settings = GenerationSettings.for_chat(
+            versions.spec(model.config.version), a.max_new_tokens, not a.no_sampling, a.thinking,
+            _generation_kwargs(a),
+        )  # fmt: skip
+        batch = model.processor(
+            msgs, system_prompt=a.system_prompt, enable_thinking=a.thinking, **self.processor_kwargs
+        )
+        return model.warmup([RequestShape.of([batch], settings, stream=a.stream)])["seconds"]
+
     def ask(self, question: str, out=None) -> str:
         out = out or sys.stdout
         content = ([*self.media] if not self.history else []) + [question]
         msgs = [*self.history, {"role": "user", "content": content}]
         kwargs = self._chat_kwargs()
-        warm_s = 0.0
-        if self.first:
-            # compile prefill + decode on this request's shapes with a 2-token run, so that the
-            # timings below are the steady-state ones
-            _log("compiling (first request of this shape) ...")
-            t0 = time.perf_counter()
-            result = self.model.chat(
-                msgs, stream=self.args.stream, **dict(kwargs, max_new_tokens=2)
-            )
-            if self.args.stream:
-                list(result)
-            warm_s = time.perf_counter() - t0
+        warm_s = self._warmup(msgs) if self.first else 0.0
         if self.args.stream:
             pieces = []
             for piece in self.model.chat(msgs, stream=True, **kwargs):
@@ -201,11 +246,8 @@ class ChatSession:
             f"{s.new_tokens} new tokens in {s.decode_s:.2f} s ({s.tokens_per_s:.1f} tokens/s)"
         )
         if self.first:
-            # the warm-up ran compilation + one prefill + ~2 decode steps
-            step_s = s.decode_s / max(s.new_tokens, 1)
-            compile_s = max(warm_s - s.prefill_s - 2 * step_s, 0.0)
-            timing = f"loading {self.load_s:.1f} s, compiling {compile_s:.1f} s, " + timing
-        elif s.compiled:
+            timing = f"loading {self.load_s:.1f} s, compiling {warm_s:.1f} s, " + timing
+        if s.compiled:
             timing += f" (compiled {s.compiled} new programs)"
         _log(timing)
         self.first = False
@@ -214,7 +256,7 @@ class ChatSession:
 
 
 def _interactive(session: ChatSession) -> None:
-    _log("interactive session: one question per line; 'exit' or end of input quits")
+    _log("interactive session: one question per line; 'exit', end of input or Ctrl-C quits")
     while True:
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
@@ -265,10 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(processor_cli.main(argv[1:]) or 0)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_mesh_value_joined(argv))
     try:
-        if args.stream and args.no_sampling and (args.num_beams or 3) > 1:
-            raise MiniCPMVError("--stream needs --num-beams 1 with --no-sampling (beam search)")
         session = ChatSession(args)
         if args.question is None:
             _interactive(session)
@@ -277,7 +317,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MiniCPMVError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _mesh_value_joined(argv: list[str]) -> list[str]:
+    """``--mesh -1,2,4`` -> ``--mesh=-1,2,4``: argparse takes a value that starts with '-' (and
+    is not a plain negative number) for an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--mesh" and i + 1 < len(argv) and re.match(r"-\d", argv[i + 1]):
+            out.append(f"--mesh={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@
 * "cudnn": the same call with `implementation="cudnn"` (GPU, bf16 / fp16 only: cuDNN flash
   attention; raises on unsupported shapes or dtypes);
 * "splash": TPU Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`),
-  block-sparse causal flash attention; padded / masked keys become segment id 0. Off TPU it runs
-  in Pallas interpret mode (slow; for tests only).
+  block-sparse causal flash attention; padded / masked keys become segment id 0. Under a device
+  mesh it runs per device inside `jax.shard_map` (rows and heads split as the rule table says).
+  Off TPU it runs in Pallas interpret mode (slow; for tests only).
 
 Splash encodes the mask structurally (causal block sparsity + per-key validity), not as a dense
 array. `attention(.., impl="splash")` therefore assumes the mask of a *prefill from slot 0*:
@@ -26,6 +27,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from minicpmv_jax import sharding
 
 IMPLS = ("reference", "xla", "cudnn", "splash")
 _SPLASH_BLOCK = 128  # TPU lane width: splash block sizes are multiples of it
@@ -76,15 +80,24 @@ def _splash_kernel(num_heads: int, t: int, s: int, causal: bool, interpret: bool
         block_q_dkv=blk(t), block_kv_dkv=blk(s), block_kv_dkv_compute=blk(s),
         block_q_dq=blk(t), block_kv_dq=blk(s),
     )  # fmt: skip
-    return sa.make_splash_mha(
-        mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
-    )
+    # concrete mask tables even when first built inside a trace (jit, shard_map): the kernel is
+    # cached and reused by later traces
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha(
+            mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
+        )
 
 
 def splash_attention(
     q, k, v, kv_valid, *, causal: bool = True, scale: float | None = None, interpret=None
 ) -> jax.Array:
     """Splash attention of a prefill from slot 0 (TPU Pallas; interpret mode elsewhere).
+
+    Under a device mesh (`jax.set_mesh` with the ("data", "fsdp", "tensor") axes, as the model's
+    programs run) the kernel runs per device under `jax.shard_map`: a Pallas call is a custom
+    call that the SPMD partitioner cannot split, so each device gets its own rows (batch over
+    data x fsdp) and heads (q and kv heads over tensor, when both counts divide it; grouped
+    heads stay together because both are split into the same number of contiguous blocks).
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, K, H] (N % K == 0).
@@ -93,12 +106,32 @@ def splash_attention(
       interpret: run the Pallas kernel in interpret mode (default: when not on TPU).
     Returns: [B, T, N, H] in q.dtype.
     """
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
-
     b, t, n, h = q.shape
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
+    local = functools.partial(_splash_local, causal=causal, scale=scale, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+        return local(q, k, v, kv_valid)
+    q_spec = sharding.spec_for(("batch", None, "q_heads", None), q.shape, mesh)
+    kv_spec = sharding.spec_for(("batch", None, "kv_heads", None), k.shape, mesh)
+    if q_spec[2] != kv_spec[2]:  # one head count does not divide: keep all heads together
+        q_spec, kv_spec = P(q_spec[0], None, None, None), P(kv_spec[0], None, None, None)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)),
+        out_specs=q_spec,
+        check_vma=False,  # the Pallas call has no replication rule; every output is sharded
+    )(q, k, v, kv_valid)
+
+
+def _splash_local(q, k, v, kv_valid, *, causal: bool, scale: float, interpret: bool):
+    """`splash_attention` on the arrays of one device (same layouts, local batch and heads)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, t, n, _ = q.shape
     # pad T and S to the 128-wide blocks; padded keys are invalid, padded queries are dropped
     qp = _pad_to((q * scale).astype(q.dtype), 1, _SPLASH_BLOCK).transpose(0, 2, 1, 3)
     kp = _pad_to(k, 1, _SPLASH_BLOCK).transpose(0, 2, 1, 3)  # [B, K, Sp, H]

@@ -159,18 +159,54 @@ class Int8Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., out] in the compute dtype."""
         dtype = self.dtype or x.dtype
-        # int8 -> compute dtype inside the jitted matmul: XLA on TPU / GPU fuses the convert
-        # into the dot's operand, so HBM holds and streams int8; accumulate in float32.
-        y = jax.lax.dot_general(
-            x.astype(dtype),
-            self.kernel[...].astype(dtype),
-            (((x.ndim - 1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )  # [..., out]
+        kernel = self.kernel[...]
+        if jax.default_backend() == "cpu":
+            y = _tiled_int8_dot(x.astype(dtype), kernel)
+        else:
+            # int8 -> compute dtype inside the jitted matmul: XLA on TPU / GPU fuses the convert
+            # into the dot's operand, so HBM holds and streams int8; accumulate in float32.
+            y = _dot(x.astype(dtype), kernel.astype(dtype))  # [..., out]
         y = y * self.kernel_scale[...]  # per output channel, after the dot
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(dtype)
+
+
+CPU_TILE = 1 << 20  # weights per dequantized tile on CPU (4 MiB as float32)
+
+
+def _dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., in] @ kernel [in, out] -> float32 [..., out]."""
+    return jax.lax.dot_general(
+        x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
+
+
+def _tiled_int8_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., in] @ int8 kernel [in, out] -> float32 [..., out], dequantizing column tiles.
+
+    XLA:CPU has no fused convert + dot: it converts the whole int8 kernel to a float copy, and
+    inside a decode `while_loop` it hoists that loop-invariant conversion out of the loop, so
+    the compiled program holds a float copy of every quantized weight. Here the kernel is read
+    in tiles of at most `CPU_TILE` weights by a `lax.map` whose index makes each slice (and its
+    conversion) loop-variant: only one float tile exists at a time. The columns left over after
+    the last whole tile (fewer than one tile) are converted directly.
+    """
+    k_in, k_out = kernel.shape
+    cols = max(1, min(k_out, CPU_TILE // k_in))
+    n = k_out // cols
+    if n <= 1:
+        return _dot(x, kernel.astype(x.dtype))
+
+    def tile(i):
+        w = jax.lax.dynamic_slice_in_dim(kernel, i * cols, cols, axis=1)
+        return _dot(x, w.astype(x.dtype))  # [..., cols]
+
+    tiles = jax.lax.map(tile, jnp.arange(n))  # [n, ..., cols]
+    y = jnp.moveaxis(tiles, 0, -2).reshape(*x.shape[:-1], n * cols)
+    if n * cols < k_out:
+        y = jnp.concatenate([y, _dot(x, kernel[:, n * cols :].astype(x.dtype))], axis=-1)
+    return y
 
 
 def _scale_param(scale, kernel: nnx.Param) -> nnx.Param:

@@ -8,8 +8,9 @@ official MiniCPM-V ``chat()``), in particular:
   are empty). Greedy search applies it to raw logits; beam search applies it to log-probabilities.
 * ``MinNewTokensLengthLogitsProcessor``: terminators get ``-inf`` while fewer than
   ``min_new_tokens`` tokens were generated.
-* ``TemperatureLogitsWarper`` -> ``TopKLogitsWarper`` -> ``TopPLogitsWarper`` (in that order,
-  ``min_tokens_to_keep=1``), then ``multinomial`` sampling.
+* ``TemperatureLogitsWarper`` -> ``TopKLogitsWarper`` -> ``TopPLogitsWarper`` ->
+  ``MinPLogitsWarper`` (in that order, ``min_tokens_to_keep=1``), then ``multinomial`` sampling.
+  ``filtered_logprobs`` returns the log-probabilities of that draw, computed by the same code.
 * ``GenerationMixin._beam_search`` (transformers >= 4.50, vectorised): ``K = max(2, 1 + n_eos) *
   num_beams`` candidates per step, a finished-hypothesis list of ``num_beams`` entries, the
   ``early_stopping`` rules and ``length_penalty``.
@@ -20,10 +21,13 @@ Shapes: B batch rows (conversations), N beams, V vocabulary, M = max_new_tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # transformers marks impossible beam entries by adding -1e9 (not -inf) in float32; we do the same
 # so that the ranking, including ties at the -1e9 plateau, behaves identically.
@@ -40,7 +44,8 @@ class DecodeMode:
     """Static (hashable) part of the decoding settings: one compiled decode loop per value.
 
     The numeric knobs (temperature, top-k, top-p, penalties) live in ``SamplingParams`` and are
-    traced, so changing them never recompiles.
+    traced, so changing them never recompiles. Both are derived from a validated
+    ``settings.GenerationSettings`` and do not check their values again.
     """
 
     do_sample: bool = False
@@ -48,16 +53,6 @@ class DecodeMode:
     # transformers' ``early_stopping``: False (heuristic), True (stop at num_beams finished) or
     # "never" (heuristic with the best possible length).
     early_stopping: bool | str = False
-
-    def __post_init__(self):
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.num_beams > 1 and self.do_sample:
-            raise ValueError("beam sampling (num_beams > 1 with sampling) is not supported")
-        if self.early_stopping not in (False, True, "never"):
-            raise ValueError(
-                f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
-            )
 
 
 @flax.struct.dataclass
@@ -70,6 +65,7 @@ class SamplingParams:
     repetition_penalty: jax.Array  # > 0; 1.0 = off
     min_new_tokens: jax.Array  # int32, 0 = off
     length_penalty: jax.Array  # beam search only
+    min_p: jax.Array  # [0, 1]; 0.0 = off
 
     @classmethod
     def create(
@@ -81,14 +77,8 @@ class SamplingParams:
         repetition_penalty: float = 1.0,
         min_new_tokens: int = 0,
         length_penalty: float = 1.0,
+        min_p: float = 0.0,
     ) -> SamplingParams:
-        check_sampling_values(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            min_new_tokens=min_new_tokens,
-        )
         f32, i32 = jnp.float32, jnp.int32
         return cls(
             temperature=jnp.asarray(temperature, f32),
@@ -97,11 +87,12 @@ class SamplingParams:
             repetition_penalty=jnp.asarray(repetition_penalty, f32),
             min_new_tokens=jnp.asarray(min_new_tokens, i32),
             length_penalty=jnp.asarray(length_penalty, f32),
+            min_p=jnp.asarray(min_p, f32),
         )
 
 
 def check_sampling_values(
-    *, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=0
+    *, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=0, min_p=0.0
 ) -> None:
     """Raise ValueError on values transformers would reject (checked in Python, before tracing)."""
     if not float(temperature) > 0.0:
@@ -114,6 +105,8 @@ def check_sampling_values(
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if int(min_new_tokens) < 0:
         raise ValueError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
+    if not 0.0 <= float(min_p) <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {min_p}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,13 +149,14 @@ def suppress_terminators(scores: jax.Array, terminators, active) -> jax.Array:
 
 
 def warp_for_sampling(scores: jax.Array, params: SamplingParams) -> jax.Array:
-    """Temperature, then top-k, then top-p (transformers' warper order), min_tokens_to_keep=1.
+    """Temperature, top-k, top-p, then min-p (transformers' warper order), min_tokens_to_keep=1.
 
     Removed tokens get -inf. Top-k keeps every token whose score ties the k-th largest
     (``scores < topk[..., -1]`` is removed, as in ``TopKLogitsWarper``). Top-p sorts ascending,
     removes the prefix whose cumulative probability is ``<= 1 - top_p`` and always keeps the most
     likely token (``TopPLogitsWarper``); we remove by threshold value instead of by scattered sort
-    position, which only differs for exact ties at the cut.
+    position, which only differs for exact ties at the cut. Min-p removes tokens whose probability
+    (after the others) is below ``min_p`` times the largest one (``MinPLogitsWarper``).
 
     Args:
       scores: float32 [R, V] (already repetition-penalised).
@@ -179,7 +173,9 @@ def warp_for_sampling(scores: jax.Array, params: SamplingParams) -> jax.Array:
     # cum is non-decreasing, so the removed entries form a prefix; the first kept is the threshold
     first_kept = jnp.sum(remove_sorted, axis=-1)
     thr = jnp.take_along_axis(asc, first_kept[:, None], axis=-1)  # [R, 1]
-    return jnp.where((x < kth) | (x < thr), -jnp.inf, x)
+    x = jnp.where((x < kth) | (x < thr), -jnp.inf, x)
+    probs = jax.nn.softmax(x, axis=-1)
+    return jnp.where(probs < params.min_p * probs.max(axis=-1, keepdims=True), -jnp.inf, x)
 
 
 def process_logits(
@@ -200,6 +196,64 @@ def process_logits(
         logits.astype(jnp.float32), presence, params.repetition_penalty
     )
     return suppress_terminators(scores, terminators, step < params.min_new_tokens)
+
+
+def history_presence(history: jax.Array, vocab: int) -> jax.Array:
+    """bool [R, V] token-history mask of int [R, H] ids (-1 = padding)."""
+    rows = jnp.arange(history.shape[0])[:, None]
+    ids = jnp.where(history >= 0, history, vocab)  # padding -> a dropped out-of-range index
+    return jnp.zeros((history.shape[0], vocab), bool).at[rows, ids].set(True, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames="terminators")
+def _filtered_logprobs(logits, history, params, terminators):
+    presence = history_presence(history, logits.shape[-1])
+    step = jnp.sum(history >= 0, axis=-1)  # [R] tokens generated so far
+    scores = process_logits(logits, presence, step, params, terminators)
+    return jax.nn.log_softmax(warp_for_sampling(scores, params), axis=-1)
+
+
+def filtered_logprobs(
+    logits,
+    history,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    min_new_tokens: int | None = None,
+    eos_token_id: int | Sequence[int] = (),
+) -> jax.Array:
+    """The log-probabilities a sampling step draws its token from (-inf where filtered).
+
+    transformers' logits processors in their order (repetition penalty, min new tokens,
+    temperature, top-k, top-p, min-p), then log_softmax: exactly what ``sample_step`` draws from,
+    by the same functions (``process_logits`` + ``warp_for_sampling``).
+
+    Args:
+      logits: float [B, V] raw next-token logits.
+      history: int [B, H] the ids generated so far per row (the repetition penalty and
+        min_new_tokens see only new tokens, as in the official chat()), -1 = padding.
+      top_k / top_p / min_p / min_new_tokens: 0, 1.0, None, None (or 0) disable them.
+      eos_token_id: the terminator id(s) min_new_tokens suppresses.
+    Returns:
+      float32 [B, V].
+    """
+    values = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "repetition_penalty": repetition_penalty,
+        "min_new_tokens": min_new_tokens or 0,
+        "min_p": min_p or 0.0,
+    }
+    check_sampling_values(**values)
+    params = SamplingParams.create(**values)
+    eos = (eos_token_id,) if isinstance(eos_token_id, (int, np.integer)) else eos_token_id
+    logits = jnp.asarray(logits, jnp.float32)
+    history = jnp.asarray(history, jnp.int32).reshape(logits.shape[0], -1)
+    return _filtered_logprobs(logits, history, params, tuple(int(t) for t in eos))
 
 
 def select_tokens(scores: jax.Array, mode: DecodeMode, params: SamplingParams, key) -> jax.Array:

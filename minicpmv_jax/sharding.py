@@ -154,9 +154,14 @@ def mesh_shape(mesh) -> dict[str, int]:
     """{axis name: size} of a Mesh / AbstractMesh, or of a plain (data, fsdp, tensor) tuple."""
     if isinstance(mesh, dict):
         return dict(mesh)
-    if isinstance(mesh, (tuple, list)):
+    if isinstance(mesh, (tuple, list)) and len(mesh) == len(MESH_AXES):
         return dict(zip(MESH_AXES, mesh, strict=True))
-    return dict(mesh.shape)
+    if isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
+        return dict(mesh.shape)
+    raise MiniCPMVError(
+        f"mesh must be a Mesh, an AbstractMesh, a (data, fsdp, tensor) tuple such as (1, 2, 4) "
+        f"or an {{axis: size}} dict, got {mesh!r}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,8 +340,6 @@ def check_divisible(abstract_state, where: str = "parameter") -> None:
     """
     from flax import nnx
 
-    from minicpmv_jax.weights import path_name
-
     bad = []
     for path, var in nnx.to_flat_state(abstract_state):
         v = var.get_value() if hasattr(var, "get_value") else var
@@ -355,6 +358,11 @@ def check_divisible(abstract_state, where: str = "parameter") -> None:
         )
 
 
+def path_name(path: Iterable[Any]) -> str:
+    """nnx state path ('llm', 'model', 'layers', 3, ...) -> 'llm.model.layers.3....'."""
+    return ".".join(str(getattr(p, "key", p)) for p in path)
+
+
 def place(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """Host array -> global jax.Array, each process filling only its addressable shards.
 
@@ -367,8 +375,6 @@ def place(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
 def describe(state) -> dict[str, str]:
     """{parameter path: PartitionSpec string} of a (possibly abstract) state, for tests / logs."""
     from flax import nnx
-
-    from minicpmv_jax.weights import path_name
 
     out = {}
     for path, var in nnx.to_flat_state(state):

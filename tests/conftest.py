@@ -58,6 +58,11 @@ def case_pil_messages(case_dir, case_json) -> list[dict]:
     return msgs
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, at most 4 (each worker holds its own compiled models)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
     return FIXTURES

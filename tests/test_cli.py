@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import sys
 
 import pytest
@@ -34,6 +35,7 @@ def test_one_question_with_image(capsys):
     for word in ("loading", "compiling", "prefill", "new tokens", "tokens/s"):
         assert word in err
     assert "note: on CPU" not in err  # float32: nothing to say
+    assert "new programs" not in err  # the warm-up compiled exactly what the request ran
 
 
 def test_bf16_on_cpu_says_float32_is_faster(capsys):
@@ -47,7 +49,8 @@ def test_stream_prints_the_same_answer(capsys):
     assert cli.main(greedy_argv("What is it?", 12)) == 0
     blocking = capsys.readouterr().out
     assert cli.main(greedy_argv("What is it?", 12, "--stream")) == 0
-    assert capsys.readouterr().out == blocking
+    out, err = capsys.readouterr()
+    assert out == blocking and "new programs" not in err
 
 
 def test_interactive_session_reads_stdin(monkeypatch, capsys):
@@ -78,7 +81,8 @@ def test_layout_delegates_to_processor_cli(monkeypatch):
 
 
 def test_video_question(tmp_path, capsys):
-    """--video samples frames with the 4.5 recipe (temporal groups) and answers about them."""
+    """--video samples frames with the 4.5 recipe (temporal groups) and answers about them;
+    with --image too, the image is a temporal group of its own before the video's."""
     av = pytest.importorskip("av")
     import numpy as np
 
@@ -98,6 +102,10 @@ def test_video_question(tmp_path, capsys):
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert "frames" in err and "tokens/s" in err
+    image = str(FIXTURES / "minicpm-v-4_5" / "cases" / "single_448x448" / "image_0.png")
+    assert cli.main([*argv[:3], "--image", image, *argv[3:]]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "new programs" not in err
 
 
 # ---------------------------------------------------------------------------------- --mesh, bench
@@ -137,6 +145,82 @@ def test_mesh_and_quant_reach_from_pretrained(monkeypatch, capsys):
     assert cli.main(["chat", "--model", CKPT, "hi"]) == 2  # defaults: one device, float
     assert seen["mesh"] is None and seen["quant"] is None
     capsys.readouterr()
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """MiniCPMV.from_pretrained fails the test if reached."""
+    from minicpmv_jax.model import MiniCPMV
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(MiniCPMV, "from_pretrained", fail)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--image", "missing.png"], "--image missing.png: no such file"),
+        (["--image", __file__], "--image .*test_cli.py"),
+        (["--video", "missing.mp4"], "no such video file"),
+        (["--temperature", "0"], "temperature"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--max-slice-nums", "0"], "max_slice_nums"),
+        (["--seed", "-3"], "seed"),
+        (["--mesh", "1,2"], "--mesh"),
+        (["--stream", "--no-sampling"], "--stream"),
+    ],
+)
+def test_arguments_and_files_are_checked_before_loading(no_loading, capsys, extra, match):
+    pytest.importorskip("av")
+    assert cli.main(["chat", "--model", CKPT, *extra, "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error:") and re.search(match, err)
+    assert "loading" not in err
+
+
+def test_mesh_value_may_start_with_minus(monkeypatch, capsys):
+    """`--mesh -1,2,4` (no `=`): -1 takes the devices the other axes leave."""
+    from minicpmv_jax.errors import CheckpointError
+    from minicpmv_jax.model import MiniCPMV
+
+    seen = {}
+
+    def fake(path, **kw):
+        seen.update(kw)
+        raise CheckpointError("stop here")
+
+    monkeypatch.setattr(MiniCPMV, "from_pretrained", fake)
+    assert cli.main(["chat", "--model", CKPT, "--mesh", "-1,2,4", "hi"]) == 2
+    assert dict(seen["mesh"].shape) == {"data": 1, "fsdp": 2, "tensor": 4}  # 8 CPU devices
+    capsys.readouterr()
+
+
+def test_ctrl_c_ends_the_session_with_one_line(monkeypatch, capsys):
+    class Session:
+        def __init__(self, args):
+            pass
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "ChatSession", Session)
+    monkeypatch.setattr(sys, "stdin", io.StringIO())
+    monkeypatch.setattr(sys.stdin, "readline", interrupt)
+    assert cli.main(["chat", "--model", CKPT]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err
+
+
+def test_no_pytorch_banner():
+    """transformers' "PyTorch was not found" advice is not printed (torch is never needed)."""
+    import subprocess
+
+    code = f"from minicpmv_jax.processor import MiniCPMVProcessor as P; P.from_pretrained({CKPT!r})"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "PyTorch" not in run.stderr
 
 
 def test_bench_delegates_to_benchmarks_run(monkeypatch):

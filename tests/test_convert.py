@@ -88,6 +88,9 @@ def test_parse_size():
     assert to_safetensors.parse_size("500MiB") == 500 * 2**20
     with pytest.raises(ValueError):
         to_safetensors.parse_size("lots")
+    for zero in ("0", "0GB", 0):
+        with pytest.raises(ValueError, match="at least 1 byte"):
+            to_safetensors.parse_size(zero)
 
 
 def test_saved_model_exports_in_source_dtypes(tmp_path):
@@ -130,3 +133,65 @@ def test_int8_conversion_loads_quantized_on_a_mesh_and_exports_float(tmp_path):
         assert (x.dtype, x.shape) == (b[k].dtype, b[k].shape), k
         xf, yf = x.astype(np.float32), b[k].astype(np.float32)
         np.testing.assert_allclose(yf, xf, atol=0.02 * float(np.abs(xf).max()) + 1e-6, err_msg=k)
+
+
+def test_readme_path_commands_with_relative_paths(tmp_path, monkeypatch, capsys):
+    """Every README command that takes a path, with relative paths, run from a working
+    directory that is neither the repository nor the folders' parent (orbax needs absolute
+    paths: each entry point resolves them first)."""
+    import shutil
+
+    from minicpmv_jax import cli
+    from minicpmv_jax.model import MiniCPMV
+
+    src = FIXTURES / "minicpm-v-2_6" / "checkpoint"
+    shutil.copytree(src, tmp_path / "MiniCPM-V-2_6")
+    shutil.copy(src.parent / "cases" / "single_448x448" / "image_0.png", tmp_path / "cat.png")
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    # minicpmv-to-orbax SRC ./minicpm-v-2_6-orbax; minicpmv-to-safetensors ./o ./h
+    assert to_orbax.main(["../MiniCPM-V-2_6", "./orbax", "--no-progress"]) == 0
+    assert to_safetensors.main(["./orbax", "./hf", "--no-progress"]) == 0
+    _assert_identical(_tensors(src), _tensors(tmp_path / "run" / "hf"))
+    # MiniCPMV.from_pretrained("./minicpm-v-2_6-orbax"); checkpoint.save("./finetuned", model)
+    model = MiniCPMV.from_pretrained("./orbax", progress=False)
+    checkpoint.save("./finetuned", model, side_files_from="./orbax", progress=False)
+    assert MiniCPMV.from_pretrained("finetuned", progress=False).config == model.config
+    # minicpmv-jax chat --model ./MiniCPM-V-2_6 --image cat.jpg "..."; minicpmv-jax layout ...
+    capsys.readouterr()
+    chat = ["chat", "--model", "../MiniCPM-V-2_6", "--image", "../cat.png", "--dtype", "float32"]
+    assert cli.main([*chat, "--max-new-tokens", "2", "--seed", "0", "What is this?"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli.main(["layout", "--model", "../MiniCPM-V-2_6", "--image", "../cat.png", "Q?"]) == 0
+
+
+def test_failed_conversion_names_the_hidden_partial_folder(tmp_path, monkeypatch, capsys):
+    src = FIXTURES / "minicpm-v-2_6" / "checkpoint"
+    calls = {"n": 0}
+    real = checkpoint.CheckpointWriter.write_group
+
+    def failing(self, group, items):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("No space left on device")
+        return real(self, group, items)
+
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "write_group", failing)
+    monkeypatch.chdir(tmp_path)
+    assert to_orbax.main([str(src), "out", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    partial = tmp_path / ".out.partial"
+    assert "No space left on device" in err and str(partial) in err and partial.is_dir()
+    from minicpmv_jax.errors import CheckpointError
+    from minicpmv_jax.model import MiniCPMV
+
+    with pytest.raises(CheckpointError, match=r"\.out\.partial"):
+        MiniCPMV.from_pretrained("out", progress=False)
+
+    def interrupted(self, group, items):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "write_group", interrupted)
+    assert to_orbax.main([str(src), "out", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and str(partial) in err

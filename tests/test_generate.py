@@ -8,9 +8,9 @@ import pytest
 from conftest import FIXTURES, load_case
 from gen_helpers import TEST_BUCKETS, case_messages, load_model
 
+from minicpmv_jax import batching
 from minicpmv_jax import generate as gen
 from minicpmv_jax.errors import MessageError, MiniCPMVError, PromptTooLongError
-from minicpmv_jax.model import prompt_positions
 from minicpmv_jax.processor import ProcessorOutput
 
 CASES = FIXTURES / "minicpm-v-2_6" / "cases"
@@ -41,7 +41,7 @@ def test_prefill_decode_equals_full_forward(model):
 def test_prompt_positions_reproduce_the_id0_quirk():
     """generate() positions: cumsum(mask) - 1, masked positions 1 (2.6/4.5 mask = ids != 0)."""
     mask = np.array([True, True, False, True, True])
-    np.testing.assert_array_equal(prompt_positions(mask), [0, 1, 1, 2, 3])
+    np.testing.assert_array_equal(batching.prompt_positions(mask), [0, 1, 1, 2, 3])
 
 
 def test_batch_equals_each_conversation_alone(model):
@@ -69,7 +69,7 @@ def test_no_compilation_inside_existing_buckets(model):
     for b in warm:
         model.generate(b, max_new_tokens=8)
         model.generate(b, max_new_tokens=8, sampling=True, temperature=0.7, top_p=0.8)
-        list(model.generator.stream([b], settings))
+        list(model.sampler.stream([b], settings))
     before = dict(gen.TRACE_COUNTS)
     others = [_batch(model, "greedy_rep_penalty"), _batch(model, "single_100x90")]
     others.append(model.processor([{"role": "user", "content": "another question, longer " * 5}]))
@@ -77,7 +77,7 @@ def test_no_compilation_inside_existing_buckets(model):
         assert len(b["input_ids"]) <= 256 and b["pixel_patches"].shape[0] <= 1
         model.generate(b, max_new_tokens=5, repetition_penalty=1.3)
         model.generate(b, max_new_tokens=20, sampling=True, temperature=1.3, top_k=5, seed=3)
-        list(model.generator.stream([b], dataclasses.replace(settings, max_new_tokens=4)))
+        list(model.sampler.stream([b], dataclasses.replace(settings, max_new_tokens=4)))
     assert dict(gen.TRACE_COUNTS) == before
     assert model.last_stats.compiled == 0
 
@@ -99,6 +99,17 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
     a = model.chat(msgs, max_new_tokens=10, seed=1, temperature=2.0, top_p=1.0, top_k=0)
     b = model.chat(msgs, max_new_tokens=10, seed=1, temperature=2.0, top_p=1.0, top_k=0)
     assert a == b
+
+
+def test_sampling_without_seed_draws_fresh_randomness(model):
+    """No seed: every call draws new randomness (12 tokens at temperature 2 over the whole
+    vocabulary: three equal answers would have probability far below 1e-9)."""
+    batch = _batch(model, "single_448x448")
+    kw = {"sampling": True, "max_new_tokens": 12, "temperature": 2.0, "top_p": 1.0, "top_k": 0}
+    unseeded = [tuple(model.generate(batch, **kw)) for _ in range(3)]
+    assert len(set(unseeded)) > 1
+    seeded = {tuple(model.generate(batch, seed=7, **kw)) for _ in range(2)}
+    assert len(seeded) == 1
 
 
 def test_min_new_tokens_delays_the_terminator(model):
@@ -125,7 +136,7 @@ def test_prompt_longer_than_cache(model):
         m = len(short["input_ids"])
         with pytest.raises(PromptTooLongError, match=f"{m} tokens.*max_new_tokens=100.*50"):
             model.generate(short, max_new_tokens=100)
-        assert small is model.generator
+        assert small is model.sampler
     finally:
         model.configure_generation(TEST_BUCKETS)
 
@@ -143,6 +154,13 @@ def test_prompt_longer_than_cache(model):
         ({"repetition_penalty": -1.0}, "repetition_penalty"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"min_new_tokens": -1}, "min_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer, got 2.5"),
+        ({"max_new_tokens": "8"}, "max_new_tokens must be an integer"),
+        ({"top_k": 2.0}, "top_k must be an integer"),
+        ({"seed": 1.5}, r"seed must be an integer in \[0, 2\*\*32\) or None, got 1.5"),
+        ({"seed": "7"}, "seed must be an integer"),
+        ({"seed": -1}, "seed must be"),
+        ({"sampling": True, "min_p": 1.5}, "min_p"),
         ({"sampling": True, "num_beams": 2}, "num_beams"),
         ({"early_stopping": "sometimes"}, "early_stopping"),
         ({"do_what_i_mean": True}, "do_what_i_mean"),
@@ -237,12 +255,12 @@ def test_warmup_compiles_what_requests_then_run(model):
         ),
         ([_batch(model, "single_448x448")], gen.GenerationSettings(max_new_tokens=5, num_beams=2)),
     ]
-    with model._generation_precision():
-        want = [model.generator.run(outs, s).sequences for outs, s in requests]
+    with model._precision():
+        want = [model.sampler.run(outs, s).sequences for outs, s in requests]
     # buckets no other test uses: these programs cannot be in jax's caches yet
-    warm = gen.Generator(model, buckets=gen.Buckets(tokens=(200, 1000), slices=(3, 12)))
+    warm = gen.Sampler(model, buckets=gen.Buckets(tokens=(200, 1000), slices=(3, 12)))
     shapes = [gen.RequestShape.of(outs, s) for outs, s in requests]  # sizes only
-    with model._generation_precision():
+    with model._precision():
         report = warm.warmup(shapes)
         # 3 prefills (text; one image; the 2-row batch) and 3 decodes (greedy and beam share the
         # text / image requests' 264-slot cache shape; sampling has the batch's)
@@ -266,10 +284,10 @@ def test_warmup_covers_streaming(model):
     CompileCounter.install()
     b = _batch(model, "single_100x90")
     settings = gen.GenerationSettings(max_new_tokens=30, do_sample=True, top_k=4, seed=5)
-    warm = gen.Generator(model, buckets=gen.Buckets(tokens=(176,), slices=(5,)))
+    warm = gen.Sampler(model, buckets=gen.Buckets(tokens=(176,), slices=(5,)))
     shape = gen.RequestShape.of([b], settings, stream=True)
     assert (shape.prompt_tokens, shape.slices, shape.stream) == (len(b["input_ids"]), 1, True)
-    with model._generation_precision():
+    with model._precision():
         assert warm.warmup([shape])["programs"] == 3  # prefill, first token, next token
         c0 = CompileCounter.count()
         streamed = np.concatenate(list(warm.stream([b], settings)))

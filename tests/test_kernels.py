@@ -115,21 +115,46 @@ def test_cudnn_matches_reference():
 
 
 def test_model_prompt_logits_with_splash_match_xla():
-    """attn_impl="splash" through the whole LLM (layers.attend -> kernels) equals the XLA path."""
-    import dataclasses
-
+    """from_pretrained(attn_impl="splash") on a (1, 2, 2) mesh (splash under shard_map, heads
+    split over tensor) gives the prompt logits of the default XLA path on one device."""
     from conftest import FIXTURES
-    from flax import nnx
 
     from minicpmv_jax.model import MiniCPMV
+    from minicpmv_jax.sharding import make_mesh
 
-    xla = MiniCPMV.from_pretrained(
-        FIXTURES / "minicpm-v-2_6" / "checkpoint", dtype="float32", progress=False
+    ckpt = FIXTURES / "minicpm-v-2_6" / "checkpoint"
+    xla = MiniCPMV.from_pretrained(ckpt, dtype="float32", progress=False)
+    splash = MiniCPMV.from_pretrained(
+        ckpt, dtype="float32", progress=False, attn_impl="splash", mesh=make_mesh((1, 2, 2))
     )
-    cfg = xla.config
-    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, attn_impl="splash"))
-    splash = MiniCPMV.from_config(cfg, processor=xla.processor)
-    nnx.update(splash.module, nnx.state(xla.module))  # same weights, other attention kernel
-    splash.graphdef, splash.state = nnx.split(splash.module)
+    assert (xla.config.llm.attn_impl, splash.config.llm.attn_impl) == ("xla", "splash")
     batch = xla.processor([{"role": "user", "content": "Tell me a story about a tiny robot."}])
     np.testing.assert_allclose(splash.prompt_logits(batch), xla.prompt_logits(batch), atol=1e-4)
+
+
+def test_unknown_attn_impl_is_refused_before_loading(tmp_path):
+    from minicpmv_jax.errors import MiniCPMVError
+    from minicpmv_jax.model import MiniCPMV
+
+    with pytest.raises(MiniCPMVError, match="attn_impl 'flash3' is not one of"):
+        MiniCPMV.from_pretrained(tmp_path / "missing", attn_impl="flash3")
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 1, 8)], ids=["2x2x2", "1x1x8"])
+def test_splash_under_a_mesh_matches_xla(mesh_shape):
+    """On a device mesh splash runs under shard_map (rows over data x fsdp, heads over tensor;
+    on tensor=8 the 4 query / 2 kv heads do not divide and stay whole) and equals the XLA path."""
+    from minicpmv_jax.sharding import make_mesh
+
+    b, t, s, n, kv_heads, h = 4, 100, 164, 4, 2, 128
+    q, k, v = _qkv(b, t, s, n, kv_heads, h, jnp.float32, seed=3)
+    valid = np.zeros((b, s), bool)
+    valid[:, :t] = _valid(b, t, t, seed=4)
+    mask = _prefill_mask(valid, t)
+    splash = jax.jit(lambda *a: kernels.attention(*a, impl="splash"))
+    xla = jax.jit(lambda *a: kernels.attention(*a, impl="xla"))
+    with jax.set_mesh(make_mesh(mesh_shape)), jax.default_matmul_precision("highest"):
+        assert "shard_map" in str(jax.make_jaxpr(splash)(q, k, v, mask))
+        got, want = splash(q, k, v, mask), xla(q, k, v, mask)
+    rows = np.asarray(mask).any(-1)[:, 0]  # [B, T]: queries with at least one key
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=1e-4, rtol=1e-4)

@@ -11,13 +11,14 @@ import pytest
 from conftest import FIXTURES, VERSIONS, all_cases, case_id, case_pil_messages, load_case
 from model_inputs import PATCH_BUCKETS, batch_from_case
 
-from minicpmv_jax.config import normalize_version
-from minicpmv_jax.model import prompt_positions
+from minicpmv_jax.batching import Buckets, prompt_positions
+from minicpmv_jax.versions import parse as parse_version
 
 TOL = {"vision": 1e-4, "resampler": 1e-4, "embeds": 1e-4, "logits": 5e-4}
 STAGES = tuple(TOL)
 CASES = all_cases()
 CHAT_KWARGS = ("max_slice_nums", "use_image_id", "temporal_ids", "enable_thinking", "system_prompt")
+BF16_CASES = 4  # cases per version in the bf16 agreement test
 LOGITS_F32: dict = {}  # float32 prompt logits of each case, filled by stage_errors
 
 
@@ -25,7 +26,7 @@ def _version(folder: str) -> str:
     import json
 
     cfg = json.loads((FIXTURES / folder / "checkpoint" / "config.json").read_text())
-    return normalize_version(cfg["version"])
+    return parse_version(cfg["version"])
 
 
 @functools.cache
@@ -33,7 +34,8 @@ def model_for(folder: str, dtype: str = "float32"):
     from minicpmv_jax.model import MiniCPMV
 
     model = MiniCPMV.from_pretrained(FIXTURES / folder / "checkpoint", dtype=dtype, progress=False)
-    model.token_bucket = 256  # one LLM compilation for all fixture prompts (test speed)
+    # one LLM compilation for all fixture prompts (test speed)
+    model.configure_generation(Buckets(tokens=(256,)))
     return model
 
 
@@ -124,12 +126,13 @@ def test_prompt_logits_shape_and_type():
 
 
 def test_bf16_top1_agreement():
-    """bf16 prompt logits pick the float32 top-1 at >= 95% of positions (all cases)."""
+    """bf16 prompt logits pick the float32 top-1 at >= 95% of positions (the first
+    BF16_CASES cases of each version: one bf16 program per slice count, so not all cases)."""
     agree = total = 0
     per_version = {}
     for folder in VERSIONS:
         a = t = 0
-        for f, c in all_cases((folder,)):
+        for f, c in all_cases((folder,))[:BF16_CASES]:
             _, batch = batch_for(f, c)
             stage_errors(f, c)
             ref = LOGITS_F32[(f, c)].argmax(-1)

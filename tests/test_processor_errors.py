@@ -282,6 +282,16 @@ def test_typed_control_tokens_are_refused(proc26, token):
         proc26(user("hi"), system_prompt=f"be {token} brief")
 
 
+def test_assistant_turns_may_hold_control_tokens(proc26):
+    """An assistant turn is the model's own answer (it can contain any token): not refused."""
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "a<|endoftext|>b"},
+        {"role": "user", "content": "and?"},
+    ]
+    assert "a<|endoftext|>b" in proc26(msgs).prompt
+
+
 def test_grounding_tokens_stay_allowed(proc26):
     out = proc26(user("Where is <ref>the cat</ref>?"))
     assert proc26.tokenizer.convert_tokens_to_ids("<ref>") in out.input_ids

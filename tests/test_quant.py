@@ -14,9 +14,10 @@ from flax import nnx
 from model_inputs import PATCH_BUCKETS, batch_from_case
 
 from minicpmv_jax import checkpoint, quant, sharding
-from minicpmv_jax.config import normalize_version
+from minicpmv_jax.batching import Buckets
 from minicpmv_jax.layers import dense
 from minicpmv_jax.sharding import make_mesh
+from minicpmv_jax.versions import parse as parse_version
 
 TOP1_MIN = 0.95  # int8 vs float32 top-1 agreement over the prompt positions of a version
 CASES_PER_VERSION = 4
@@ -27,7 +28,7 @@ def _version(folder: str) -> str:
     import json
 
     cfg = json.loads((FIXTURES / folder / "checkpoint" / "config.json").read_text())
-    return normalize_version(cfg["version"])
+    return parse_version(cfg["version"])
 
 
 @functools.cache
@@ -41,7 +42,9 @@ def _model(folder: str, q: str | None = None, mesh_shape=(1, 1, 1)):
         progress=False,
         quant=q,
     )
-    model.token_bucket = 256  # one LLM compilation for all fixture prompts
+    model.configure_generation(
+        Buckets(tokens=(256,))
+    )  # one LLM compilation for all fixture prompts
     return model
 
 
@@ -95,10 +98,10 @@ def test_quantize_kernel_per_output_channel(monkeypatch):
     np.testing.assert_array_equal(sb, scale)
 
 
-def _linear(bias: bool):
+def _linear(bias: bool, k_out: int = 24):
     with jax.set_mesh(make_mesh()), nnx.logical_axis_rules(sharding.RULES):
         return dense(
-            32, 24, ("embed", "mlp"), dtype=jnp.float32, param_dtype=jnp.float32,
+            32, k_out, ("embed", "mlp"), dtype=jnp.float32, param_dtype=jnp.float32,
             rngs=nnx.Rngs(0), bias=bias,
         )  # fmt: skip
 
@@ -136,6 +139,64 @@ def test_scale_is_applied_after_the_dot():
     assert conv.invars[0].aval.dtype == jnp.int8
     muls = [e for e in eqns if e.primitive.name == "mul"]
     assert muls and all(tuple(m.outvars[0].aval.shape) == (2, 24) for m in muls)
+
+
+@pytest.mark.parametrize("k_out", [64, 70])  # 70: 4 whole tiles of 16 columns + 6 left over
+def test_tiled_cpu_dot_equals_dequantized_matmul(monkeypatch, k_out):
+    """The CPU path (int8 column tiles converted one at a time) equals x @ (q * scale)."""
+    monkeypatch.setattr(quant, "CPU_TILE", 32 * 16)  # 16 columns of a 32-row kernel per tile
+    layer = quant.int8_dense(_linear(False, k_out))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 32))
+    w = quant.dequantize_kernel(np.asarray(layer.kernel[...]), np.asarray(layer.kernel_scale[...]))
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(lambda x: layer(x))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(x) @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_decode_program_stays_int8(monkeypatch):
+    """The compiled decode program of an int8 model needs < 60% of the bf16 program's memory
+    (XLA memory_analysis: arguments + temporaries, CPU).
+
+    XLA:CPU converts a whole kernel to float before a dot (small dots excepted: it fuses those,
+    hence a model wider than the fixture: hidden 512, MLP 2048, vocabulary 8192) and hoists that
+    conversion out of the decode loop; the CPU path of Int8Dense converts tiles of CPU_TILE
+    weights inside the loop instead. The tile is shrunk to this model's size (every quantized
+    kernel of the released models exceeds the default tile, checked first); with tiling off,
+    the same measurement shows the hoisted float copy (ratio > 0.6).
+    """
+    import json
+
+    from minicpmv_jax.config import PRESETS, MiniCPMVConfig
+    from minicpmv_jax.generate import Buckets
+    from minicpmv_jax.model import MiniCPMV
+    from minicpmv_jax.processor import MiniCPMVProcessor
+
+    for preset in (PRESETS["2.6"], PRESETS["4.5"]):
+        c = preset.llm
+        assert c.hidden_size * c.num_kv_heads * c.head_dim > quant.CPU_TILE  # smallest: k / v
+
+    hf = json.loads((CKPT_26 / "config.json").read_text())
+    hf.update(hidden_size=512, intermediate_size=2048, vocab_size=8192)
+    config = MiniCPMVConfig.from_hf(hf, dtype="bfloat16")
+    processor = MiniCPMVProcessor.from_pretrained(CKPT_26)
+
+    def decode_bytes(q, tile):
+        monkeypatch.setattr(quant, "CPU_TILE", tile)
+        jax.clear_caches()  # the tile size is read while tracing, not part of the jit cache key
+        model = MiniCPMV.from_config(config, processor=processor, quant=q)
+        model.configure_generation(Buckets(tokens=(64,), slices=(1,), new_tokens=(16,)))
+        d = model.memory_report(batch=1, prompt_len=32, max_new_tokens=16)["decode"]
+        return d["argument_bytes"] + d["temp_bytes"]
+
+    bf16 = decode_bytes(None, 1 << 15)
+    try:
+        tiled, hoisted = decode_bytes("int8", 1 << 15), decode_bytes("int8", 1 << 40)
+    finally:
+        jax.clear_caches()  # no program traced with a test tile size outlives the test
+    print(f"\ndecode program bytes: bf16 {bf16}, int8 {tiled} ({tiled / bf16:.2f}), "
+          f"int8 untiled {hoisted} ({hoisted / bf16:.2f})")  # fmt: skip
+    assert tiled < 0.6 * bf16
+    assert hoisted > 0.6 * bf16  # the measurement sees the hoisted float copy
 
 
 # ------------------------------------------------------------------------------------------------

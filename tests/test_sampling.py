@@ -1,5 +1,8 @@
 """Logits processors and beam search against the golden decoding-strategy fixtures (no model)."""
 
+import functools
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +10,7 @@ import pytest
 from conftest import FIXTURES, VERSIONS, load_case
 
 from minicpmv_jax import sampling
+from minicpmv_jax.settings import GenerationSettings
 
 BEAM_CASES = [
     (v, c)
@@ -129,15 +133,95 @@ def test_top_k_top_p_match_transformers_semantics():
     np.testing.assert_allclose(got, np.asarray(y) / 0.5, rtol=1e-6)
 
 
-def test_sampling_follows_the_warped_distribution():
-    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
-    params = sampling.SamplingParams.create(top_k=3, top_p=0.7)
-    mode = sampling.DecodeMode(do_sample=True)
-    tok = np.asarray(sampling.select_tokens(logits, mode, params, jax.random.key(1)))
-    # top-k keeps {0,1,2}; top-p 0.7 on renormalised [0.526, 0.316, 0.158] keeps {0, 1}
-    freq = np.bincount(tok, minlength=4) / len(tok)
-    assert freq[2] == freq[3] == 0
-    np.testing.assert_allclose(freq[:2], [0.625, 0.375], atol=0.03)
+SAMPLING = FIXTURES / "sampling"
+SAMPLING_CASES = json.loads((SAMPLING / "cases.json").read_text())
+
+
+def _settings(case: dict) -> dict:
+    """filtered_logprobs keywords of a fixture settings row (None = processor not used)."""
+    eff = case["effective"]
+    kw = {k: eff[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
+    return dict(kw, min_p=eff["min_p"], min_new_tokens=eff["min_new_tokens"])
+
+
+@pytest.mark.parametrize("case", SAMPLING_CASES, ids=lambda c: c["name"])
+def test_filtered_logprobs_match_transformers(case):
+    """transformers' logits processors + log_softmax: same kept set, values within 1e-4."""
+    with np.load(SAMPLING / f"{case['name']}.npz") as z:
+        logits, history, want = z["logits"], z["history"], z["logprobs"]
+    got = np.asarray(
+        sampling.filtered_logprobs(
+            logits, history, eos_token_id=case["eos_token_id"], **_settings(case)
+        )
+    )
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    kept = np.isfinite(want)
+    np.testing.assert_allclose(got[kept], want[kept], rtol=0, atol=1e-4)
+
+
+@functools.cache
+def _draw(n: int):
+    """The on-device sampler (``sample_step``, as the decode loop runs it), jitted over n rows."""
+
+    @functools.partial(jax.jit, static_argnames="terminators")
+    def draw(logits, presence, step, params, key, terminators):
+        state = sampling.SampleState.init(n, 1, logits.shape[-1], key)
+        state = state.replace(presence=jnp.broadcast_to(presence, (n, logits.shape[-1])), step=step)
+        mode = sampling.DecodeMode(do_sample=True)
+        logits = jnp.broadcast_to(logits, (n, logits.shape[-1]))
+        return sampling.sample_step(state, logits, mode, params, terminators).tokens[:, step]
+
+    return draw
+
+
+def tv_bound(p: np.ndarray, n: int, delta: float) -> float:
+    """A bound the empirical total variation of n iid draws from p exceeds with prob. <= delta.
+
+    TV = 1/2 sum_i |f_i - p_i| for the empirical frequencies f. By Jensen,
+    E|f_i - p_i| <= sqrt(Var f_i) = sqrt(p_i (1 - p_i) / n), so E[TV] <= 1/2 sum_i that. TV is a
+    function of the n independent draws that changes by at most 1/n when one draw changes, so
+    McDiarmid's inequality gives P(TV >= E[TV] + t) <= exp(-2 n t^2); t = sqrt(ln(1/delta) / 2n).
+    """
+    return 0.5 * float(np.sum(np.sqrt(p * (1 - p) / n))) + float(
+        np.sqrt(np.log(1 / delta) / (2 * n))
+    )
+
+
+@pytest.mark.parametrize("case", SAMPLING_CASES, ids=lambda c: c["name"])
+def test_sampler_draws_from_filtered_logprobs(case):
+    """20k draws per row through the real sampler: nothing outside the kept set, and total
+    variation from exp(filtered_logprobs) within ``tv_bound`` (delta 1e-9 per row: all 32 rows
+    of the suite pass with probability > 1 - 4e-8 when the sampler is right)."""
+    n, delta = 20_000, 1e-9
+    with np.load(SAMPLING / f"{case['name']}.npz") as z:
+        logits, history = z["logits"], z["history"]
+    settings = _settings(case)
+    terms = tuple(case["eos_token_id"])
+    logp = np.asarray(
+        sampling.filtered_logprobs(logits, history, eos_token_id=terms, **settings), np.float64
+    )
+    params = sampling.SamplingParams.create(
+        **dict(
+            settings, min_p=settings["min_p"] or 0.0, min_new_tokens=settings["min_new_tokens"] or 0
+        )
+    )
+    v = logits.shape[-1]
+    for r in range(len(logits)):
+        seen = history[r][history[r] >= 0]
+        presence = jnp.zeros((1, v), bool).at[0, seen].set(True)
+        key = jax.random.key(1000 + r)
+        tok = np.asarray(_draw(n)(logits[r : r + 1], presence, len(seen), params, key, terms))
+        freq = np.bincount(tok, minlength=v) / n
+        p = np.exp(logp[r])
+        assert not freq[~np.isfinite(logp[r])].any(), f"row {r}: drew a filtered token"
+        tv = 0.5 * np.abs(freq - p).sum()
+        bound = tv_bound(p, n, delta)
+        assert tv <= bound, f"{case['name']} row {r}: total variation {tv:.4f} > {bound:.4f}"
+        # the bound is tight enough to matter: the unfiltered softmax would be rejected
+        if case["name"] == "official_2_6":
+            raw = np.exp(logits[r] - logits[r].max())
+            assert 0.5 * np.abs(freq - raw / raw.sum()).sum() > bound
 
 
 def test_min_new_tokens_suppresses_terminators():
@@ -175,12 +259,12 @@ def test_finished_rows_emit_pad_and_stop():
 )
 def test_invalid_sampling_values(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
-        sampling.SamplingParams.create(**kwargs)
+        GenerationSettings(max_new_tokens=4, do_sample=True, **kwargs)
 
 
 def test_invalid_num_beams():
     with pytest.raises(ValueError, match="num_beams"):
-        sampling.DecodeMode(num_beams=0)
+        GenerationSettings(max_new_tokens=4, num_beams=0)
 
 
 def test_beam_search_batch_rows_are_independent():

@@ -26,7 +26,9 @@ from minicpmv_jax.sharding import ShardingError, make_mesh
 FOLDER = FIXTURES / "minicpm-v-2_6"
 CKPT = FOLDER / "checkpoint"
 CASE = FOLDER / "cases" / "single_100x90"
-MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4)]
+# fsdp alone, tensor alone, all three axes, the README's (1, 2, 4); no data-only mesh: the
+# one-row request of `_run` is replicated over "data", so that would repeat one device's run
+MESHES = [(1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4)]
 NEW_TOKENS = 6
 
 
@@ -48,7 +50,7 @@ def _run(model) -> dict:
     logits = model.prompt_logits(batch_from_case(data, "2.6"))
     processed = model.processor(case_messages(data))
     tokens = model.generate(processed, max_new_tokens=NEW_TOKENS)
-    gen = model.generator
+    gen = model.sampler
     prepared = gen.prepare([processed])
     _, _, s_len = gen.cache_len(max(prepared.lengths), NEW_TOKENS)
     with model._precision():
@@ -263,6 +265,15 @@ def test_memory_plan_presets():
     eight = plan(MINICPM_V_2_6, (1, 2, 4), batch=1, cache_len=4096)
     assert eight.params < one.params / 4  # vocab replicated over tensor, the rest split 8 ways
     assert plan(MINICPM_V_4_5, (1, 1, 8)).fits(16 * GiB)
+
+
+@pytest.mark.parametrize("mesh", [None, (1, 2), "1,2,4", 8])
+def test_memory_plan_bad_mesh_is_a_clear_error(mesh):
+    from minicpmv_jax.errors import MiniCPMVError
+    from minicpmv_jax.memory import plan
+
+    with pytest.raises(MiniCPMVError, match=r"mesh must be a Mesh.*\(data, fsdp, tensor\) tuple"):
+        plan(MINICPM_V_2_6, mesh)
 
 
 @pytest.mark.parametrize("argv", [[], ["--quant", "int8", "--single-device"]])

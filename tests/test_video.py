@@ -103,6 +103,11 @@ def test_bad_counts():
         sample_frames_45(0, 30.0)
     with pytest.raises(VideoError, match="frame rate"):
         sample_frames_26(10, 0.0)
+    for bad in (0, -5, float("nan"), "5"):
+        with pytest.raises(VideoError, match=f"choose_fps must be .* > 0, got {bad!r}"):
+            sample_frames_45(300, 30.0, choose_fps=bad)
+    with pytest.raises(VideoError, match="force_packing must be an integer >= 1"):
+        sample_frames_45(300, 30.0, force_packing=0)
 
 
 def test_decode_clip(clip48):

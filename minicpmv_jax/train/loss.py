@@ -17,6 +17,7 @@ LoRA A/B on the target Linears plus the `modules_to_save` (embed_tokens, resampl
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -26,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minicpmv_jax.batching import VisionBatch, image_slot_from_bounds
 from minicpmv_jax.errors import MiniCPMVError
-from minicpmv_jax.model import image_slot_from_bounds, merge_embeds, pad_image_inputs
+from minicpmv_jax.model import merge_embeds
 from minicpmv_jax.processor import patch_bucket_size, vision_mask, vision_position_ids
 from minicpmv_jax.train.data import IGNORE_INDEX
 from minicpmv_jax.train.lora import LoraConfig, Target, apply_lora, init_lora, peft_name
@@ -68,8 +70,8 @@ def prepare_batch(
     """Host-side arrays of one collated batch, padded to buckets (None: no padding).
 
     Returns a dict of numpy arrays: input_ids, labels, positions, image_slot [B, Tb]; and, when
-    the batch has images, the slice arrays of `model.pad_image_inputs` ([Ib, Pb, ...]);
-    plus the static `num_groups` (0 = no vision input) and `length` (the batch's T).
+    the batch has images (or buckets are given), the slice arrays of a `batching.VisionBatch`
+    ([Ib, Pb, ...]); plus the static `num_groups` (0 = no vision input) and `length` (the T).
     """
     cfg, proc = model.config, model.processor
     q, p = cfg.query_num, proc.patch_size
@@ -123,15 +125,18 @@ def prepare_batch(
         "patch_valid": np.arange(pb)[None, :] < (tgt[:, 0] * tgt[:, 1])[:, None],
         "tgt_sizes": tgt,
     }
-    pad = pad_image_inputs(slices, slice_buckets or (len(strips),))
-    for k in ("pixel_patches", "position_ids", "vision_mask", "patch_valid", "tgt_sizes"):
-        out[k] = pad[k]
-    out["temporal_ids"] = pad["temporal_ids"]
+    ib = _bucket(max(len(strips), 1), slice_buckets or (len(strips),))
+    if strips:
+        vision = VisionBatch.stack([slices]).pad_to(ib)
+    else:
+        vision = VisionBatch.placeholder(ib, pb, 3 * p * p)
+    for field in dataclasses.fields(vision):
+        out[field.name] = getattr(vision, field.name)
     # Every slice its own group, padding slices included (image_slot never reads theirs): an
-    # empty resampler group has max -inf, whose exp is masked in the forward but turns the
-    # backward into NaN.
-    out["group_index"] = np.arange(pad["num_groups"], dtype=np.int32)
-    out["num_groups"] = pad["num_groups"]
+    # empty resampler group has max -inf, which the forward masks but the backward turns into
+    # NaN gradients.
+    out["group_index"] = np.arange(vision.num_groups, dtype=np.int32)
+    out["num_groups"] = vision.num_groups
     return out
 
 

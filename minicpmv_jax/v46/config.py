@@ -166,6 +166,12 @@ class MiniCPMV46Config:
     image_token_id: int = 248056
     video_token_id: int = 248057
     eos_ids: tuple[int, ...] = (248044, 248046)  # generation_config.json: stop on any
+    # generation_config.json's sampling values (used when sampling=True)
+    sampling_defaults: tuple[tuple[str, Any], ...] = (
+        ("temperature", 0.7),
+        ("top_k", 0),
+        ("top_p", 1.0),
+    )
     version: str = "4.6"
 
     def __post_init__(self):
@@ -196,6 +202,10 @@ class MiniCPMV46Config:
             image_token_id=hf.get("image_token_id", 248056),
             video_token_id=hf.get("video_token_id", 248057),
             eos_ids=_ids((generation or {}).get("eos_token_id", hf.get("eos_token_id"))),
+            sampling_defaults=tuple(
+                (k, (generation or {}).get(k, v))
+                for k, v in (("temperature", 0.7), ("top_k", 0), ("top_p", 1.0))
+            ),
         )
         return cfg.with_dtype(dtype)
 

@@ -22,8 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minicpmv_jax import quant as quantization
+from minicpmv_jax import sampling as smp
 from minicpmv_jax.errors import CheckpointError, MiniCPMVError
-from minicpmv_jax.sharding import RULES, make_mesh
+from minicpmv_jax.model import AbstractRngs
+from minicpmv_jax.settings import GenerationSettings
+from minicpmv_jax.sharding import RULES, _fit, make_mesh, mesh_shape
 from minicpmv_jax.v46 import vision_inputs
 from minicpmv_jax.v46.config import MiniCPMV46Config, check_downsample_mode
 from minicpmv_jax.v46.projector import Projector
@@ -33,7 +37,65 @@ from minicpmv_jax.v46.siglip2 import Siglip2Tower
 # DeltaNet projections shard their heads over `tensor` like the attention heads.
 RULES_46 = (*RULES, ("lin_heads", "tensor"), ("lin_v_heads", "tensor"))
 
+
+def logical_sizes_46(cfg: MiniCPMV46Config) -> dict[str, set[int]]:
+    """Per logical axis, the sizes its mesh axes must divide (as sharding.logical_sizes)."""
+    llm, vis = cfg.llm, cfg.vision
+    return {
+        "embed": {llm.hidden_size},
+        "mlp": {llm.intermediate_size},
+        "vocab": {llm.vocab_size},
+        "q_heads": {llm.num_heads},
+        "kv_heads": {llm.num_kv_heads},
+        "lin_heads": {llm.lin_num_key_heads, llm.lin_num_value_heads},
+        "lin_v_heads": {llm.lin_num_value_heads},
+        "vis_embed": {vis.hidden_size},
+        "vis_mlp": {vis.intermediate_size},
+        "vis_heads": {vis.num_heads},
+        "head_dim": {llm.head_dim, llm.lin_value_head_dim},
+        "positions": {vis.patches_per_side**2},
+    }
+
+
+def rules_46(cfg: MiniCPMV46Config, mesh) -> tuple:
+    """RULES_46 on one mesh: an axis whose sizes the mesh axes do not divide is sharded over the
+    longest dividing prefix, or replicated (the fallback of sharding.rules_for)."""
+    shape = mesh_shape(mesh)
+    sizes = logical_sizes_46(cfg)
+    return tuple(
+        (name, _fit(target, sizes[name], shape) if name in sizes and target else target)
+        for name, target in RULES_46
+    )
+
+
+class Quant46(quantization.QuantConfig):
+    """int8 weight-only layers of 4.6: the text model's projections (the LM head is the tied
+    embedding and stays float); with vision=True also the SigLIP2 encoder layers."""
+
+    def selects(self, name: str) -> bool:
+        if name.startswith("model.language_model.layers."):
+            return self.llm
+        if name.startswith("model.vision_tower.encoder.layers."):
+            return self.vision
+        return False
+
+
+def parse_quant(quant) -> Quant46 | None:
+    q = quantization.parse(quant)
+    return None if q is None else Quant46(llm=q.llm, lm_head=False, vision=q.vision)
+
+
 TRACE_COUNTS: collections.Counter = collections.Counter()
+GENERATION_KEYS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_new_tokens",
+    "length_penalty",
+    "min_p",
+    "early_stopping",
+    "seed",
+)
 TOKEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
 
 
@@ -120,33 +182,87 @@ def _step_jit(graphdef, state, tokens, positions, cache):
     return lm.logits(h)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("steps",), donate_argnames=("cache",))
-def _decode_jit(graphdef, state, first, positions, cache, eos, limit, steps):
-    """Greedy decode loop on device after the prefill's token `first` [B]: at most `limit`
-    (runtime) of `steps` (static bucket) tokens in all, stopping once every row hit an eos.
-    Returns int32 [B, steps] (0 after a row's eos)."""
+def _lm_step(lm, tokens, positions, cache):
+    """One cached step of the text model: tokens, positions int [R] -> (logits [R, V], cache)."""
+    r = tokens.shape[0]
+    h, cache = lm.hidden(
+        lm.embed(tokens[:, None]), positions[:, None], cache, jnp.ones((r, 1), bool)
+    )
+    return lm.logits(h)[:, 0], cache
+
+
+@functools.partial(
+    jax.jit, static_argnames=("mode", "terminators", "steps"), donate_argnames=("cache",)
+)
+def _sample_jit(
+    graphdef, state, first, positions, cache, params, key, limit, mode, terminators, steps
+):
+    """Greedy / sampling loop on device (transformers `_sample`): the prefill's last logits
+    `first` [B, V] give token 0; at most `limit` (traced) of `steps` (static buffer) tokens.
+    Returns (tokens int32 [B, steps], lengths int32 [B])."""
     TRACE_COUNTS["decode"] += 1
-    module = nnx.merge(graphdef, state)
-    lm = module.model.language_model
-    b = first.shape[0]
-    out = jnp.zeros((b, steps), jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, eos)
+    lm = nnx.merge(graphdef, state).model.language_model
+    b, v = first.shape
+    st = smp.sample_step(smp.SampleState.init(b, steps, v, key), first, mode, params, terminators)
 
     def cond(c):
-        i, _, _, done, _ = c
-        return (i + 1 < limit) & ~jnp.all(done)
+        return (c[0].step < limit) & jnp.any(c[0].alive)
 
     def body(c):
-        i, out, cache, done, pos = c
-        x = lm.embed(out[:, i][:, None])
-        h, cache = lm.hidden(x, pos[:, None], cache, jnp.ones((b, 1), bool))
-        nxt = jnp.argmax(lm.logits(h)[:, 0], axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, 0, nxt)
-        out = out.at[:, i + 1].set(nxt)
-        return i + 1, out, cache, done | jnp.isin(nxt, eos), pos + 1
+        st, cache, pos = c
+        logits, cache = _lm_step(lm, st.last_tokens(), pos, cache)
+        return smp.sample_step(st, logits, mode, params, terminators), cache, pos + 1
 
-    _, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), out, cache, done, positions))
-    return out
+    st, _, _ = jax.lax.while_loop(cond, body, (st, cache, positions))
+    return st.tokens, st.length
+
+
+@functools.partial(jax.jit, static_argnames=("num_beams", "terminators", "steps", "early_stopping"))
+def _beam_jit(
+    graphdef,
+    state,
+    first,
+    positions,
+    cache,
+    params,
+    limit,
+    num_beams,
+    terminators,
+    steps,
+    early_stopping,
+):
+    """Beam search on device; the hybrid cache (K/V and the DeltaNet conv / recurrent states)
+    is reordered with the beams every step. Returns (tokens [B, steps], lengths [B])."""
+    TRACE_COUNTS["beam"] += 1
+    lm = nnx.merge(graphdef, state).model.language_model
+    b, n = first.shape[0], num_beams
+    cache = cache.reorder(jnp.repeat(jnp.arange(b), n))  # B rows -> B * N beams
+    positions = jnp.repeat(positions, n)
+
+    def forward(carry, tokens, parent, step):
+        cache, pos = carry
+        cache = cache.reorder((jnp.arange(b)[:, None] * n + parent).reshape(-1))
+        logits, cache = _lm_step(lm, tokens.reshape(-1), pos, cache)
+        return (cache, pos + 1), logits.reshape(b, n, -1)
+
+    st, _ = smp.beam_search(
+        forward,
+        (cache, positions),
+        first,
+        num_beams=n,
+        max_new=limit,
+        params=params,
+        terminators=terminators,
+        early_stopping=early_stopping,
+        buffer=steps,
+    )
+    tokens, length, _, _ = smp.beam_result(st)
+    return tokens, length
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "terminators"))
+def _stream_select(st, logits, params, mode, terminators):
+    return smp.sample_step(st, logits, mode, params, terminators)
 
 
 def _bucket(n: int) -> int:
@@ -168,16 +284,27 @@ class MiniCPMV46:
 
     # ------------------------------------------------------------------ construction
     @staticmethod
-    def abstract_module(config: MiniCPMV46Config, mesh=None):
+    def abstract_module(config: MiniCPMV46Config, mesh=None, quant=None):
+        """(graphdef, abstract state) with shardings and no memory; quant: None / "int8" /
+        "int8+vision" (the layers Quant46 selects become int8 with per-channel scales)."""
         mesh = mesh if mesh is not None else make_mesh()
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES_46):
-            return nnx.get_abstract_model(lambda: MiniCPMV46Module(config, rngs=nnx.Rngs(0)), mesh)
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_46(config, mesh)):
+            return nnx.get_abstract_model(
+                lambda: quantization.quantize_module(
+                    MiniCPMV46Module(config, rngs=AbstractRngs()), parse_quant(quant)
+                ),
+                mesh,
+            )
 
     @classmethod
-    def from_config(cls, config: MiniCPMV46Config, *, seed: int = 0, mesh=None, processor=None):
+    def from_config(
+        cls, config: MiniCPMV46Config, *, seed: int = 0, mesh=None, processor=None, quant=None
+    ):
+        """Randomly initialised model (tests, benchmarks)."""
         mesh = mesh if mesh is not None else make_mesh()
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES_46):
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_46(config, mesh)):
             module = MiniCPMV46Module(config, rngs=nnx.Rngs(seed))
+            module = quantization.quantize_module(module, parse_quant(quant))
         return cls(config, module, processor, mesh=mesh)
 
     @classmethod
@@ -189,11 +316,16 @@ class MiniCPMV46:
         *,
         progress: bool = True,
         load_processor: bool = True,
+        quant=None,
         hf: dict | None = None,
     ) -> MiniCPMV46:
-        """Load a native-transformers 4.6 folder (config.json + safetensors, tied embeddings)."""
+        """Load a native-transformers 4.6 folder (config.json + safetensors, tied embeddings,
+        streamed one tensor at a time) or an orbax folder written by `checkpoint.save`.
+
+        quant: None, "int8" or "int8+vision" (quantized on the host while loading)."""
         import pathlib
 
+        from minicpmv_jax import checkpoint
         from minicpmv_jax.weights import checkpoint_files, load_safetensors
 
         folder = pathlib.Path(folder)
@@ -206,10 +338,16 @@ class MiniCPMV46:
         generation = json.loads(gen_file.read_text()) if gen_file.exists() else None
         config = MiniCPMV46Config.from_hf(hf, dtype=dtype, generation=generation)
         mesh = mesh if mesh is not None else make_mesh()
-        graphdef, abstract = cls.abstract_module(config, mesh)
-        module = load_safetensors(
-            graphdef, abstract, checkpoint_files(folder)[0], progress=progress
-        )
+        if checkpoint.is_orbax_checkpoint(folder):
+            stored = quantization.stored_quant(checkpoint.read_metadata(folder))
+            graphdef, abstract = cls.abstract_module(config, mesh, stored)
+            module = checkpoint.restore_module(folder, graphdef, abstract, progress=progress)
+            if quant is not None and stored is None:
+                module = quantization.quantize_module(module, parse_quant(quant))
+        else:
+            graphdef, abstract = cls.abstract_module(config, mesh, quant)
+            files = checkpoint_files(folder)[0]
+            module = load_safetensors(graphdef, abstract, files, progress=progress)
         processor = None
         if load_processor:
             from minicpmv_jax.v46.processor import MiniCPMV46Processor
@@ -398,41 +536,168 @@ class MiniCPMV46:
     def generate(
         self,
         batch,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         sampling: bool = False,
         num_beams: int = 1,
+        repetition_penalty: float = 1.0,
         **kwargs,
     ):
-        """New token ids (eos included when hit) for one processed request or a list of them."""
-        if sampling or num_beams != 1 or kwargs:
+        """New token ids (transformers `generate` semantics: the stop token last when hit).
+
+        Args:
+          batch: one processed request (`processor(...)` output) or a list of them (one batch).
+          max_new_tokens: default 2048.
+          sampling: multinomial sampling; defaults from generation_config.json (released:
+            temperature 0.7, top_k 0, top_p 1.0) unless given in kwargs.
+          num_beams: beam search when > 1 (the hybrid cache is reordered with the beams).
+          kwargs: temperature, top_k, top_p, min_new_tokens, length_penalty, early_stopping, seed.
+        Returns: int64 ids [n] or a list of them.
+        """
+        unknown = sorted(set(kwargs) - set(GENERATION_KEYS))
+        if unknown:
             raise MiniCPMVError(
-                "MiniCPM-V 4.6 generate() supports greedy decoding only (sampling=False, "
-                f"num_beams=1); got sampling={sampling}, num_beams={num_beams}, {sorted(kwargs)}"
+                f"unknown generation argument(s) {unknown}; supported: {GENERATION_KEYS}"
             )
+        max_new = 2048 if max_new_tokens is None else int(max_new_tokens)
+        if max_new < 1:
+            raise MiniCPMVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not isinstance(num_beams, int) or num_beams < 1:
+            raise MiniCPMVError(f"num_beams must be a positive int, got {num_beams!r}")
+        defaults = dict(self.config.sampling_defaults) if sampling else {}
+        knobs = {
+            **defaults,
+            **{k: kwargs[k] for k in kwargs if k not in ("early_stopping", "seed")},
+        }
+        early_stopping = kwargs.get("early_stopping", False)
+        GenerationSettings(  # the one check of decoding values (raises GenerationError)
+            max_new_tokens=max_new,
+            do_sample=bool(sampling),
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+            early_stopping=early_stopping,
+            **knobs,
+        )
+        mode = smp.DecodeMode(
+            do_sample=bool(sampling), num_beams=num_beams, early_stopping=early_stopping
+        )
+        params = smp.SamplingParams.create(repetition_penalty=repetition_penalty, **knobs)
         single = not isinstance(batch, (list, tuple))
         reqs = [batch] if single else list(batch)
-        steps = _bucket(max(int(max_new_tokens), 1))
+        if not reqs:
+            raise MiniCPMVError("generate() got an empty batch")
+        steps = _bucket(max_new)
         logits, cache, lengths = self.prefill(reqs, steps)
-        eos = jnp.asarray(self.eos_ids(), jnp.int32)
+        terminators = tuple(self.eos_ids())
+        seed = kwargs.get("seed")
+        key = jax.random.key(np.random.randint(2**31) if seed is None else int(seed))
         with self._precision():
-            first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            out = _decode_jit(
-                self.graphdef,
-                self.state,
-                first,
-                lengths,
-                cache,
-                eos,
-                int(max_new_tokens),
-                steps=steps,
-            )
-        out = np.asarray(out, np.int64)[:, : int(max_new_tokens)]
-        eos_np = set(self.eos_ids())
-        res = []
-        for row in out:
-            hit = [i for i, x in enumerate(row) if int(x) in eos_np]
-            res.append(row[: hit[0] + 1] if hit else row)
+            if num_beams > 1:
+                tokens, length = _beam_jit(
+                    self.graphdef,
+                    self.state,
+                    logits,
+                    lengths,
+                    cache,
+                    params,
+                    max_new,
+                    num_beams=num_beams,
+                    terminators=terminators,
+                    steps=steps,
+                    early_stopping=mode.early_stopping,
+                )
+            else:
+                tokens, length = _sample_jit(
+                    self.graphdef,
+                    self.state,
+                    logits,
+                    lengths,
+                    cache,
+                    params,
+                    key,
+                    max_new,
+                    mode=mode,
+                    terminators=terminators,
+                    steps=steps,
+                )
+        tokens, length = np.asarray(tokens, np.int64), np.asarray(length)
+        res = [tokens[i, : length[i]] for i in range(len(reqs))]
         return res[0] if single else res
+
+    def chat(
+        self,
+        msgs,
+        max_new_tokens: int | None = None,
+        sampling: bool = True,
+        stream: bool = False,
+        downsample_mode: str | None = None,
+        max_slice_nums: int | None = None,
+        use_image_id: bool | None = None,
+        enable_thinking: bool = False,
+        stack_frames: int | None = None,
+        max_num_frames: int | None = None,
+        **generation_kwargs,
+    ):
+        """Answer one conversation (or a list of them, as one batch) with the 4.6 defaults.
+
+        msgs: transformers' chat format or the official one (`content: [PIL.Image, "text"]`).
+        downsample_mode ("16x" default, or "4x") travels to both the processor and the vision
+        path. sampling=True uses generation_config.json's values (released: temperature 0.7);
+        sampling=False is greedy unless `num_beams` is given. stream=True yields text pieces.
+        """
+        if self.processor is None:
+            raise MiniCPMVError("this model was loaded without a processor; chat() needs one")
+        batched = bool(msgs) and isinstance(msgs[0], (list, tuple))
+        convs = list(msgs) if batched else [msgs]
+        kw = {
+            "downsample_mode": downsample_mode,
+            "max_slice_nums": max_slice_nums,
+            "use_image_id": use_image_id,
+            "enable_thinking": enable_thinking,
+            "stack_frames": stack_frames,
+            "max_num_frames": max_num_frames,
+        }
+        kw = {k: v for k, v in kw.items() if v is not None}
+        batch = [self.processor(c, **kw) for c in convs]
+        if stream:
+            if len(batch) != 1 or generation_kwargs.get("num_beams", 1) != 1:
+                raise MiniCPMVError("stream=True takes one conversation and no beam search")
+            return self._stream(batch[0], max_new_tokens, sampling, generation_kwargs)
+        ids = self.generate(batch, max_new_tokens, sampling, **generation_kwargs)
+        texts = [self._decode(x) for x in ids]
+        return (
+            texts if len(convs) > 1 or (msgs and isinstance(msgs[0], (list, tuple))) else texts[0]
+        )
+
+    def _decode(self, ids) -> str:
+        ids = [int(t) for t in ids if int(t) not in self.config.eos_ids]
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def _stream(self, batch, max_new_tokens, sampling, kwargs):
+        """Text pieces as tokens arrive: the prefill, then one jitted cached step per token."""
+        max_new = 2048 if max_new_tokens is None else int(max_new_tokens)
+        knobs = dict(self.config.sampling_defaults) if sampling else {}
+        knobs.update({k: v for k, v in kwargs.items() if k not in ("seed", "early_stopping")})
+        params = smp.SamplingParams.create(**knobs)
+        mode = smp.DecodeMode(do_sample=bool(sampling))
+        seed = kwargs.get("seed")
+        key = jax.random.key(np.random.randint(2**31) if seed is None else int(seed))
+        logits, cache, lengths = self.prefill([batch], _bucket(max_new))
+        terms = tuple(self.eos_ids())
+        st = smp.SampleState.init(1, max_new, logits.shape[-1], key)
+        pos = jnp.asarray(lengths)
+        sent = ""
+        for _ in range(max_new):
+            with self._precision():
+                st = _stream_select(st, logits, params, mode, terms)
+            tok = int(st.tokens[0, st.step - 1])
+            if tok in terms:
+                break
+            text = self._decode(st.tokens[0, : st.step])
+            if text.startswith(sent) and len(text) > len(sent):
+                yield text[len(sent) :]
+                sent = text
+            logits, cache = self.decode_step(cache, [tok], pos)
+            pos = pos + 1
 
     def eos_ids(self) -> list[int]:
         return list(self.config.eos_ids)
