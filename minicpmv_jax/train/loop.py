@@ -37,6 +37,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from minicpmv_jax.batching import Buckets
 from minicpmv_jax.errors import MiniCPMVError
 from minicpmv_jax.sharding import batch_sharding
 from minicpmv_jax.train.data import DEFAULT_MAX_LENGTH, IGNORE_INDEX, collate
@@ -59,7 +60,6 @@ from minicpmv_jax.train.loss import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOKEN_BUCKETS = (256, 512, 1024, 2048)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,7 +84,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end (when eval data is given)
     save_every: int = 0  # 0: save only at the end (when an output folder is given)
     keep_saves: int = 2
-    token_buckets: tuple[int, ...] = DEFAULT_TOKEN_BUCKETS
+    token_buckets: tuple[int, ...] = Buckets.tokens  # inference's buckets by default
+    slice_buckets: tuple[int, ...] = Buckets.slices
 
     def __post_init__(self):
         trainable_filter(self.mode, self.lora)  # validates the mode
@@ -236,7 +237,7 @@ class Trainer:
             model,
             collate(rows, self.config.max_length),
             token_buckets=self.config.token_buckets,
-            slice_buckets=model.slice_buckets,
+            slice_buckets=self.config.slice_buckets,
             patch_buckets=model.processor.patch_buckets,
         )
         arrays = device_arrays(prepared)
@@ -286,7 +287,9 @@ class Trainer:
         }
         arrays, meta = checkpoint.restore_train_state(saves[-1], abstract)
         if meta.get("seed") != self.config.seed:
-            raise MiniCPMVError(f"{saves[-1]}: saved with seed {meta.get('seed')}, not {self.config.seed}")
+            raise MiniCPMVError(
+                f"{saves[-1]}: saved with seed {meta.get('seed')}, not {self.config.seed}"
+            )
         self.state = jax.tree.unflatten(treedef, [arrays[k] for k in sorted(arrays)])
         self.step, self.micro = int(meta["step"]), int(meta["micro_batches"])
         log.info("resumed from %s (step %d)", saves[-1], self.step)
