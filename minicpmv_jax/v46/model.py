@@ -24,6 +24,7 @@ from flax import nnx
 
 from minicpmv_jax import quant as quantization
 from minicpmv_jax import sampling as smp
+from minicpmv_jax import versions
 from minicpmv_jax.errors import CheckpointError, MiniCPMVError
 from minicpmv_jax.model import AbstractRngs
 from minicpmv_jax.settings import GenerationSettings
@@ -281,6 +282,7 @@ class MiniCPMV46:
         self.processor = processor
         self.mesh = mesh
         self.graphdef, self.state = nnx.split(module)
+        self.record = versions.spec(config.version)  # the per-version record (defaults)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -546,7 +548,7 @@ class MiniCPMV46:
 
         Args:
           batch: one processed request (`processor(...)` output) or a list of them (one batch).
-          max_new_tokens: default 2048.
+          max_new_tokens: default from the version record (2048).
           sampling: multinomial sampling; defaults from generation_config.json (released:
             temperature 0.7, top_k 0, top_p 1.0) unless given in kwargs.
           num_beams: beam search when > 1 (the hybrid cache is reordered with the beams).
@@ -558,7 +560,7 @@ class MiniCPMV46:
             raise MiniCPMVError(
                 f"unknown generation argument(s) {unknown}; supported: {GENERATION_KEYS}"
             )
-        max_new = 2048 if max_new_tokens is None else int(max_new_tokens)
+        max_new = self.record.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if max_new < 1:
             raise MiniCPMVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not isinstance(num_beams, int) or num_beams < 1:
@@ -674,7 +676,7 @@ class MiniCPMV46:
 
     def _stream(self, batch, max_new_tokens, sampling, kwargs):
         """Text pieces as tokens arrive: the prefill, then one jitted cached step per token."""
-        max_new = 2048 if max_new_tokens is None else int(max_new_tokens)
+        max_new = self.record.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         knobs = dict(self.config.sampling_defaults) if sampling else {}
         knobs.update({k: v for k, v in kwargs.items() if k not in ("seed", "early_stopping")})
         params = smp.SamplingParams.create(**knobs)
