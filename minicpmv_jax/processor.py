@@ -430,6 +430,12 @@ class MiniCPMVProcessor:
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: not a checkpoint folder")
         config = _read_json(folder / "config.json")
+        if config.get("model_type") == "minicpmv4_6":  # native-transformers 4.6: v46/processor.py
+            from minicpmv_jax.v46.processor import MiniCPMV46Processor
+
+            if overrides:
+                raise TypeError(f"MiniCPM-V 4.6 takes settings per call, not {sorted(overrides)}")
+            return MiniCPMV46Processor.from_folder(folder)
         version = versions.parse(config.get("version"), f"{folder / 'config.json'}")
         pre = _read_json(folder / "preprocessor_config.json")
         tok_config = _read_json(folder / "tokenizer_config.json")

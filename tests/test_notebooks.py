@@ -44,6 +44,12 @@ PARAMS = {
         "BATCH": 4,
         "MAX_NEW_TOKENS": 8,
     },
+    "minicpm_v_4_6": {
+        "MODEL": str(FIXTURES / "minicpm-v-4_6" / "checkpoint"),
+        "IMAGES": [str(FIXTURES / "minicpm-v-4_6" / "cases" / "single_448x448" / "image_0.png")]
+        * 2,
+        "MAX_NEW_TOKENS": 8,
+    },
     "video": {
         "MODEL": str(FIXTURES / "minicpm-v-4_5" / "checkpoint"),
         "QUANT": "int8",
