@@ -86,3 +86,67 @@ def test_it_learns(mode, lr):
     assert history[-1]["loss"] < 0.1 * history[0]["loss"], [h["loss"] for h in history]
     for image, question, answer in QA:
         assert chat_answer(trained, image, question) == answer
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_gives_same_losses_and_no_new_programs(tmp_path):
+    """A run killed after step 3 (last save: step 2) and restarted with the same command gives
+    the uninterrupted run's losses; programs: one per distinct batch shape, none on resume."""
+    model = small_model()
+    examples = qa_examples(model)
+    cfg = train.TrainConfig(
+        mode="lora",
+        steps=6,
+        learning_rate=1e-2,
+        batch_size=2,
+        save_every=2,
+        token_buckets=(128,),
+        lora=train.LoraConfig(r=4, alpha=8),
+    )
+    before = TRACE_COUNTS["train_step"]
+    _, full = train.finetune(
+        model, examples, cfg, eval_examples=examples[:2], output_dir=tmp_path / "a", progress=False
+    )
+    trainer = train.Trainer(model, examples, cfg)
+    shapes = set()
+    for i in range(cfg.steps):
+        arrays, groups = trainer._device_batch(trainer.micro_batch(i))
+        shapes.add((groups, *(a.shape for a in arrays.values())))
+    assert TRACE_COUNTS["train_step"] - before == len(shapes)
+    compiled = TRACE_COUNTS["train_step"]
+
+    def kill(row):
+        if row["step"] == 3:
+            raise Killed
+
+    killed = train.Trainer(model, examples, cfg, output_dir=tmp_path / "b")
+    with pytest.raises(Killed):
+        killed.run(progress=False, on_step=kill)
+    _, resumed = train.finetune(
+        model, examples, cfg, eval_examples=examples[:2], output_dir=tmp_path / "b", progress=False
+    )
+    assert [r["step"] for r in resumed] == [3, 4, 5, 6]
+    np.testing.assert_allclose(
+        [r["loss"] for r in resumed], [r["loss"] for r in full[2:]], rtol=1e-6
+    )
+    np.testing.assert_allclose(resumed[-1]["eval_loss"], full[-1]["eval_loss"], rtol=1e-6)
+    assert TRACE_COUNTS["train_step"] == compiled
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "skipped_samples"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    np.testing.assert_allclose(rows[1]["learning_rate"], cfg.schedule()(1), rtol=1e-6)
+    saves = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert saves == ["step_00000004", "step_00000006"]  # keep_saves=2, atomic (no .partial)
+
+
+def test_train_config_errors():
+    with pytest.raises(MiniCPMVError, match="mode must be one of"):
+        train.TrainConfig(mode="half")
+    with pytest.raises(MiniCPMVError, match="batch_size"):
+        train.TrainConfig(batch_size=0)
+    with pytest.raises(MiniCPMVError, match="dropout"):
+        train.LoraConfig(dropout=0.05)

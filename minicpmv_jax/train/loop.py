@@ -123,7 +123,6 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
 STATICS = ("graphdef", "targets", "scaling", "num_groups")
 
 
-@functools.partial(jax.jit, static_argnames=(*STATICS, "tx"), donate_argnums=(0,))
 def _train_step(state, frozen, loaded, arrays, *, graphdef, targets, scaling, tx, num_groups):
     """One micro-batch: loss, gradients, optimizer update (the state is donated)."""
     TRACE_COUNTS["train_step"] += 1
@@ -150,6 +149,23 @@ def _eval_step(state, frozen, loaded, arrays, *, graphdef, targets, scaling, num
     rest = apply_lora(frozen, targets, state["lora"], scaling, loaded) if targets else frozen
     logits = train_logits(nnx.merge(graphdef, state["params"], rest), arrays, num_groups)
     return masked_xent(logits, arrays["labels"])
+
+
+@functools.cache
+def _step_program(tx, graphdef, targets, scaling, treedef, shardings) -> Callable:
+    """The jitted train step of one run's settings, its state kept in its own shardings (the
+    optimizer moments follow the parameters' FSDP / tensor sharding). Cached: runs with equal
+    settings (a resumed run) share its compiled programs."""
+    state_shardings = jax.tree.unflatten(treedef, shardings)
+    step = functools.partial(
+        _train_step, tx=tx, graphdef=graphdef, targets=targets, scaling=scaling
+    )
+    return jax.jit(
+        step,
+        static_argnames=("num_groups",),
+        donate_argnums=(0,),
+        out_shardings=(state_shardings, None),
+    )
 
 
 _EMPTY_ROW = {
@@ -208,6 +224,9 @@ class Trainer:
                 lora, self.loaded = jax.tree.map(jnp.copy, adapter.lora), adapter.lora
             else:
                 lora = init_lora(model.state, lora_cfg, config.seed)
+        # LoRA tensors are small: replicated on the model's mesh (as the step's outputs are)
+        replicated = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
+        lora = jax.device_put(lora, replicated)
         self.tx = config.optimizer()
         with model._precision():
             self.state = {"params": params, "lora": lora, "opt": self.tx.init((params, lora))}
@@ -216,6 +235,10 @@ class Trainer:
             "targets": self.targets,
             "scaling": lora_cfg.scaling if config.mode == "lora" else 0.0,
         }
+        leaves, treedef = jax.tree.flatten(self.state)
+        self._step = _step_program(
+            self.tx, **self._statics, treedef=treedef, shardings=tuple(x.sharding for x in leaves)
+        )
         self.step, self.micro = 0, 0  # optimizer steps done, micro-batches consumed
 
     # -------------------------------------------------------------------- data
@@ -326,14 +349,8 @@ class Trainer:
                     start, losses, norms, tokens = time.perf_counter(), [], [], 0
                     for _ in range(cfg.grad_accum):
                         arrays, groups = self._device_batch(self.micro_batch(self.micro))
-                        self.state, m = _train_step(
-                            self.state,
-                            self.frozen,
-                            self.loaded,
-                            arrays,
-                            tx=self.tx,
-                            num_groups=groups,
-                            **self._statics,
+                        self.state, m = self._step(
+                            self.state, self.frozen, self.loaded, arrays, num_groups=groups
                         )
                         self.micro += 1
                         losses.append(m["loss"])
