@@ -447,13 +447,24 @@ class MiniCPMV46:
         """(ids [T], slot [T], feats [n, D]) for one request: feats holds the projector rows of the
         n pad tokens in prompt order, slot[t] = j for the j-th pad token, -1 for text."""
         ids = np.asarray(batch["input_ids"], np.int64).reshape(-1)
+        n_img = 0
+        if batch.get("pixel_values") is not None:
+            n_img = len(np.asarray(batch["target_sizes"]).reshape(-1, 2))
+        # placeholder counts first, from the grids alone: a mismatch fails before the tower runs
+        grids = [
+            np.asarray(batch[ts]).reshape(-1, 2)
+            for pv, ts in (
+                ("pixel_values", "target_sizes"),
+                ("pixel_values_videos", "target_sizes_videos"),
+            )
+            if batch.get(pv) is not None
+        ]
+        hw = np.concatenate(grids).prod(-1) if grids else np.zeros(0, np.int64)
+        self._feature_rows(ids, hw // (16 if self._mode(batch) == "16x" else 4), 0, n_img)
         run = self._vision(batch)
         d = self.config.llm.hidden_size
         if run is not None:
             f, _, tokens, _, _ = run
-            n_img = 0
-            if batch.get("pixel_values") is not None:
-                n_img = len(np.asarray(batch["target_sizes"]).reshape(-1, 2))
             rows, pads = self._feature_rows(ids, tokens, f.shape[1], n_img)
             feats = f.reshape(-1, d)[jnp.asarray(rows)]
         else:
