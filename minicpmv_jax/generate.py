@@ -275,6 +275,7 @@ def _decode_beam(
     graphdef,
     state,
     cache,
+    work,
     first_logits,
     next_position,
     max_new,
@@ -286,30 +287,47 @@ def _decode_beam(
 ):
     """Beam search (transformers semantics) for B rows of N beams in one lax.while_loop.
 
-    The prefilled cache [L, B, S, K, H] is repeated to B * N rows (transformers expands the
-    prompt to num_beams copies before the prefill: same values); each step gathers the cache rows
-    of the parent beams (``_temporary_reorder_cache``).
+    The prefilled cache [L, B, S, K, H] is copied into ``work`` [L, B * N, S, K, H], a donated
+    buffer (transformers expands the prompt to num_beams copies before the prefill: same
+    values). Each step reorders the rows of the parent beams (``_reorder_cache``) inside that
+    buffer, and only in the M generated slots: the S - M prompt slots of a row's beams hold the
+    same keys and values whatever the reordering, so the step gathers an [L, B * N, M, K, H]
+    slice and writes it back in place instead of copying the whole cache.
+
+    Returns:
+      (tokens int32 [B, M], lengths int32 [B], steps int32 [], scores float32 [B],
+       beam indices int32 [B, M], work cache for the pool).
     """
     TRACE_COUNTS["decode"] += 1
     module = nnx.merge(graphdef, state)
     n = mode.num_beams
     b = first_logits.shape[0]
-    cache = cache.replace(
-        k=jnp.repeat(cache.k, n, axis=1),
-        v=jnp.repeat(cache.v, n, axis=1),
-        valid=jnp.repeat(cache.valid, n, axis=0),
+    start = cache.max_len - buffer  # first generated slot (the token bucket T)
+
+    def expand(buf, rows):  # write each row's N copies into the donated buffer, in place
+        return jax.lax.dynamic_update_slice(buf, jnp.repeat(rows, n, axis=1), (0,) * buf.ndim)
+
+    work = work.replace(
+        k=expand(work.k, cache.k),
+        v=expand(work.v, cache.v),
+        end=cache.end,
+        valid=jnp.repeat(cache.valid, n, axis=0),  # the same for every beam of a row
     )
     pos = jnp.repeat(next_position, n)  # [B * N]
 
-    def forward(cache, tokens, parent, step):
-        flat = (jnp.arange(b)[:, None] * n + parent).reshape(-1)  # [B * N]
-        cache = cache.replace(k=cache.k[:, flat], v=cache.v[:, flat], valid=cache.valid[flat])
-        logits, cache = _forward(module, cache, tokens.reshape(-1), pos + step - 1)
-        return cache, logits.reshape(b, n, -1)
+    def reorder(buf, rows):  # [L, B * N, S, K, H]: generated slots of the parent rows
+        generated = jax.lax.slice_in_dim(buf, start, buf.shape[2], axis=2)[:, rows]
+        return jax.lax.dynamic_update_slice_in_dim(buf, generated, start, axis=2)
 
-    s, cache = sampling.beam_search(
+    def forward(work, tokens, parent, step):
+        rows = (jnp.arange(b)[:, None] * n + parent).reshape(-1)  # [B * N]
+        work = work.replace(k=reorder(work.k, rows), v=reorder(work.v, rows))
+        logits, work = _forward(module, work, tokens.reshape(-1), pos + step - 1)
+        return work, logits.reshape(b, n, -1)
+
+    s, work = sampling.beam_search(
         forward,
-        cache,
+        work,
         first_logits,
         num_beams=n,
         max_new=max_new,
@@ -319,7 +337,7 @@ def _decode_beam(
         buffer=buffer,
     )
     tokens, length, score, beams = sampling.beam_result(s)
-    return tokens, length, s.step, score, beams
+    return tokens, length, s.step, score, beams, constrain_cache(work)
 
 
 def _first_step(first_logits, params, key, max_new, *, mode, terminators, buffer):
@@ -430,12 +448,14 @@ class Sampler:
             donate_argnums=2,
             out_shardings=(rep, rep, rep, rep, cache_out),  # tokens, lengths, steps, logits
         )
-        # not donated: the cache grows from B to B * num_beams rows, no buffer to reuse
+        # the B-row prefill cache is read (and pooled again); the B * N-row work buffer is
+        # donated and reordered in place
         self._decode_beam = jax.jit(
             _decode_beam,
             static_argnums=0,
             static_argnames=("mode", "terminators", "buffer"),
-            out_shardings=rep,  # tokens, lengths, steps, scores, beam indices
+            donate_argnums=3,
+            out_shardings=(rep, rep, rep, rep, rep, cache_out),  # ..., beam indices, work
         )
         self._first_step = jax.jit(
             _first_step, static_argnames=("mode", "terminators", "buffer"), out_shardings=rep
@@ -490,6 +510,18 @@ class Sampler:
             cache = KVCache.init(self.llm_config, batch, length, self.cache_dtype)
         # sharding.RULES layout (KV heads / batch replicated where the mesh does not divide them)
         return jax.device_put(cache, cache_shardings(self.mesh, cache))
+
+    def _abstract_cache(self, batch: int, length: int) -> KVCache:
+        """ShapeDtypeStructs of ``_cache(batch, length)``, its shardings included (so that a
+        lowered program donates and aliases the buffer as a real call does)."""
+        shapes = jax.eval_shape(
+            lambda: KVCache.init(self.llm_config, batch, length, self.cache_dtype)
+        )
+        return jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+            shapes,
+            cache_shardings(self.mesh, shapes),
+        )
 
     def _terminators(self) -> tuple[int, ...]:
         if self.terminators is None:
@@ -596,10 +628,12 @@ class Sampler:
                 if record is not None:
                     out.step_logits = np.asarray(record)
             else:
-                tokens, length, steps, score, beams = self._decode_beam(
+                rows = prepared.input_ids.shape[0] * mode.num_beams
+                tokens, length, steps, score, beams, work = self._decode_beam(
                     self.graphdef,
                     self.state,
                     cache,
+                    self._cache(rows, s_len),
                     logits,
                     next_pos,
                     max_new,
@@ -608,6 +642,8 @@ class Sampler:
                     terminators=terminators,
                     buffer=m,
                 )
+                self.pool.give((prepared.input_ids.shape[0], s_len), cache)
+                self.pool.give((rows, s_len), work)
                 out.scores = np.asarray(score)
                 beams = np.asarray(beams)
             tokens, length = np.asarray(tokens), np.asarray(length)
@@ -716,7 +752,7 @@ class Sampler:
         cache_shape = (cfg.num_layers, batch * num_beams, s_len, cfg.num_kv_heads, cfg.head_dim)
         kv_bytes = 2 * int(np.prod(cache_shape)) * self.cache_dtype.itemsize
         sds = jax.ShapeDtypeStruct
-        cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, s_len, self.cache_dtype))
+        cache = self._abstract_cache(batch, s_len)
         i = self.buckets.slice_bucket(num_slices)
         vision = (
             VisionBatch.placeholder(i, patch_bucket, self.config.vision.patch_dim) if i else None
@@ -753,10 +789,13 @@ class Sampler:
                     record_logits=False,
                 )
             else:
+                work = self._abstract_cache(batch * num_beams, s_len)
                 decode = build(
                     "decode",
                     self._decode_beam,
-                    *common,
+                    *common[:3],
+                    work,
+                    *common[3:],
                     mode=DecodeMode(num_beams=num_beams),
                     terminators=terminators,
                     buffer=m,

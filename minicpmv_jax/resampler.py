@@ -144,7 +144,10 @@ class Resampler(nnx.Module):
             valid = key_valid[:, None, None, :]  # [R, 1, 1, P]
             m = jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1)  # [R, N, Q]
             m = jnp.where(jnp.isfinite(m), m, 0.0)  # padding slices: no valid key
-            e = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)  # [R, N, Q, P]
+            # exp of -inf, not where(valid, exp(.), 0): a masked score above the max would
+            # overflow to inf in the discarded branch, and its zero cotangent times inf is NaN
+            # (training).
+            e = jnp.exp(jnp.where(valid, s - m[..., None], -jnp.inf))  # [R, N, Q, P]
             o_i = jnp.einsum("inqp,ipnh->inqh", e, v.astype(jnp.float32))  # [R, N, Q, H]
             return m, jnp.sum(e, axis=-1), o_i
 
