@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -242,7 +243,11 @@ def test_beam_search_reorders_the_cache_in_place(model):
     report = shapes.memory_report(batch=1, prompt_len=4000, max_new_tokens=30, num_beams=3)
     kv, decode = report["kv_cache_bytes"], report["decode"]
     assert decode["alias_bytes"] >= kv  # the work cache is updated in the donated buffer
-    assert decode["temp_bytes"] < 0.5 * kv, (decode["temp_bytes"], kv)
+    # The layer scan slices one layer's weights out of the stacked parameters per step; XLA:CPU
+    # materialises that slice as a temporary (one layer, not the cache): not counted here.
+    layer = nnx.state(shapes.module.llm.model.layers, nnx.Param)
+    layer_bytes = sum(x.size // x.shape[0] * x.dtype.itemsize for x in jax.tree.leaves(layer))
+    assert decode["temp_bytes"] - layer_bytes < 0.5 * kv, (decode["temp_bytes"], layer_bytes, kv)
 
 
 def test_sharded_generation_matches_fixtures():
