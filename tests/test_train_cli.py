@@ -31,11 +31,12 @@ TEXT = [
 ]
 
 
-def test_finetune_lora_resumes_and_exports(tmp_path, capsys):
+def test_finetune_lora_resumes_and_exports(tmp_path, capsys, monkeypatch):
     data = write_data(tmp_path, TEXT)
     out = tmp_path / "run"
-    argv = ["finetune", "--model", str(train_checkpoint(VERSION)), "--data", str(data)]
-    argv += ["--eval-data", str(data), "--output", str(out), "--lora", "--lora-r", "4"]
+    monkeypatch.chdir(tmp_path)  # relative paths, as typed on a command line
+    argv = ["finetune", "--model", str(train_checkpoint(VERSION)), "--data", "train.json"]
+    argv += ["--eval-data", "train.json", "--output", "run", "--lora", "--lora-r", "4"]
     argv += ["--lora-alpha", "8", "--learning-rate", "1e-2", "--save-every", "1"]
     argv += ["--no-progress"]
     assert main([*argv, "--steps", "2"]) == 0
