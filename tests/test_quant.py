@@ -158,8 +158,9 @@ def test_int8_decode_program_stays_int8(monkeypatch):
     hence a model wider than the fixture: hidden 512, MLP 2048, vocabulary 8192) and hoists that
     conversion out of the decode loop; the CPU path of Int8Dense converts tiles of CPU_TILE
     weights inside the loop instead. The tile is shrunk to this model's size (every quantized
-    kernel of the released models exceeds the default tile, checked first); with tiling off,
-    the same measurement shows the hoisted float copy (ratio > 0.6).
+    kernel of the released models exceeds the default tile, checked first). With tiling off
+    the same measurement sees the float copies of whole kernels (0.88 of bf16 with unrolled
+    layers, 0.62 under the layer scan, against 0.39 / 0.37 tiled).
     """
     import json
 
@@ -193,7 +194,7 @@ def test_int8_decode_program_stays_int8(monkeypatch):
     print(f"\ndecode program bytes: bf16 {bf16}, int8 {tiled} ({tiled / bf16:.2f}), "
           f"int8 untiled {hoisted} ({hoisted / bf16:.2f})")  # fmt: skip
     assert tiled < 0.6 * bf16
-    assert hoisted > 0.6 * bf16  # the measurement sees the hoisted float copy
+    assert tiled < 0.7 * hoisted  # the measurement sees the whole-kernel float copies
 
 
 # ------------------------------------------------------------------------------------------------
