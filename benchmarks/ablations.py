@@ -2,8 +2,8 @@
 
 * fused projections: one [D, (N + 2K) H] q/k/v matmul instead of three, one [D, 2F] gate/up
   matmul instead of two, at decode (B = 1, 8) and prefill (B x 256 tokens) shapes of the model;
-* host sync in decode: `Generator.run` (on-device `lax.while_loop`, one host transfer at the
-  end) against `Generator.stream` (one jitted step and one host read per token);
+* host sync in decode: `Sampler.run` (on-device `lax.while_loop`, one host transfer at the
+  end) against `Sampler.stream` (one jitted step and one host read per token);
 * attention implementations available on this backend at the model's prefill shape.
 
 Every comparison runs the same arithmetic on the same arrays; only the program shape changes.
@@ -67,9 +67,9 @@ def fused_projections(cfg, repeats: int, rows=(1, 8, 256)) -> dict[str, Any]:
 
 def host_sync(bench: models.Bench, steps: int, repeats: int) -> dict[str, Any]:
     """Decode tokens/s at batch 1: on-device loop (run) vs one host round trip per token."""
-    from minicpmv_jax.generate import GenerationSettings
+    from minicpmv_jax.settings import GenerationSettings
 
-    gen = bench.model.generator
+    gen = bench.model.sampler
     conv = models.text_prompt(32, bench.config.llm.vocab_size)
     settings = GenerationSettings(max_new_tokens=steps, min_new_tokens=steps)
 

@@ -25,8 +25,8 @@ from flax import nnx
 
 from benchmarks import measure
 from benchmarks.models import preset_processor
+from minicpmv_jax.batching import Buckets
 from minicpmv_jax.config import PRESETS
-from minicpmv_jax.generate import Buckets
 from minicpmv_jax.model import MiniCPMV
 
 VERSIONS = ("2.6", "4.5")  # the versions whose tokenizer benchmarks/models.py has

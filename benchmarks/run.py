@@ -31,8 +31,9 @@ import numpy as np
 
 from benchmarks import measure, models
 from benchmarks.measure import CompileCounter, Timing, time_repeats
-from minicpmv_jax.generate import Buckets, GenerationSettings
+from minicpmv_jax.batching import Buckets
 from minicpmv_jax.model import encode_images
+from minicpmv_jax.settings import GenerationSettings
 
 log = logging.getLogger("benchmarks")
 

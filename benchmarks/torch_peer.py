@@ -4,7 +4,7 @@ Our (random or loaded) LLM weights are exported with `weights.to_hf_state_dict` 
 `Qwen2ForCausalLM` (2.6) / `Qwen3ForCausalLM` (4.5) / `LlamaForCausalLM` (2.5) of the same
 (possibly truncated) size, in the same dtype. Torch runs a prefill into a `StaticCache` and then
 greedy single-token forwards over it (what static-cache `generate` does per step); ours runs
-`Generator.run`. A logits comparison on one prompt proves the weights were copied.
+`Sampler.run`. A logits comparison on one prompt proves the weights were copied.
 
 torch is an optional peer used only here: without it the section is skipped with a message.
 """
@@ -120,7 +120,7 @@ def _time(fn, repeats: int) -> tuple[Timing, Timing]:
 
 def logits_check(model, ref, torch, ids: np.ndarray) -> dict[str, float]:
     """Last-token prefill logits, ours vs torch, on one prompt (max |diff| / max |logit|)."""
-    gen = model.generator
+    gen = model.sampler
     conv = {
         "input_ids": ids,
         "attention_mask": np.ones_like(ids, bool),

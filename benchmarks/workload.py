@@ -4,7 +4,7 @@ Requests mix batch sizes (1-4 conversations), text-only and image conversations 
 from 224 to 1400 pixels a side, 1-10 slices), question lengths, max_new_tokens and decoding modes
 (greedy, top-p sampling with random temperature / top_p / top_k / repetition penalty, 2-beam
 search). Every request's static signature (batch, token bucket, slice bucket, patch bucket, new-
-token bucket, decoding mode) is computed on the host first; warm-up is `Generator.warmup` on the
+token bucket, decoding mode) is computed on the host first; warm-up is `Sampler.warmup` on the
 requests' declared shapes (`RequestShape`: sizes only, no images); then all requests run and
 every compilation is counted. The target is zero:
 values (image sizes inside a bucket, prompt lengths, max_new_tokens, sampling parameters) must
@@ -20,7 +20,8 @@ import numpy as np
 
 from benchmarks import models
 from benchmarks.measure import CompileCounter
-from minicpmv_jax.generate import TRACE_COUNTS, GenerationSettings, RequestShape
+from minicpmv_jax.generate import TRACE_COUNTS, RequestShape
+from minicpmv_jax.settings import GenerationSettings
 
 QUESTIONS = (
     "What is this?",
@@ -81,7 +82,7 @@ def signature(gen, outputs, settings: GenerationSettings) -> tuple:
 def run(bench: models.Bench, requests: int = 100, seed: int = 0) -> dict[str, Any]:
     """Warm up from the requests' shapes, then run every request; count compilations."""
     CompileCounter.install()
-    gen = bench.model.generator
+    gen = bench.model.sampler
     specs = make_requests(requests, seed)
     built = []
     for spec in specs:
@@ -95,7 +96,7 @@ def run(bench: models.Bench, requests: int = 100, seed: int = 0) -> dict[str, An
     c0, tr0 = CompileCounter.count(), sum(TRACE_COUNTS.values())
     t0 = time.perf_counter()
     # warm-up from declared shapes only (what a server knows at start-up), not the requests
-    # (Generator.warmup, like the gen.run calls below; model.warmup wraps it in the precision
+    # (Sampler.warmup, like the gen.run calls below; model.warmup wraps it in the precision
     # context model.generate / chat use)
     warm = gen.warmup([RequestShape.of(outs, st) for outs, st, _ in built])
     warm_s = time.perf_counter() - t0

@@ -9,12 +9,12 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "MiniCPMV": "minicpmv_jax.model",
+    "MiniCPMV": "minicpmv_jax.pipeline",
     "MiniCPMVConfig": "minicpmv_jax.config",
     "MiniCPMVProcessor": "minicpmv_jax.processor",
     "ProcessorOutput": "minicpmv_jax.processor",
     "MiniCPMVError": "minicpmv_jax.errors",
-    "Buckets": "minicpmv_jax.generate",
+    "Buckets": "minicpmv_jax.batching",
     "RequestShape": "minicpmv_jax.generate",
 }
 

@@ -1,14 +1,14 @@
-"""``MiniCPMV.chat`` and ``MiniCPMV.generate``: the official chat() behaviour on top of generate.py.
+"""``ChatSampler``: the official chat() behaviour on top of a ``generate.Sampler``.
 
-``GenerationMixin`` is mixed into ``MiniCPMV`` (model.py); it needs the model's ``config``,
-``module`` and ``processor``.
+It holds a sampler (which holds the model) and the processor, as gemma's ``ChatSampler`` does;
+``pipeline.MiniCPMV.chat`` / ``generate`` delegate to it.
 
-Official behaviour reproduced here (each version's ``chat()``):
+Official behaviour reproduced here (each version's ``chat()``, read from its ``VersionSpec``):
 
-* decoding defaults (``chat_generation_defaults``): sampling = top_p 0.8, top_k 100, temperature
-  0.7, repetition_penalty 1.05 (4.5 non-thinking: 1.03; 4.5 thinking: temperature 0.7 only, the
-  inner LLM's generation config supplies top_k 50, top_p 1.0); no sampling = beam search with
-  num_beams 3, repetition_penalty 1.2. max_new_tokens 2.5: 1024, 2.6 / 4.5: 2048.
+* decoding defaults (``VersionSpec.generation_defaults``): sampling = top_p 0.8, top_k 100,
+  temperature 0.7, repetition_penalty 1.05 (4.5 non-thinking: 1.03; 4.5 thinking: temperature 0.7
+  only, the inner LLM's generation config supplies top_k 50, top_p 1.0); no sampling = beam
+  search with num_beams 3, repetition_penalty 1.2. max_new_tokens 2.5: 1024, 2.6 / 4.5: 2048.
 * post-processing (``postprocess``): drop EVERY id 0 (``result[result != 0]``), a leading bos and
   a trailing terminator, ``decode(...).strip()``; 4.5 with thinking prepends ``"<think>\\n"``.
 
@@ -19,7 +19,6 @@ unknown one raises.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
@@ -27,66 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from minicpmv_jax import versions
 from minicpmv_jax.errors import MessageError
-from minicpmv_jax.generate import (
-    TRACE_COUNTS,
-    Buckets,
-    GenerationError,
-    GenerationOutput,
-    GenerationSettings,
-    Generator,
-    RequestShape,
-)
-
-# generation keywords chat() / generate() accept (transformers' names, plus the PRNG seed)
-GENERATION_KEYS = (
-    "num_beams",
-    "repetition_penalty",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_new_tokens",
-    "length_penalty",
-    "early_stopping",
-    "min_p",
-    "seed",
-)
-
-DEFAULT_MAX_NEW_TOKENS = {"2.5": 1024, "2.6": 2048, "4.5": 2048}
-
-
-def chat_generation_defaults(version: str, sampling: bool, enable_thinking: bool = False) -> dict:
-    """The decoding settings the official chat() passes to generate() (spec §7.3)."""
-    if not sampling:
-        return {"do_sample": False, "num_beams": 3, "repetition_penalty": 1.2}
-    if version == "4.5" and enable_thinking:
-        # 4.5 thinking: chat() passes temperature only; top_k / top_p come from the inner LLM's
-        # generation config (transformers defaults top_k 50, top_p 1.0)
-        return {"do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 1.0}
-    penalty = 1.03 if version == "4.5" else 1.05
-    return {
-        "do_sample": True,
-        "top_p": 0.8,
-        "top_k": 100,
-        "temperature": 0.7,
-        "repetition_penalty": penalty,
-    }
-
-
-def make_settings(
-    version: str, max_new_tokens: int | None, sampling: bool, enable_thinking: bool, kwargs: dict
-) -> GenerationSettings:
-    """Official defaults overridden by the caller's keywords; raises on unknown ones."""
-    unknown = sorted(set(kwargs) - set(GENERATION_KEYS))
-    if unknown:
-        raise GenerationError(
-            f"unknown generation argument(s) {unknown}; supported: {list(GENERATION_KEYS)}"
-        )
-    values = chat_generation_defaults(version, sampling, enable_thinking)
-    values.update(kwargs)
-    if max_new_tokens is None:
-        max_new_tokens = DEFAULT_MAX_NEW_TOKENS[version]
-    return GenerationSettings(max_new_tokens=max_new_tokens, **values)
+from minicpmv_jax.generate import TRACE_COUNTS, GenerationOutput, Sampler
+from minicpmv_jax.settings import GenerationError, GenerationSettings
 
 
 def postprocess(ids: np.ndarray, processor, enable_thinking: bool = False) -> str:
@@ -103,40 +46,73 @@ def postprocess(ids: np.ndarray, processor, enable_thinking: bool = False) -> st
     if len(ids) and int(ids[-1]) in set(processor.terminators):
         ids = ids[:-1]
     text = processor.decode(ids).strip()
-    if processor.version == "4.5" and enable_thinking:
-        text = "<think>\n" + text  # 4.5 chat(): the generation prefill is part of the answer
+    if enable_thinking:  # 4.5 chat(): the generation prefill is part of the answer
+        text = versions.spec(processor.version).thinking_prefix + text
     return text
 
 
 class _TextStream:
-    """Incremental detokenisation: yields only complete UTF-8 text.
+    """Incremental detokenisation in time linear in the answer: yields complete UTF-8 text.
 
-    The text after each token is ``postprocess`` of the tokens so far, which already holds back
-    trailing whitespace (``strip``); a trailing replacement character (an unfinished multi-byte
-    sequence) is held back too. Every piece extends the previous ones, so the concatenation of the
+    Each token decodes only a short window (the ids since the last emitted piece, plus the ones
+    before them for context), as transformers' ``TextStreamer`` and vLLM do; a window ending in a
+    replacement character (an unfinished multi-byte sequence) waits for more tokens. The rules of
+    ``postprocess`` apply on the way: id 0 and a leading bos are dropped, a terminator ends the
+    answer, leading whitespace is dropped and trailing whitespace held back until more text
+    follows (``strip``), and the thinking prefix opens the answer. The concatenation of the
     pieces equals the blocking answer.
     """
 
     def __init__(self, processor, enable_thinking: bool):
         self.processor = processor
-        self.enable_thinking = enable_thinking
-        self.ids: list[int] = []
-        self.sent = ""
         self.terminators = set(processor.terminators)
+        self.bos = getattr(processor, "bos_id", None)
+        self.head = versions.spec(processor.version).thinking_prefix if enable_thinking else ""
+        self.ids: list[int] = []  # the answer's ids after postprocess's filtering
+        self.prefix = 0  # ids[prefix:read]: context of the next window, already emitted
+        self.read = 0  # ids[read:]: not emitted yet
+        self.held = ""  # trailing whitespace held back
+        self.started = False  # a non-whitespace character was emitted
 
-    def _emit(self, text: str) -> str:
-        if not text.startswith(self.sent):  # cannot happen for byte-level BPE; be safe
-            return ""
-        piece, self.sent = text[len(self.sent) :], text
-        return piece
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self.processor.decode(np.asarray(self.ids[start:end], np.int64))
+
+    def _emit(self, piece: str) -> str:
+        text = self.held + piece
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+            text = self.head + text
+        kept = text.rstrip()
+        self.held = text[len(kept) :]
+        return kept
 
     def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        text = postprocess(np.asarray(self.ids), self.processor, self.enable_thinking)
-        return self._emit(text.removesuffix("\ufffd"))
+        token = int(token)
+        if token == 0 or token in self.terminators or (not self.ids and token == self.bos):
+            return ""  # postprocess: every id 0, a leading bos, the final terminator
+        self.ids.append(token)
+        before = self._decode(self.prefix, self.read)
+        text = self._decode(self.prefix)
+        if text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return self._emit(text[len(before) :])
 
     def flush(self) -> str:
-        return self._emit(postprocess(np.asarray(self.ids), self.processor, self.enable_thinking))
+        """The rest of the answer (an unfinished multi-byte tail decodes as the blocking answer
+        decodes it); held-back trailing whitespace is dropped."""
+        piece = ""
+        if self.read < len(self.ids):
+            piece = self._decode(self.prefix)[len(self._decode(self.prefix, self.read)) :]
+            self.prefix = self.read = len(self.ids)
+            piece = self._emit(piece)
+        if not self.started:  # an empty answer is the thinking prefix alone
+            self.started = True
+            return self.head
+        return piece
 
 
 @dataclasses.dataclass
@@ -154,49 +130,19 @@ class ChatStats:
         return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
-class GenerationMixin:
-    """Adds ``generate``, ``chat``, ``warmup``, ``configure_generation`` and ``memory_report``."""
+class ChatSampler:
+    """``generate`` and ``chat`` with the official chat() defaults and answer decoding.
 
-    last_stats: ChatStats | None = None
+    Args:
+      sampler: the compiled programs (``generate.Sampler``), which hold the model.
+      processor: the model's ``MiniCPMVProcessor`` (templates, stop tokens, detokenisation).
+    """
 
-    # -- configuration ----------------------------------------------------------------------------
-
-    def configure_generation(self, buckets: Buckets | None = None, cache_dtype=None) -> Generator:
-        """(Re)build the compiled generation programs with these buckets / KV cache dtype."""
-        self._generator = Generator(self, buckets=buckets, cache_dtype=cache_dtype)
-        return self._generator
-
-    @property
-    def generator(self) -> Generator:
-        gen = self.__dict__.get("_generator")
-        if gen is None:
-            gen = self.configure_generation()
-        return gen
-
-    def _generation_precision(self):
-        # float32 parity needs true float32 matmuls on GPU / TPU (the model's own stage functions
-        # do the same)
-        precision = getattr(self, "_precision", None)
-        return precision() if precision is not None else contextlib.nullcontext()
-
-    def memory_report(
-        self, batch: int = 1, prompt_len: int = 1024, max_new_tokens: int = 256, **kwargs
-    ) -> dict[str, Any]:
-        """KV cache bytes and compiled prefill / decode memory for a request shape."""
-        with self._generation_precision():
-            return self.generator.memory_report(batch, prompt_len, max_new_tokens, **kwargs)
-
-    def warmup(self, shapes: Sequence[RequestShape]) -> dict[str, Any]:
-        """Compile now the programs requests of these shapes will run (``RequestShape``).
-
-        A server calls this at start-up so that no request waits for a compilation::
-
-            model.warmup([RequestShape(prompt_tokens=800, slices=10, max_new_tokens=512),
-                          RequestShape(prompt_tokens=100, slices=1, max_new_tokens=512),
-                          RequestShape(prompt_tokens=64, max_new_tokens=512)])
-        """
-        with self._generation_precision():
-            return self.generator.warmup(shapes)
+    def __init__(self, sampler: Sampler, processor):
+        self.sampler = sampler
+        self.processor = processor
+        self.version = versions.spec(sampler.config.version)
+        self.last_stats: ChatStats | None = None
 
     # -- generate -----------------------------------------------------------------------------------
 
@@ -231,21 +177,13 @@ class GenerationMixin:
         outputs = [batch] if single else list(batch)
         if not outputs:
             raise GenerationError("generate() got an empty batch")
-        unknown = sorted(set(kwargs) - set(GENERATION_KEYS))
-        if unknown:
-            raise GenerationError(f"unknown generation argument(s) {unknown}")
-        version = self.config.version
-        settings = GenerationSettings(
-            max_new_tokens=(
-                DEFAULT_MAX_NEW_TOKENS[version] if max_new_tokens is None else max_new_tokens
-            ),
-            do_sample=bool(sampling),
-            num_beams=num_beams,
-            repetition_penalty=repetition_penalty,
-            **kwargs,
-        )
-        with self._generation_precision():
-            out = self.generator.run(outputs, settings, record_logits=record_logits)
+        defaults = {
+            "do_sample": bool(sampling),
+            "num_beams": num_beams,
+            "repetition_penalty": repetition_penalty,
+        }
+        settings = GenerationSettings.create(self.version, max_new_tokens, defaults, kwargs)
+        out = self.sampler.run(outputs, settings, record_logits=record_logits)
         self._record_stats(out)
         if return_dict:
             return out
@@ -292,8 +230,6 @@ class GenerationMixin:
         Returns:
           the answer, a list of answers (batch), or an iterator of text pieces (stream).
         """
-        if self.processor is None:
-            raise GenerationError("this model was loaded without a processor; chat() needs one")
         batched = _is_batch(msgs)
         convs = list(msgs) if batched else [msgs]
         if not convs:
@@ -303,8 +239,8 @@ class GenerationMixin:
             tids = [None] * len(convs)
         if len(tids) != len(convs):
             raise MessageError("temporal_ids must hold one entry per conversation")
-        settings = make_settings(
-            self.config.version, max_new_tokens, sampling, enable_thinking, generation_kwargs
+        settings = GenerationSettings.for_chat(
+            self.version, max_new_tokens, sampling, enable_thinking, generation_kwargs
         )
         outputs = [
             self.processor(
@@ -326,8 +262,7 @@ class GenerationMixin:
                     "end); pass sampling=True or num_beams=1"
                 )
             return self._stream(outputs[0], settings, enable_thinking)
-        with self._generation_precision():
-            out = self.generator.run(outputs, settings)
+        out = self.sampler.run(outputs, settings)
         self._record_stats(out)
         answers = [postprocess(s, self.processor, enable_thinking) for s in out.sequences]
         return answers if batched else answers[0]
@@ -338,18 +273,17 @@ class GenerationMixin:
         t0 = time.perf_counter()
         traces = sum(TRACE_COUNTS.values())
         first = None
-        with self._generation_precision():
-            for tok in self.generator.stream([output], settings):
-                if first is None:
-                    first = time.perf_counter()
-                    stats.prefill_s = first - t0
-                token = int(tok[0])
-                stats.new_tokens += 1
-                piece = text.push(token)
-                if piece:
-                    yield piece
-                if token in text.terminators:
-                    break
+        for tok in self.sampler.stream([output], settings):
+            if first is None:
+                first = time.perf_counter()
+                stats.prefill_s = first - t0
+            token = int(tok[0])
+            stats.new_tokens += 1
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if token in text.terminators:
+                break
         stats.decode_s = time.perf_counter() - (first or t0)
         stats.compiled = sum(TRACE_COUNTS.values()) - traces
         self.last_stats = stats

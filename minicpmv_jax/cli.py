@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "finetune",
+        help="fine-tune on an official-format JSON file (see `finetune --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "bench",
         help="run the benchmark suite, benchmarks/run.py (see `bench --help`)",
         add_help=False,
@@ -117,8 +122,8 @@ def _mesh(spec: str | None):
 
 def _check_generation_args(args) -> None:
     """The decoding options' values, checked as chat() will check them (no model needed)."""
-    from minicpmv_jax.generate import GenerationSettings
     from minicpmv_jax.processor import MiniCPMVProcessor
+    from minicpmv_jax.settings import GenerationSettings
 
     if args.stream and args.no_sampling and (args.num_beams or 3) > 1:
         raise MiniCPMVError("--stream needs --num-beams 1 with --no-sampling (beam search)")
@@ -132,11 +137,13 @@ def _check_generation_args(args) -> None:
 
 def _checkpoint_version(folder: pathlib.Path) -> str:
     """The MiniCPM-V version of a checkpoint folder, read from its config.json."""
-    from minicpmv_jax.config import normalize_version
-    from minicpmv_jax.errors import CheckpointError
+    from minicpmv_jax import versions
+    from minicpmv_jax.errors import CheckpointError, UnsupportedVersionError
 
     try:
-        return normalize_version(json.loads((folder / "config.json").read_text()).get("version"))
+        return versions.of_config(json.loads((folder / "config.json").read_text()))
+    except UnsupportedVersionError:
+        raise
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: not a readable config ({e})") from None
 
@@ -207,13 +214,14 @@ class ChatSession:
         """Compile the programs this request runs (``RequestShape.of`` its processed prompt and
         settings), so that the prefill and decoding times printed after it exclude compilation.
         Returns the seconds spent."""
-        from minicpmv_jax.chat import make_settings
+        from minicpmv_jax import versions
         from minicpmv_jax.generate import RequestShape
+        from minicpmv_jax.settings import GenerationSettings
 
         a, model = self.args, self.model
         _log("compiling (first request of this shape) ...")
-        settings = make_settings(
-            model.config.version, a.max_new_tokens, not a.no_sampling, a.thinking,
+        settings = GenerationSettings.for_chat(
+            versions.spec(model.config.version), a.max_new_tokens, not a.no_sampling, a.thinking,
             _generation_kwargs(a),
         )  # fmt: skip
         batch = model.processor(
@@ -304,6 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(processor_cli.main(argv[1:]) or 0)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
+    if argv and argv[0] == "finetune":
+        from minicpmv_jax.train import cli as train_cli
+
+        return train_cli.main(_mesh_value_joined(argv[1:]))
     args = build_parser().parse_args(_mesh_value_joined(argv))
     try:
         session = ChatSession(args)

@@ -13,22 +13,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
-SUPPORTED_VERSIONS = ("2.5", "2.6", "4.5")
+from minicpmv_jax import versions
 
 
 def _dtype(d: Any) -> jnp.dtype:
     """'float32' / 'bfloat16' / jnp.float32 / np.dtype -> jnp.dtype."""
     return jnp.dtype(d)
-
-
-def normalize_version(v: Any) -> str:
-    """config.json `version` (string "2.5", float 2.6 / 4.5, absent = 2.0) -> "2.5" | "2.6" | "4.5"."""
-    if v is None:
-        return "2.0"
-    try:
-        return f"{float(v):.1f}"
-    except (TypeError, ValueError):
-        return str(v)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,7 +107,7 @@ class ResamplerConfig:
             "embed_dim": d,
             "kv_dim": (hf.get("vision_config", {}) or {}).get("hidden_size", 1152),
             "num_heads": d // 128,  # official: `num_heads=embed_dim // 128`
-            "temporal": version == "4.5",
+            "temporal": versions.spec(version).temporal,
         }
         kw.update(overrides)
         return cls(**kw)
@@ -152,7 +142,7 @@ class LlmConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, version: str, **overrides) -> LlmConfig:
-        d, n = hf["hidden_size"], hf["num_attention_heads"]
+        d, n, spec = hf["hidden_size"], hf["num_attention_heads"], versions.spec(version)
         kw = {
             "vocab_size": hf["vocab_size"],
             "hidden_size": d,
@@ -165,8 +155,10 @@ class LlmConfig:
             "rope_theta": float(hf.get("rope_theta", 1e6)),
             "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
             # Qwen2 always has q/k/v biases; Llama / Qwen3 follow `attention_bias` (default off).
-            "qkv_bias": True if version == "2.6" else bool(hf.get("attention_bias", False)),
-            "qk_norm": version == "4.5",
+            "qkv_bias": bool(hf.get("attention_bias", False))
+            if spec.qkv_bias is None
+            else spec.qkv_bias,
+            "qk_norm": spec.qk_norm,
         }
         if hf.get("rope_scaling"):
             raise ValueError(f"rope_scaling {hf['rope_scaling']} is not supported")
@@ -186,8 +178,7 @@ class MiniCPMVConfig:
     llm: LlmConfig
 
     def __post_init__(self):
-        if self.version not in SUPPORTED_VERSIONS:
-            raise ValueError(f"version {self.version!r} not in {SUPPORTED_VERSIONS}")
+        versions.spec(self.version)  # raises for an unregistered version
         if self.resampler.embed_dim != self.llm.hidden_size:
             raise ValueError("resampler.embed_dim must equal llm.hidden_size")
         if self.resampler.kv_dim != self.vision.hidden_size:
@@ -211,14 +202,9 @@ class MiniCPMVConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, dtype: Any = "bfloat16", **llm_overrides) -> MiniCPMVConfig:
-        """Build from a checkpoint's parsed config.json; raises ValueError for unsupported versions."""
-        version = normalize_version(hf.get("version"))
-        if version not in SUPPORTED_VERSIONS:
-            from minicpmv_jax.errors import UnsupportedVersionError
-
-            raise UnsupportedVersionError(
-                f"MiniCPM-V version {version!r} is not supported (supported: {SUPPORTED_VERSIONS})"
-            )
+        """Build from a checkpoint's parsed config.json; raises UnsupportedVersionError for a
+        missing or unsupported version."""
+        version = versions.parse(hf.get("version"))
         cfg = cls(
             version=version,
             vision=VisionConfig.from_hf(hf),
@@ -242,7 +228,7 @@ def _preset(version: str, llm: LlmConfig, query_num: int) -> MiniCPMVConfig:
             embed_dim=llm.hidden_size,
             kv_dim=vision.hidden_size,
             num_heads=llm.hidden_size // 128,
-            temporal=version == "4.5",
+            temporal=versions.spec(version).temporal,
         ),
         llm=llm,
     )

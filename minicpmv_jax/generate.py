@@ -1,12 +1,14 @@
-"""Prefill and decode over a static KV cache: greedy, sampling and beam search.
+"""The sampler: prompt logits, prefill and decode over a static KV cache (greedy, sampling, beam).
 
-One request = a list of conversations (each a ``ProcessorOutput``) run as one batch:
+``Sampler`` holds a model (its ``config``, ``module``, ``processor`` and ``mesh``, as gemma's
+``Sampler`` holds a transformer) and owns everything between processor outputs and new tokens:
 
-1. ``prepare_batch`` (host, numpy) right-pads the prompts to a token-length bucket and stacks the
-   slices of all images of all conversations, padded to a slice bucket and a patch bucket.
+1. ``batching.prepare_batch`` (host, numpy) right-pads the prompts to a token-length bucket and
+   stacks the slices of all images of all conversations into one ``VisionBatch``.
 2. ``prefill`` (one ``jax.jit`` per (batch, token bucket, slice bucket, patch bucket, cache length))
    runs the vision tower and resampler on every slice in one call, scatters the features at the
    ``image_bound`` rows, runs the LLM over the prompt and fills the KV cache (donated).
+   ``prompt_logits`` is the same prompt computation without a cache, returning every position.
 3. ``decode`` (one ``jax.jit`` per (batch, cache length, decode mode)) selects tokens inside a
    ``lax.while_loop``: no host round trip per token; it stops on ``max_new_tokens`` (traced), when
    every row produced a terminator, or, for beam search, by transformers' stopping rules.
@@ -22,14 +24,15 @@ Static shapes: B rows, T = token bucket, S = T + M cache slots, M = decode bucke
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
 import logging
-import secrets
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -40,9 +43,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from minicpmv_jax import sampling
-from minicpmv_jax.errors import MiniCPMVError, PromptTooLongError
+from minicpmv_jax.batching import Buckets, PreparedBatch, VisionBatch, prepare_batch
+from minicpmv_jax.errors import PromptTooLongError
 from minicpmv_jax.kv_cache import KVCache
+from minicpmv_jax.model import encode_images, merge_embeds
 from minicpmv_jax.sampling import DecodeMode, SamplingParams
+from minicpmv_jax.settings import GenerationError, GenerationSettings
 from minicpmv_jax.sharding import cache_shardings, constrain_cache, make_mesh
 
 log = logging.getLogger(__name__)
@@ -52,204 +58,14 @@ log = logging.getLogger(__name__)
 TRACE_COUNTS: Counter = Counter()
 
 
-class GenerationError(MiniCPMVError):
-    """Invalid generation settings (sampling values, lengths, beam settings)."""
-
-
 # ------------------------------------------------------------------------------------------------
-# Buckets
-# ------------------------------------------------------------------------------------------------
-
-
-def _round_up(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= n; past the largest, the next multiple of the largest."""
-    for b in buckets:
-        if b >= n:
-            return int(b)
-    last = int(buckets[-1])
-    return -(-n // last) * last
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Buckets:
-    """Static shape buckets: each distinct combination compiles prefill / decode once.
-
-    tokens: prompt length buckets (T). slices: number of image slices over the batch (I; 0 = text
-    only, its own program). new_tokens: decode buffer M >= max_new_tokens (the cache holds T + M
-    slots). max_cache_len: requests needing more cache slots raise ``PromptTooLongError``.
-    """
-
-    # powers of two with 1.5x steps from 256 on: a prompt pads by at most 50% (one 1344x1344 image
-    # + a short question is ~710 tokens: 768, not 1024); 64 and 128 keep a short text question or
-    # one small image from prefilling 256 tokens
-    tokens: tuple[int, ...] = (
-        64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384,
-    )  # fmt: skip
-    # 10 = one image fully sliced at max_slice_nums 9 (source + 9): the common large-image case
-    slices: tuple[int, ...] = (1, 2, 4, 8, 10, 16, 32, 64)
-    new_tokens: tuple[int, ...] = (64, 256, 1024, 2048, 4096)
-    max_cache_len: int = 40960
-
-    def __post_init__(self):
-        for name in ("tokens", "slices", "new_tokens"):
-            v = getattr(self, name)
-            if not v or any(b <= 0 for b in v) or list(v) != sorted(v):
-                raise ValueError(f"Buckets.{name} must be increasing positive ints, got {v}")
-
-    def token_bucket(self, n: int) -> int:
-        return _round_up(n, self.tokens)
-
-    def slice_bucket(self, n: int) -> int:
-        return 0 if n == 0 else _round_up(n, self.slices)
-
-    def new_token_bucket(self, n: int) -> int:
-        return _round_up(n, self.new_tokens)
-
-
-# ------------------------------------------------------------------------------------------------
-# Host-side batch preparation
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class PreparedBatch:
-    """Device-ready arrays of one request (numpy; shapes static per bucket).
-
-    input_ids int32 [B, T]; token_valid bool [B, T] (attended prompt tokens); positions int32
-    [B, T]; last_index int32 [B] (row's last prompt token); next_position int32 [B] (RoPE
-    position of the first new token); image_slot int32 [B, T] (row into the [G * Q] features, -1 =
-    text); vision: dict of [I, ...] arrays or None (text only); lengths: true prompt lengths.
-    """
-
-    input_ids: np.ndarray
-    token_valid: np.ndarray
-    positions: np.ndarray
-    last_index: np.ndarray
-    next_position: np.ndarray
-    image_slot: np.ndarray
-    vision: dict[str, np.ndarray] | None
-    lengths: list[int]
-
-    @property
-    def shape_key(self) -> tuple:
-        v = self.vision
-        return self.input_ids.shape + ((0, 0) if v is None else v["pixel_patches"].shape[:2])
-
-
-def prepare_batch(outputs: Sequence[Any], buckets: Buckets, query_num: int) -> PreparedBatch:
-    """Stack processor outputs of several conversations into one padded batch.
-
-    Prompts are right-padded to the token bucket (pad slots are never attended, positions are
-    per row, so the padding changes no logits). Slices of all conversations are concatenated in
-    order and padded to the slice bucket with all-invalid slices (group -1) and to the largest
-    patch bucket of the batch. Each conversation keeps its own vision mask and position ids, so a
-    batched conversation sees exactly what it sees alone (for 2.5 this deliberately differs from
-    the official batched call, whose mask and strip positions span every slice of the batch).
-    """
-    from minicpmv_jax.model import image_slot_from_bounds, prompt_positions
-
-    b = len(outputs)
-    lengths = [int(np.asarray(o["input_ids"]).shape[-1]) for o in outputs]
-    t = buckets.token_bucket(max(lengths))
-    ids = np.zeros((b, t), np.int32)
-    valid = np.zeros((b, t), bool)
-    pos = np.zeros((b, t), np.int32)
-    slot = np.full((b, t), -1, np.int32)
-    next_pos = np.zeros((b,), np.int32)
-
-    n_slices = [int(np.asarray(o["tgt_sizes"]).reshape(-1, 2).shape[0]) for o in outputs]
-    total = sum(n_slices)
-    i_pad = buckets.slice_bucket(total)
-    group_offset = 0
-    vision_parts = []
-    for r, (o, n, ni) in enumerate(zip(outputs, lengths, n_slices, strict=True)):
-        ids[r, :n] = np.asarray(o["input_ids"]).reshape(-1)
-        mask = np.asarray(o["attention_mask"]).reshape(-1).astype(bool)
-        valid[r, :n] = mask
-        pos[r, :n] = prompt_positions(mask)
-        next_pos[r] = int(mask.sum())  # cumsum over prompt + new token - 1
-        groups = np.asarray(o["group_sizes"]).reshape(-1) if ni else np.zeros((0,), np.int64)
-        if ni:
-            row_slot = np.asarray(image_slot_from_bounds(o["image_bound"], n, query_num))
-            slot[r, :n] = np.where(row_slot >= 0, row_slot + group_offset * query_num, -1)
-            vision_parts.append((o, np.repeat(np.arange(len(groups)) + group_offset, groups)))
-        group_offset += len(groups)
-
-    vision = None
-    if total:
-        p = max(int(np.asarray(o["pixel_patches"]).shape[1]) for o, _ in vision_parts)
-
-        def stack(name, fill, dtype, per_patch=True):
-            parts = []
-            for o, _ in vision_parts:
-                x = np.asarray(o[name]).astype(dtype)
-                if per_patch and x.shape[1] < p:  # [I, P, ...] arrays: pad P to the batch's
-                    widths = [(0, 0), (0, p - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
-                    x = np.pad(x, widths, constant_values=fill)
-                parts.append(x)
-            x = np.concatenate(parts, axis=0)
-            pad = [(0, i_pad - total)] + [(0, 0)] * (x.ndim - 1)
-            return np.pad(x, pad, constant_values=fill)
-
-        vision = {
-            "pixel_patches": stack("pixel_patches", 0, np.float32),
-            "position_ids": stack("position_ids", 0, np.int32),
-            "vision_mask": stack("vision_mask", False, bool),
-            "patch_valid": stack("patch_valid", False, bool),
-            # padding slices: a 1x1 grid
-            "tgt_sizes": stack("tgt_sizes", 1, np.int32, per_patch=False),
-            "temporal_ids": stack("temporal_ids", -1, np.int32, per_patch=False),
-            "group_index": np.pad(
-                np.concatenate([g for _, g in vision_parts]).astype(np.int32),
-                (0, i_pad - total),
-                constant_values=-1,
-            ),
-        }
-        # padding slices attend one (zero) key so their softmax stays finite; they are dropped
-        vision["vision_mask"][total:, 0] = True
-    last = np.asarray(lengths, np.int32) - 1
-    return PreparedBatch(ids, valid, pos, last, next_pos, slot, vision, lengths)
-
-
-def _placeholder_batch(b: int, n: int, t: int, i: int, p: int, config) -> PreparedBatch:
-    """Zeros with the exact shapes and dtypes ``prepare_batch`` gives a request of b rows, n
-    prompt tokens (bucket t), i padded slices of p patches (i = 0: text only)."""
-    valid = np.zeros((b, t), bool)
-    valid[:, :n] = True
-    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
-    vision = None
-    if i:
-        mask = np.zeros((i, p), bool)
-        mask[:, 0] = True  # every slice attends one key: finite softmax
-        vision = {
-            "pixel_patches": np.zeros((i, p, config.vision.patch_dim), np.float32),
-            "position_ids": np.zeros((i, p), np.int32),
-            "vision_mask": mask,
-            "patch_valid": mask.copy(),
-            "tgt_sizes": np.ones((i, 2), np.int32),
-            "temporal_ids": np.full((i,), -1, np.int32),
-            "group_index": np.arange(i, dtype=np.int32),
-        }
-    return PreparedBatch(
-        input_ids=np.zeros((b, t), np.int32),
-        token_valid=valid,
-        positions=positions,
-        last_index=np.full((b,), n - 1, np.int32),
-        next_position=np.full((b,), n, np.int32),
-        image_slot=np.full((b, t), -1, np.int32),
-        vision=vision,
-        lengths=[n] * b,
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# Results
+# Results and request shapes
 # ------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class GenerationOutput:
-    """What one ``Generator.run`` produced.
+    """What one ``Sampler.run`` produced.
 
     sequences: new token ids per conversation (terminator last when one was produced).
     step_logits: float32 [B, M, V] raw logits of each greedy / sampling step (record_logits only).
@@ -268,87 +84,15 @@ class GenerationOutput:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GenerationSettings:
-    """Validated decoding settings of one request (transformers' names)."""
-
-    max_new_tokens: int
-    do_sample: bool = False
-    num_beams: int = 1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    min_new_tokens: int = 0
-    length_penalty: float = 1.0
-    early_stopping: bool | str = False
-    min_p: float = 0.0
-    seed: int | None = None  # None: fresh randomness for every call; an int: reproducible
-
-    def __post_init__(self):
-        for name in ("max_new_tokens", "num_beams", "top_k", "min_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise GenerationError(f"{name} must be an integer, got {value!r}")
-        seed = self.seed
-        if seed is not None and (
-            isinstance(seed, bool)
-            or not isinstance(seed, (int, np.integer))
-            or not 0 <= seed < 2**32
-        ):
-            raise GenerationError(f"seed must be an integer in [0, 2**32) or None, got {seed!r}")
-        if self.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_beams < 1:
-            raise GenerationError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.do_sample and self.num_beams > 1:
-            raise GenerationError("sampling with num_beams > 1 (beam sampling) is not supported")
-        try:
-            sampling.check_sampling_values(
-                temperature=self.temperature if self.do_sample else 1.0,
-                top_k=self.top_k,
-                top_p=self.top_p,
-                repetition_penalty=self.repetition_penalty,
-                min_new_tokens=self.min_new_tokens,
-                min_p=self.min_p,
-            )
-        except ValueError as e:
-            raise GenerationError(str(e)) from None
-        if self.early_stopping not in (False, True, "never"):
-            raise GenerationError("early_stopping must be True, False or 'never'")
-
-    @property
-    def mode(self) -> DecodeMode:
-        return DecodeMode(
-            do_sample=self.do_sample, num_beams=self.num_beams, early_stopping=self.early_stopping
-        )
-
-    def params(self) -> SamplingParams:
-        return SamplingParams.create(
-            temperature=self.temperature if self.do_sample else 1.0,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
-            min_new_tokens=self.min_new_tokens,
-            length_penalty=self.length_penalty,
-            min_p=self.min_p,
-        )
-
-    def key(self) -> jax.Array:
-        """The sampling PRNG key: the seed's, or one from fresh OS randomness when seed is None
-        (as an unseeded transformers ``generate(do_sample=True)`` differs from call to call)."""
-        return jax.random.key(secrets.randbits(32) if self.seed is None else self.seed)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class RequestShape:
-    """What decides which programs a request compiles, for ``Generator.warmup``.
+    """What decides which programs a request compiles, for ``Sampler.warmup``.
 
     batch: conversations in the request; prompt_tokens: the longest prompt (image placeholders
     included); slices: image slices over the whole batch (0 = text only); patches: the largest
     patch bucket among them (1024 for 448x448-scale slices, see ``processor.patch_buckets``);
     max_new_tokens, do_sample, num_beams, early_stopping: as in ``GenerationSettings``. Values
     inside the same buckets share programs. stream: the request is streamed token by token
-    (``chat(stream=True)``, ``Generator.stream``), which runs per-token programs of its own.
+    (``chat(stream=True)``, ``Sampler.stream``), which runs per-token programs of its own.
     """
 
     batch: int = 1
@@ -402,32 +146,65 @@ class RequestShape:
 # ------------------------------------------------------------------------------------------------
 
 
-def _prefill(graphdef, state, cache: KVCache, batch: dict, vision: dict | None):
+def _embed_prompt(module, batch: PreparedBatch) -> jax.Array:
+    """Token embeddings [B, T, D] with the resampler rows of every image slice scattered in."""
+    ids = batch.input_ids
+    v = batch.vision
+    if v is None:
+        return module.llm.embed(ids)
+    feats = encode_images(
+        module,
+        v.pixel_patches,
+        v.position_ids,
+        v.vision_mask,
+        v.patch_valid,
+        v.tgt_sizes,
+        v.temporal_ids,
+        v.group_index,
+        num_groups=v.num_groups,
+    )  # [G, Q, D]
+    return merge_embeds(module, ids, batch.image_slot, feats.reshape(-1, feats.shape[-1]))
+
+
+def _prompt(graphdef, state, batch: PreparedBatch):
+    """The prompt without a cache: (float32 logits [B, T, V], float32 embeddings [B, T, D])."""
+    TRACE_COUNTS["prompt"] += 1
+    module = nnx.merge(graphdef, state)
+    x = _embed_prompt(module, batch)
+    logits, _ = module.llm(x, batch.positions, None, batch.token_valid)
+    return logits, x.astype(jnp.float32)
+
+
+def _encode(graphdef, state, vision: VisionBatch):
+    """Stage outputs of the image path: (float32 vision tower features [I, P, Dv], float32
+    resampler output [G, Q, D]), for parity checks that name their stage."""
+    TRACE_COUNTS["encode"] += 1
+    module = nnx.merge(graphdef, state)
+    v = vision
+    feats = module.vpm(v.pixel_patches, v.position_ids, v.vision_mask)  # [I, P, Dv]
+    out = module.resampler(
+        feats, v.tgt_sizes, v.patch_valid, v.group_index, v.num_groups, v.temporal_ids
+    )
+    return feats.astype(jnp.float32), out.astype(jnp.float32)
+
+
+def _prefill(graphdef, state, cache: KVCache, batch: PreparedBatch):
     """Vision + resampler on all slices, merge, LLM over the prompt, fill the cache.
 
     Args:
       cache: KVCache [L, B, S, K, H] (donated; its previous contents are discarded).
-      batch: input_ids / token_valid / positions / image_slot [B, T], last_index [B].
-      vision: [I, ...] slice arrays or None.
+      batch: the request (``batching.prepare_batch``).
     Returns:
       (float32 logits [B, V] of each row's last prompt token, cache).
     """
     TRACE_COUNTS["prefill"] += 1
-    from minicpmv_jax.model import encode_images, merge_embeds
-
     module = nnx.merge(graphdef, state)
     cache = cache.replace(end=jnp.zeros_like(cache.end), valid=jnp.zeros_like(cache.valid))
-    ids = batch["input_ids"]
-    if vision is None:
-        x = module.llm.embed(ids)
-    else:
-        num_groups = vision["group_index"].shape[0]  # groups <= slices: one static bound
-        feats = encode_images(module, **vision, num_groups=num_groups)  # [G, Q, D]
-        x = merge_embeds(module, ids, batch["image_slot"], feats.reshape(-1, feats.shape[-1]))
-    h, cache = module.llm.hidden(x, batch["positions"], cache, batch["token_valid"])
+    x = _embed_prompt(module, batch)
+    h, cache = module.llm.hidden(x, batch.positions, cache, batch.token_valid)
     rows = jnp.arange(h.shape[0])
     # the row's LAST token, not its last attended one (a masked id-0 token can end a prompt)
-    logits = module.llm.logits(h[rows, batch["last_index"]][:, None])[:, 0]  # [B, V]
+    logits = module.llm.logits(h[rows, batch.last_index][:, None])[:, 0]  # [B, V]
     return logits, constrain_cache(cache)
 
 
@@ -498,6 +275,7 @@ def _decode_beam(
     graphdef,
     state,
     cache,
+    work,
     first_logits,
     next_position,
     max_new,
@@ -509,30 +287,47 @@ def _decode_beam(
 ):
     """Beam search (transformers semantics) for B rows of N beams in one lax.while_loop.
 
-    The prefilled cache [L, B, S, K, H] is repeated to B * N rows (transformers expands the
-    prompt to num_beams copies before the prefill: same values); each step gathers the cache rows
-    of the parent beams (``_temporary_reorder_cache``).
+    The prefilled cache [L, B, S, K, H] is copied into ``work`` [L, B * N, S, K, H], a donated
+    buffer (transformers expands the prompt to num_beams copies before the prefill: same
+    values). Each step reorders the rows of the parent beams (``_reorder_cache``) inside that
+    buffer, and only in the M generated slots: the S - M prompt slots of a row's beams hold the
+    same keys and values whatever the reordering, so the step gathers an [L, B * N, M, K, H]
+    slice and writes it back in place instead of copying the whole cache.
+
+    Returns:
+      (tokens int32 [B, M], lengths int32 [B], steps int32 [], scores float32 [B],
+       beam indices int32 [B, M], work cache for the pool).
     """
     TRACE_COUNTS["decode"] += 1
     module = nnx.merge(graphdef, state)
     n = mode.num_beams
     b = first_logits.shape[0]
-    cache = cache.replace(
-        k=jnp.repeat(cache.k, n, axis=1),
-        v=jnp.repeat(cache.v, n, axis=1),
-        valid=jnp.repeat(cache.valid, n, axis=0),
+    start = cache.max_len - buffer  # first generated slot (the token bucket T)
+
+    def expand(buf, rows):  # write each row's N copies into the donated buffer, in place
+        return jax.lax.dynamic_update_slice(buf, jnp.repeat(rows, n, axis=1), (0,) * buf.ndim)
+
+    work = work.replace(
+        k=expand(work.k, cache.k),
+        v=expand(work.v, cache.v),
+        end=cache.end,
+        valid=jnp.repeat(cache.valid, n, axis=0),  # the same for every beam of a row
     )
     pos = jnp.repeat(next_position, n)  # [B * N]
 
-    def forward(cache, tokens, parent, step):
-        flat = (jnp.arange(b)[:, None] * n + parent).reshape(-1)  # [B * N]
-        cache = cache.replace(k=cache.k[:, flat], v=cache.v[:, flat], valid=cache.valid[flat])
-        logits, cache = _forward(module, cache, tokens.reshape(-1), pos + step - 1)
-        return cache, logits.reshape(b, n, -1)
+    def reorder(buf, rows):  # [L, B * N, S, K, H]: generated slots of the parent rows
+        generated = jax.lax.slice_in_dim(buf, start, buf.shape[2], axis=2)[:, rows]
+        return jax.lax.dynamic_update_slice_in_dim(buf, generated, start, axis=2)
 
-    s, cache = sampling.beam_search(
+    def forward(work, tokens, parent, step):
+        rows = (jnp.arange(b)[:, None] * n + parent).reshape(-1)  # [B * N]
+        work = work.replace(k=reorder(work.k, rows), v=reorder(work.v, rows))
+        logits, work = _forward(module, work, tokens.reshape(-1), pos + step - 1)
+        return work, logits.reshape(b, n, -1)
+
+    s, work = sampling.beam_search(
         forward,
-        cache,
+        work,
         first_logits,
         num_beams=n,
         max_new=max_new,
@@ -542,7 +337,7 @@ def _decode_beam(
         buffer=buffer,
     )
     tokens, length, score, beams = sampling.beam_result(s)
-    return tokens, length, s.step, score, beams
+    return tokens, length, s.step, score, beams, constrain_cache(work)
 
 
 def _first_step(first_logits, params, key, max_new, *, mode, terminators, buffer):
@@ -572,32 +367,66 @@ def _next_step(graphdef, state, cache, s, next_position, params, max_new, *, mod
 
 
 # ------------------------------------------------------------------------------------------------
-# Generator
+# Sampler
 # ------------------------------------------------------------------------------------------------
 
 
-class Generator:
-    """Compiled prefill / decode programs of one model, with their shape buckets.
+class CachePool:
+    """Reusable KV-cache buffers, keyed by (rows, slots), at most ``size`` of them.
 
-    Args:
-      model: a ``MiniCPMV`` (``module``, ``config``, ``processor``).
-      buckets: shape buckets (see ``Buckets``).
-      cache_dtype: KV cache dtype (default: the LLM compute dtype); bfloat16 halves the cache.
+    A request takes the buffer of its shape (donated to its programs) and gives it back when
+    done; past ``size`` buffers the least recently used one is dropped, so a server that sees
+    many request shapes holds a bounded amount of cache memory. ``size=0`` keeps none.
     """
 
-    def __init__(self, model, buckets: Buckets | None = None, cache_dtype=None):
+    def __init__(self, size: int):
+        if int(size) < 0:
+            raise GenerationError(f"cache pool size must be >= 0, got {size}")
+        self.size = int(size)
+        self._free: collections.OrderedDict[tuple, KVCache] = collections.OrderedDict()
+
+    def take(self, key: tuple) -> KVCache | None:
+        return self._free.pop(key, None)
+
+    def give(self, key: tuple, cache: KVCache) -> None:
+        self._free[key] = cache
+        self._free.move_to_end(key)
+        while len(self._free) > self.size:
+            self._free.popitem(last=False)
+
+    def keys(self) -> list[tuple]:
+        """Held shapes, least recently used first."""
+        return list(self._free)
+
+
+class Sampler:
+    """Compiled prompt / prefill / decode programs of one model, with their shape buckets.
+
+    Args:
+      model: anything with ``config``, ``module`` and ``mesh`` (a ``pipeline.MiniCPMV``);
+        ``processor`` supplies the stop tokens (decoding raises without one) and the patch
+        buckets ``warmup`` compiles for.
+      buckets: shape buckets (see ``batching.Buckets``).
+      cache_dtype: KV cache dtype (default: the LLM compute dtype); bfloat16 halves the cache.
+      cache_pool: KV cache buffers kept for reuse between requests (``CachePool``).
+    """
+
+    def __init__(
+        self, model, buckets: Buckets | None = None, cache_dtype=None, cache_pool: int = 4
+    ):
         self.model = model
+        self.config = model.config
         self.buckets = buckets or Buckets()
         cfg = model.config.llm
         self.llm_config = cfg
         self.cache_dtype = jnp.dtype(cache_dtype if cache_dtype is not None else cfg.dtype)
         self.query_num = int(model.config.query_num)
-        if getattr(model, "processor", None) is None:
-            raise GenerationError("generation needs the model's processor (its stop tokens)")
-        self.terminators = tuple(int(t) for t in model.processor.terminators)
-        self.pad_id = 0
+        processor = getattr(model, "processor", None)
+        self.terminators = None
+        if processor is not None:
+            self.terminators = tuple(int(t) for t in processor.terminators)
         self.graphdef, self.state = nnx.split(model.module)
-        self._pool: dict[tuple, KVCache] = {}  # reusable cache buffers, donated to prefill
+        self.pool = CachePool(cache_pool)
         # Shardings live on these top-level jits only (the traced functions nest no jit).
         # Host-read outputs are replicated over the model's mesh: a multi-host process can only
         # fetch an array it holds whole. The KV cache output is left to the layout the traced
@@ -607,6 +436,8 @@ class Generator:
         self.mesh = mesh if mesh is not None else make_mesh()
         rep = NamedSharding(self.mesh, PS())
         cache_out = KVCache(k=None, v=None, end=rep, valid=None)
+        self._prompt = jax.jit(_prompt, static_argnums=0, out_shardings=rep)
+        self._encode = jax.jit(_encode, static_argnums=0, out_shardings=rep)
         self._prefill = jax.jit(
             _prefill, static_argnums=0, donate_argnums=2, out_shardings=(rep, cache_out)
         )
@@ -617,12 +448,14 @@ class Generator:
             donate_argnums=2,
             out_shardings=(rep, rep, rep, rep, cache_out),  # tokens, lengths, steps, logits
         )
-        # not donated: the cache grows from B to B * num_beams rows, no buffer to reuse
+        # the B-row prefill cache is read (and pooled again); the B * N-row work buffer is
+        # donated and reordered in place
         self._decode_beam = jax.jit(
             _decode_beam,
             static_argnums=0,
             static_argnames=("mode", "terminators", "buffer"),
-            out_shardings=rep,  # tokens, lengths, steps, scores, beam indices
+            donate_argnums=3,
+            out_shardings=(rep, rep, rep, rep, rep, cache_out),  # ..., beam indices, work
         )
         self._first_step = jax.jit(
             _first_step, static_argnames=("mode", "terminators", "buffer"), out_shardings=rep
@@ -634,6 +467,16 @@ class Generator:
             donate_argnums=2,
             out_shardings=(rep, cache_out, rep, rep),  # state, cache, tokens, stop
         )
+
+    def context(self) -> contextlib.ExitStack:
+        """The context every program runs (and is compiled) under: the model's mesh, and true
+        float32 matmuls for a float32 model (TPU / GPU default to bf16 / tf32 passes)."""
+        stack = contextlib.ExitStack()
+        # the context mesh: block-boundary activations follow sharding.RULES, outputs replicate
+        stack.enter_context(jax.set_mesh(self.mesh))
+        if self.llm_config.dtype == jnp.float32:
+            stack.enter_context(jax.default_matmul_precision("highest"))
+        return stack
 
     # -- shapes --------------------------------------------------------------------------------
 
@@ -657,34 +500,77 @@ class Generator:
         return t, m, t + m
 
     def _cache(self, batch: int, length: int) -> KVCache:
-        """A [L, B, S, K, H] cache buffer: the last request's (reused, donated) or a fresh one.
+        """A [L, B, S, K, H] cache buffer: a pooled one (reused, donated) or a fresh one.
 
         Both are placed with one canonical sharding, so that a reused buffer (a program output)
         and a fresh one give the same jit cache key (no recompilation).
         """
-        cache = self._pool.pop((batch, length), None)
+        cache = self.pool.take((batch, length))
         if cache is None:
             cache = KVCache.init(self.llm_config, batch, length, self.cache_dtype)
         # sharding.RULES layout (KV heads / batch replicated where the mesh does not divide them)
         return jax.device_put(cache, cache_shardings(self.mesh, cache))
 
-    # -- stages ---------------------------------------------------------------------------------
+    def _abstract_cache(self, batch: int, length: int) -> KVCache:
+        """ShapeDtypeStructs of ``_cache(batch, length)``, its shardings included (so that a
+        lowered program donates and aliases the buffer as a real call does)."""
+        shapes = jax.eval_shape(
+            lambda: KVCache.init(self.llm_config, batch, length, self.cache_dtype)
+        )
+        return jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+            shapes,
+            cache_shardings(self.mesh, shapes),
+        )
+
+    def _terminators(self) -> tuple[int, ...]:
+        if self.terminators is None:
+            raise GenerationError("generation needs the model's processor (its stop tokens)")
+        return self.terminators
+
+    # -- prompt ---------------------------------------------------------------------------------
+
+    def prepare(self, outputs: Sequence[Mapping[str, Any]]) -> PreparedBatch:
+        return prepare_batch(outputs, self.buckets, self.query_num)
+
+    def prompt_logits(self, output: Mapping[str, Any], return_intermediates: bool = False):
+        """float32 [T, V]: logits at every prompt position of one processed conversation.
+
+        The prefill's computation (same batch layout, embeddings, RoPE positions and attention
+        mask) without a KV cache. With return_intermediates=True returns (logits, {"vision"
+        [I, P, Dv], "resampler" [G, Q, D], "embeds" [T, D]}) so that a parity failure can name
+        its stage (vision and resampler only for a conversation with images).
+        """
+        prepared = self.prepare([output])
+        t = prepared.lengths[0]
+        with self.context():
+            logits, embeds = self._prompt(self.graphdef, self.state, prepared)
+            logits = np.asarray(logits)[0, :t]
+            if not return_intermediates:
+                return logits
+            mid = {"embeds": np.asarray(embeds)[0, :t]}
+            if prepared.vision is not None:
+                vis, res = self._encode(self.graphdef, self.state, prepared.vision)
+                mid["vision"] = np.asarray(vis)[: _num_slices(output)]
+                mid["resampler"] = np.asarray(res)[: _num_groups(output)]
+        return logits, mid
+
+    def encode(self, output: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 vision features [I, P, Dv], float32 resampler output [G, Q, D]) of one
+        conversation's slices (the vision keys of a processor output suffice)."""
+        n = _num_slices(output)
+        vision = VisionBatch.stack([output]).pad_to(self.buckets.slice_bucket(n))
+        with self.context():
+            vis, res = self._encode(self.graphdef, self.state, vision)
+            return np.asarray(vis)[:n], np.asarray(res)[: _num_groups(output)]
 
     def prefill(self, prepared: PreparedBatch, cache_len: int) -> tuple[jax.Array, KVCache]:
         """Run the jitted prefill. -> (float32 logits [B, V], cache)."""
-        b = prepared.input_ids.shape[0]
-        cache = self._cache(b, cache_len)
-        batch = {
-            "input_ids": prepared.input_ids,
-            "token_valid": prepared.token_valid,
-            "positions": prepared.positions,
-            "image_slot": prepared.image_slot,
-            "last_index": prepared.last_index,
-        }
-        return self._prefill(self.graphdef, self.state, cache, batch, prepared.vision)
+        cache = self._cache(prepared.input_ids.shape[0], cache_len)
+        with self.context():
+            return self._prefill(self.graphdef, self.state, cache, prepared)
 
-    def prepare(self, outputs: Sequence[Any]) -> PreparedBatch:
-        return prepare_batch(outputs, self.buckets, self.query_num)
+    # -- generation -----------------------------------------------------------------------------
 
     def run(
         self,
@@ -708,6 +594,7 @@ class Generator:
     ) -> GenerationOutput:
         """Prefill + decode of a prepared batch. step_limit: decode at most this many tokens
         (a traced value: the programs are those of ``settings.max_new_tokens``)."""
+        terminators = self._terminators()
         timings: dict[str, float] = {}
         n_traces = sum(TRACE_COUNTS.values())
         _, m, s_len = self.cache_len(max(prepared.lengths), settings.max_new_tokens)
@@ -721,40 +608,45 @@ class Generator:
         next_pos = jnp.asarray(prepared.next_position)
         t0 = time.perf_counter()
         out = GenerationOutput(sequences=[], prompt_tokens=list(prepared.lengths))
-        if mode.num_beams == 1:
-            tokens, length, steps, record, cache = self._decode_sample(
-                self.graphdef,
-                self.state,
-                cache,
-                logits,
-                next_pos,
-                max_new,
-                params,
-                settings.key(),
-                mode=mode,
-                terminators=self.terminators,
-                buffer=m,
-                record_logits=record_logits,
-            )
-            self._pool[(prepared.input_ids.shape[0], s_len)] = cache
-            if record is not None:
-                out.step_logits = np.asarray(record)
-        else:
-            tokens, length, steps, score, beams = self._decode_beam(
-                self.graphdef,
-                self.state,
-                cache,
-                logits,
-                next_pos,
-                max_new,
-                params,
-                mode=mode,
-                terminators=self.terminators,
-                buffer=m,
-            )
-            out.scores = np.asarray(score)
-            beams = np.asarray(beams)
-        tokens, length = np.asarray(tokens), np.asarray(length)
+        with self.context():
+            if mode.num_beams == 1:
+                tokens, length, steps, record, cache = self._decode_sample(
+                    self.graphdef,
+                    self.state,
+                    cache,
+                    logits,
+                    next_pos,
+                    max_new,
+                    params,
+                    settings.key(),
+                    mode=mode,
+                    terminators=terminators,
+                    buffer=m,
+                    record_logits=record_logits,
+                )
+                self.pool.give((prepared.input_ids.shape[0], s_len), cache)
+                if record is not None:
+                    out.step_logits = np.asarray(record)
+            else:
+                rows = prepared.input_ids.shape[0] * mode.num_beams
+                tokens, length, steps, score, beams, work = self._decode_beam(
+                    self.graphdef,
+                    self.state,
+                    cache,
+                    self._cache(rows, s_len),
+                    logits,
+                    next_pos,
+                    max_new,
+                    params,
+                    mode=mode,
+                    terminators=terminators,
+                    buffer=m,
+                )
+                self.pool.give((prepared.input_ids.shape[0], s_len), cache)
+                self.pool.give((rows, s_len), work)
+                out.scores = np.asarray(score)
+                beams = np.asarray(beams)
+            tokens, length = np.asarray(tokens), np.asarray(length)
         timings["decode"] = time.perf_counter() - t0
         out.sequences = [tokens[r, : length[r]].astype(np.int64) for r in range(len(length))]
         if mode.num_beams > 1:
@@ -770,9 +662,7 @@ class Generator:
         Runs each distinct static signature once on a placeholder batch (zeros, one decoding
         step), so later requests of those shapes start without compiling; their KV cache buffers
         are allocated too. patch_buckets: the processor's (default: the model processor's).
-        Returns {"signatures", "programs" (traces), "seconds"}. Requests that go through
-        ``model.generate`` / ``chat`` run under the model's matmul-precision context, which is
-        part of the compiled programs' identity: warm those up with ``model.warmup``.
+        Returns {"signatures", "programs" (traces), "seconds"}.
         """
         from minicpmv_jax.processor import patch_bucket_size
 
@@ -788,8 +678,10 @@ class Generator:
             key = (shape.batch, t, i, p, m, shape.settings().mode, shape.stream)
             seen.setdefault(key, shape)
         traces, t0 = sum(TRACE_COUNTS.values()), time.perf_counter()
+        patch_dim = self.config.vision.patch_dim
         for (b, t, i, p, *_), shape in seen.items():
-            prepared = _placeholder_batch(b, shape.prompt_tokens, t, i, p, self.model.config)
+            vision = VisionBatch.placeholder(i, p, patch_dim) if i else None
+            prepared = PreparedBatch.placeholder(b, shape.prompt_tokens, t, vision)
             if not shape.stream:
                 self._run_prepared(prepared, shape.settings(), step_limit=1)
                 continue
@@ -817,24 +709,27 @@ class Generator:
     def _stream_prepared(
         self, prepared: PreparedBatch, settings: GenerationSettings
     ) -> Iterator[np.ndarray]:
+        kw = {"mode": settings.mode, "terminators": self._terminators()}
         _, m, s_len = self.cache_len(max(prepared.lengths), settings.max_new_tokens)
         logits, cache = self.prefill(prepared, s_len)
-        mode, params = settings.mode, settings.params()
-        kw = {"mode": mode, "terminators": self.terminators}
+        params = settings.params()
         max_new = jnp.asarray(settings.max_new_tokens, jnp.int32)
         key = settings.key()
-        s, token, stop = self._first_step(logits, params, key, max_new, buffer=m, **kw)
+        with self.context():
+            s, token, stop = self._first_step(logits, params, key, max_new, buffer=m, **kw)
         next_pos = jnp.asarray(prepared.next_position)
         try:
             while True:
                 yield np.asarray(token).astype(np.int64)
                 if bool(stop):
                     break
-                s, cache, token, stop = self._next_step(
-                    self.graphdef, self.state, cache, s, next_pos, params, max_new, **kw
-                )
+                # the context is entered per call: a generator must not leak it to its caller
+                with self.context():
+                    s, cache, token, stop = self._next_step(
+                        self.graphdef, self.state, cache, s, next_pos, params, max_new, **kw
+                    )
         finally:
-            self._pool[(prepared.input_ids.shape[0], s_len)] = cache
+            self.pool.give((prepared.input_ids.shape[0], s_len), cache)
 
     # -- memory ---------------------------------------------------------------------------------
 
@@ -857,27 +752,12 @@ class Generator:
         cache_shape = (cfg.num_layers, batch * num_beams, s_len, cfg.num_kv_heads, cfg.head_dim)
         kv_bytes = 2 * int(np.prod(cache_shape)) * self.cache_dtype.itemsize
         sds = jax.ShapeDtypeStruct
-        cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, s_len, self.cache_dtype))
+        cache = self._abstract_cache(batch, s_len)
         i = self.buckets.slice_bucket(num_slices)
-        bt = {
-            "input_ids": sds((batch, t), jnp.int32),
-            "token_valid": sds((batch, t), bool),
-            "positions": sds((batch, t), jnp.int32),
-            "image_slot": sds((batch, t), jnp.int32),
-            "last_index": sds((batch,), jnp.int32),
-        }
-        vision = None
-        if i:
-            pd = self.model.config.vision.patch_dim
-            vision = {
-                "pixel_patches": sds((i, patch_bucket, pd), jnp.float32),
-                "position_ids": sds((i, patch_bucket), jnp.int32),
-                "vision_mask": sds((i, patch_bucket), bool),
-                "patch_valid": sds((i, patch_bucket), bool),
-                "tgt_sizes": sds((i, 2), jnp.int32),
-                "temporal_ids": sds((i,), jnp.int32),
-                "group_index": sds((i,), jnp.int32),
-            }
+        vision = (
+            VisionBatch.placeholder(i, patch_bucket, self.config.vision.patch_dim) if i else None
+        )
+        prepared = PreparedBatch.placeholder(batch, min(prompt_len, t), t, vision).abstract()
         timings = {}
 
         def build(name, fn, *args, **kwargs):  # trace + lower, then compile, timed apart
@@ -889,44 +769,37 @@ class Generator:
             timings[f"{name}_compile_s"] = time.perf_counter() - t1
             return compiled
 
-        prefill = build("prefill", self._prefill, self.graphdef, self.state, cache, bt, vision)
-        v = cfg.vocab_size
-        logits = sds((batch, v), jnp.float32)
-        pos = sds((batch,), jnp.int32)
-        params = SamplingParams.create()
-        scalar = sds((), jnp.int32)
-        if num_beams == 1:
-            decode = build(
-                "decode",
-                self._decode_sample,
-                self.graphdef,
-                self.state,
-                cache,
-                logits,
-                pos,
-                scalar,
-                params,
-                jax.random.key(0),
-                mode=DecodeMode(),
-                terminators=self.terminators,
-                buffer=m,
-                record_logits=False,
-            )
-        else:
-            decode = build(
-                "decode",
-                self._decode_beam,
-                self.graphdef,
-                self.state,
-                cache,
-                logits,
-                pos,
-                scalar,
-                params,
-                mode=DecodeMode(num_beams=num_beams),
-                terminators=self.terminators,
-                buffer=m,
-            )
+        with self.context():
+            prefill = build("prefill", self._prefill, self.graphdef, self.state, cache, prepared)
+            logits = sds((batch, cfg.vocab_size), jnp.float32)
+            pos = sds((batch,), jnp.int32)
+            params = SamplingParams.create()
+            scalar = sds((), jnp.int32)
+            common = (self.graphdef, self.state, cache, logits, pos, scalar, params)
+            terminators = self._terminators()
+            if num_beams == 1:
+                decode = build(
+                    "decode",
+                    self._decode_sample,
+                    *common,
+                    jax.random.key(0),
+                    mode=DecodeMode(),
+                    terminators=terminators,
+                    buffer=m,
+                    record_logits=False,
+                )
+            else:
+                work = self._abstract_cache(batch * num_beams, s_len)
+                decode = build(
+                    "decode",
+                    self._decode_beam,
+                    *common[:3],
+                    work,
+                    *common[3:],
+                    mode=DecodeMode(num_beams=num_beams),
+                    terminators=terminators,
+                    buffer=m,
+                )
         weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.state))
         return {
             "batch": batch,
@@ -941,6 +814,15 @@ class Generator:
             "decode": _memory(decode),
             "timings": timings,
         }
+
+
+def _num_slices(output: Mapping[str, Any]) -> int:
+    return int(np.asarray(output["tgt_sizes"]).reshape(-1, 2).shape[0])
+
+
+def _num_groups(output: Mapping[str, Any]) -> int:
+    sizes = output.get("group_sizes")
+    return _num_slices(output) if sizes is None else int(np.asarray(sizes).reshape(-1).shape[0])
 
 
 def _memory(compiled) -> dict[str, int | None]:

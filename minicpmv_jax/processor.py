@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from minicpmv_jax import versions
 from minicpmv_jax.errors import (
     CheckpointError,
     MessageError,
     PromptTooLongError,
-    UnsupportedVersionError,
 )
 from minicpmv_jax.image import (
     DEFAULT_MAX_PIXELS,
@@ -59,12 +59,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_VERSIONS = ("2.5", "2.6", "4.5")
+SUPPORTED_VERSIONS = versions.supported()
 DEFAULT_PATCH_BUCKETS = (256, 512, 1024, 1152, 1280, 1536, 2048, 4096)
 # The user-level image marker of every supported version's chat().
 IMAGE_MARKER = "(<image>./</image>)"
-# chat()'s default max_inp_length per version (the processor truncates to it).
-DEFAULT_MAX_INP_LENGTH = {"2.5": 2048, "2.6": 8192, "4.5": 16384}
 _ROLES = ("system", "user", "assistant")
 # Chat-control tokens that typed text must not spell (the official tokenizer would turn a typed
 # `<|im_end|>` into a real end of turn); the version's terminators, bos and eos are added.
@@ -157,7 +155,7 @@ def vision_position_ids(
     out = np.zeros((tgt.shape[0], num_patches), dtype=np.int32)
     if tgt.shape[0] == 0:
         return out
-    if version == "2.5":
+    if versions.spec(version).vision_strip:
         max_len = int((tgt[:, 0] * tgt[:, 1]).max())
         out[:, :max_len] = bucket_coords(max_len, num_patches_per_side)[None, :]
         return out
@@ -181,7 +179,7 @@ def vision_mask(tgt_sizes: np.ndarray, num_patches: int, version: str) -> np.nda
     """
     tgt = _check_tgt(tgt_sizes, num_patches)
     lengths = tgt[:, 0] * tgt[:, 1]
-    if version == "2.5" and lengths.size:
+    if versions.spec(version).vision_strip and lengths.size:
         lengths = np.full_like(lengths, lengths.max())
     return np.arange(num_patches)[None, :] < lengths[:, None]
 
@@ -258,7 +256,7 @@ def load_tokenizer(folder: str | os.PathLike, version: str):
                 str(folder), local_files_only=True
             )
         if (
-            version != "2.5"
+            versions.spec(version).qwen_tokenizer
             and (folder / "vocab.json").is_file()
             and (folder / "merges.txt").is_file()
         ):
@@ -269,7 +267,7 @@ def load_tokenizer(folder: str | os.PathLike, version: str):
         raise CheckpointError(f"{folder}: could not load the tokenizer ({e})") from None
     raise CheckpointError(
         f"{folder}: no tokenizer files (need tokenizer.json"
-        + ("" if version == "2.5" else ", or vocab.json + merges.txt")
+        + (", or vocab.json + merges.txt" if versions.spec(version).qwen_tokenizer else "")
         + ")"
     )
 
@@ -324,22 +322,6 @@ def _read_json(path: pathlib.Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def _version_string(raw: Any, where: str) -> str:
-    if raw is None:
-        raise UnsupportedVersionError(
-            f"{where} has no 'version' (MiniCPM-V 2.0 and other checkpoints without one are not "
-            f"supported); supported versions: {', '.join(SUPPORTED_VERSIONS)}"
-        )
-    # config.json stores 2.5 as a string and 2.6 / 4.5 as floats.
-    version = repr(float(raw)) if isinstance(raw, (int, float)) else str(raw).strip()
-    if version not in SUPPORTED_VERSIONS:
-        raise UnsupportedVersionError(
-            f"{where}: MiniCPM-V version {raw!r} is not supported; "
-            f"supported versions: {', '.join(SUPPORTED_VERSIONS)}"
-        )
-    return version
-
-
 class MiniCPMVProcessor:
     """Turns one conversation into model inputs exactly as the official processor does.
 
@@ -372,21 +354,18 @@ class MiniCPMVProcessor:
     ):
         """Args mirror preprocessor_config.json; ``tokens`` maps role -> token string
         (keys im_start, im_end, slice_start, slice_end, unk, im_id_start, im_id_end)."""
-        if version not in SUPPORTED_VERSIONS:
-            raise UnsupportedVersionError(
-                f"MiniCPM-V version {version!r} is not supported; "
-                f"supported versions: {', '.join(SUPPORTED_VERSIONS)}"
-            )
+        spec = versions.spec(version)  # raises UnsupportedVersionError
         self.version = version
+        self.spec = spec
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.query_num = int(query_num)
         self.patch_size = int(patch_size)
         self.scale_resolution = int(scale_resolution)
         self.max_slice_nums = self._check_max_slice_nums(max_slice_nums)
-        self.use_image_id = bool(use_image_id) and version != "2.5"
+        self.use_image_id = bool(use_image_id) and spec.image_ids
         self.num_patches_per_side = int(num_patches_per_side)
-        self.max_inp_length = int(max_inp_length or DEFAULT_MAX_INP_LENGTH[version])
+        self.max_inp_length = int(max_inp_length or spec.max_inp_length)
         self.patch_buckets = tuple(int(b) for b in patch_buckets)
         self.max_pixels = max_pixels
         self.folder: pathlib.Path | None = None
@@ -407,14 +386,12 @@ class MiniCPMVProcessor:
         self.image_end_id = self._token_id(tokens["im_end"])
         self.slice_start_id = self._token_id(tokens["slice_start"])
         self.slice_end_id = self._token_id(tokens["slice_end"])
-        if version == "2.5":
-            self.image_id_start_id = self.image_id_end_id = None
-            eos = tokenizer.eos_token or "<|end_of_text|>"
-            self.terminators = [self._token_id(eos), self._token_id("<|eot_id|>")]
-        else:
+        self.image_id_start_id = self.image_id_end_id = None
+        if spec.image_ids:
             self.image_id_start_id = self._token_id(tokens["im_id_start"])
             self.image_id_end_id = self._token_id(tokens["im_id_end"])
-            self.terminators = [self._token_id("<|im_end|>"), self._token_id("<|endoftext|>")]
+        eos = tokenizer.eos_token or "<|end_of_text|>"
+        self.terminators = [self._token_id(t.replace("{eos}", eos)) for t in spec.terminators]
         self.bos_id = tokenizer.bos_token_id
         vocab = tokenizer.get_vocab()
         self._control_tokens = tuple(
@@ -425,14 +402,10 @@ class MiniCPMVProcessor:
             )
             if t and t in vocab and t in tokenizer.all_special_tokens
         )
-        # image_bound start/end tokens: 2.6/4.5 count <image> and <slice>; 2.5 only <image>
-        # (its slices are wrapped in <image>...</image> inside one <slice>...</slice>).
-        if version == "2.5":
-            self._bound_start = np.array([self.image_start_id])
-            self._bound_end = np.array([self.image_end_id])
-        else:
-            self._bound_start = np.array([self.image_start_id, self.slice_start_id])
-            self._bound_end = np.array([self.image_end_id, self.slice_end_id])
+        # image_bound start/end tokens (2.5 counts only <image>: its slices are wrapped in
+        # <image>...</image> inside one <slice>...</slice>)
+        self._bound_start = np.array([self._token_id(tokens[k]) for k in spec.bound_start])
+        self._bound_end = np.array([self._token_id(tokens[k]) for k in spec.bound_end])
 
     # -- construction ------------------------------------------------------------------------
 
@@ -457,7 +430,13 @@ class MiniCPMVProcessor:
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: not a checkpoint folder")
         config = _read_json(folder / "config.json")
-        version = _version_string(config.get("version"), f"{folder / 'config.json'}")
+        if config.get("model_type") == "minicpmv4_6":  # native-transformers 4.6: v46/processor.py
+            from minicpmv_jax.v46.processor import MiniCPMV46Processor
+
+            if overrides:
+                raise TypeError(f"MiniCPM-V 4.6 takes settings per call, not {sorted(overrides)}")
+            return MiniCPMV46Processor.from_folder(folder)
+        version = versions.parse(config.get("version"), f"{folder / 'config.json'}")
         pre = _read_json(folder / "preprocessor_config.json")
         tok_config = _read_json(folder / "tokenizer_config.json")
         template = tok_config.get("chat_template")
@@ -496,7 +475,7 @@ class MiniCPMVProcessor:
             "max_slice_nums": int(
                 pre.get("max_slice_nums", config.get("slice_config", {}).get("max_slice_nums", 9))
             ),
-            "use_image_id": bool(pre.get("use_image_id", version != "2.5")),
+            "use_image_id": bool(pre.get("use_image_id", versions.spec(version).image_ids)),
             "scale_resolution": int(pre.get("scale_resolution", 448)),
         }
         kwargs.update(overrides)
@@ -677,7 +656,7 @@ class MiniCPMVProcessor:
     ) -> str:
         """Text that replaces one IMAGE_MARKER (spec §6)."""
         t, unk = self.tokens, self.tokens["unk"] * self.query_num
-        if self.version == "2.5":
+        if self.spec.placeholder == "image_grid":
             # 2.5: slices are <image>-wrapped and the whole grid sits in ONE <slice>...</slice>.
             text = t["im_start"] + unk + t["im_end"]
             if grid is not None:
@@ -700,7 +679,7 @@ class MiniCPMVProcessor:
     def _temporal_groups(self, temporal_ids: Any, n_images: int) -> list[list[int]]:
         if temporal_ids is None:
             return [[-1]] * n_images
-        if self.version != "4.5":
+        if not self.spec.temporal:
             raise MessageError(
                 f"temporal_ids are only supported by MiniCPM-V 4.5, not {self.version}"
             )
@@ -876,11 +855,11 @@ class MiniCPMVProcessor:
         pixel_patches = np.zeros((len(pieces), num_patches, 3 * p * p), dtype=np.float32)
         for i, piece in enumerate(pieces):
             patchify(piece, p, out=pixel_patches[i])
-        if self.version == "2.5":
-            attention_mask = np.ones(input_ids.shape, dtype=bool)  # 2.5 passes no mask
-        else:
+        if self.spec.mask_id0:
             # Official quirk (2.6/4.5): mask = input_ids != 0 also hides a genuine id-0 token.
             attention_mask = input_ids != self.pad_id
+        else:
+            attention_mask = np.ones(input_ids.shape, dtype=bool)  # 2.5 passes no mask
         return ProcessorOutput(
             input_ids=input_ids,
             attention_mask=attention_mask,

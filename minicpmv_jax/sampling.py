@@ -44,7 +44,8 @@ class DecodeMode:
     """Static (hashable) part of the decoding settings: one compiled decode loop per value.
 
     The numeric knobs (temperature, top-k, top-p, penalties) live in ``SamplingParams`` and are
-    traced, so changing them never recompiles.
+    traced, so changing them never recompiles. Both are derived from a validated
+    ``settings.GenerationSettings`` and do not check their values again.
     """
 
     do_sample: bool = False
@@ -52,16 +53,6 @@ class DecodeMode:
     # transformers' ``early_stopping``: False (heuristic), True (stop at num_beams finished) or
     # "never" (heuristic with the best possible length).
     early_stopping: bool | str = False
-
-    def __post_init__(self):
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.num_beams > 1 and self.do_sample:
-            raise ValueError("beam sampling (num_beams > 1 with sampling) is not supported")
-        if self.early_stopping not in (False, True, "never"):
-            raise ValueError(
-                f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
-            )
 
 
 @flax.struct.dataclass
@@ -88,14 +79,6 @@ class SamplingParams:
         length_penalty: float = 1.0,
         min_p: float = 0.0,
     ) -> SamplingParams:
-        check_sampling_values(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            min_new_tokens=min_new_tokens,
-            min_p=min_p,
-        )
         f32, i32 = jnp.float32, jnp.int32
         return cls(
             temperature=jnp.asarray(temperature, f32),
@@ -257,14 +240,16 @@ def filtered_logprobs(
     Returns:
       float32 [B, V].
     """
-    params = SamplingParams.create(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        min_new_tokens=min_new_tokens or 0,
-        min_p=min_p or 0.0,
-    )
+    values = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "repetition_penalty": repetition_penalty,
+        "min_new_tokens": min_new_tokens or 0,
+        "min_p": min_p or 0.0,
+    }
+    check_sampling_values(**values)
+    params = SamplingParams.create(**values)
     eos = (eos_token_id,) if isinstance(eos_token_id, (int, np.integer)) else eos_token_id
     logits = jnp.asarray(logits, jnp.float32)
     history = jnp.asarray(history, jnp.int32).reshape(logits.shape[0], -1)

@@ -340,8 +340,6 @@ def check_divisible(abstract_state, where: str = "parameter") -> None:
     """
     from flax import nnx
 
-    from minicpmv_jax.weights import path_name
-
     bad = []
     for path, var in nnx.to_flat_state(abstract_state):
         v = var.get_value() if hasattr(var, "get_value") else var
@@ -360,6 +358,11 @@ def check_divisible(abstract_state, where: str = "parameter") -> None:
         )
 
 
+def path_name(path: Iterable[Any]) -> str:
+    """nnx state path ('llm', 'model', 'layers', 3, ...) -> 'llm.model.layers.3....'."""
+    return ".".join(str(getattr(p, "key", p)) for p in path)
+
+
 def place(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """Host array -> global jax.Array, each process filling only its addressable shards.
 
@@ -372,8 +375,6 @@ def place(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
 def describe(state) -> dict[str, str]:
     """{parameter path: PartitionSpec string} of a (possibly abstract) state, for tests / logs."""
     from flax import nnx
-
-    from minicpmv_jax.weights import path_name
 
     out = {}
     for path, var in nnx.to_flat_state(state):

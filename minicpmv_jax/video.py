@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from minicpmv_jax.errors import VideoError
+from minicpmv_jax import versions
+from minicpmv_jax.errors import MiniCPMVError, VideoError
 
 __all__ = [
     "VideoSample",
@@ -290,19 +291,22 @@ def load_video(
       choose_fps, force_packing: 4.5 sampling options (see ``sample_frames_45``).
       max_num_frames: override the example's frame cap (2.6: 64 frames; 4.5: 180 groups).
     """
-    version = str(version)
+    try:
+        recipe = versions.spec(str(version)).video
+    except MiniCPMVError:
+        recipe = None
+    if recipe is None:
+        raise VideoError(f"video sampling recipes exist for versions 2.6 and 4.5, not {version!r}")
     num_frames, fps = video_info(path)
-    if version == "2.6":
+    if recipe == "2.6":
         frame_idx = sample_frames_26(num_frames, fps, max_num_frames or MAX_NUM_FRAMES_26)
         tids, packing = None, 1
         kwargs = {"use_image_id": False, "max_slice_nums": 2}
-    elif version == "4.5":
+    else:  # "4.5"
         frame_idx, packing = sample_frames_45(
             num_frames, fps, choose_fps, force_packing, max_num_frames or MAX_NUM_FRAMES_45
         )
         tids = temporal_ids_45(frame_idx, fps, num_frames, packing)
         kwargs = {"use_image_id": False, "max_slice_nums": 1, "temporal_ids": tids}
-    else:
-        raise VideoError(f"video sampling recipes exist for versions 2.6 and 4.5, not {version!r}")
     frames = read_video_frames(path, frame_idx)
     return VideoSample(frames, frame_idx, num_frames, fps, tids, packing, kwargs)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from minicpmv_jax import quant
 from minicpmv_jax.errors import CheckpointError
-from minicpmv_jax.sharding import place
+from minicpmv_jax.sharding import path_name, place
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,6 @@ EXCEPTIONS: dict[str, tuple[str, Transform, Callable[[tuple], tuple]]] = {
         for j, p in enumerate("qkv")
     },
 }
-
-
-def path_name(path: Iterable[Any]) -> str:
-    """nnx state path ('llm', 'model', 'layers', 3, ...) -> 'llm.model.layers.3....'."""
-    return ".".join(str(getattr(p, "key", p)) for p in path)
 
 
 def hf_source(path: Iterable[Any]) -> tuple[str, Transform, Callable[[tuple], tuple]]:

@@ -5,7 +5,7 @@ import pathlib
 
 from conftest import FIXTURES
 
-from minicpmv_jax.generate import Buckets
+from minicpmv_jax.batching import Buckets
 
 # small buckets keep the number of compiled programs (and the suite's runtime) low
 TEST_BUCKETS = Buckets(tokens=(256, 1024), slices=(1, 4, 16), new_tokens=(32,))

@@ -104,7 +104,7 @@ def test_compile_time_report(tmp_path):
 
 
 def test_workload_warmed_up_from_declared_shapes_compiles_nothing():
-    """A small mixed workload: Generator.warmup on the requests' RequestShapes (sizes only)
+    """A small mixed workload: Sampler.warmup on the requests' RequestShapes (sizes only)
     compiles every program the requests then run."""
     from benchmarks import models
 

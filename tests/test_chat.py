@@ -5,8 +5,10 @@ import pytest
 from conftest import FIXTURES, VERSIONS, all_cases, load_case
 from gen_helpers import case_messages, load_model
 
-from minicpmv_jax.chat import chat_generation_defaults, make_settings, postprocess
+from minicpmv_jax import versions
+from minicpmv_jax.chat import _TextStream, postprocess
 from minicpmv_jax.processor import MiniCPMVProcessor
+from minicpmv_jax.settings import GenerationSettings
 
 # (version folder, case) replayed through chat(**chat_kwargs) end to end
 CHAT_CASES = [
@@ -20,13 +22,13 @@ CHAT_CASES = [
 
 
 def test_official_defaults():
-    assert chat_generation_defaults("2.6", sampling=False) == {
+    assert versions.spec("2.6").generation_defaults(sampling=False) == {
         "do_sample": False,
         "num_beams": 3,
         "repetition_penalty": 1.2,
     }
     for v, penalty in (("2.5", 1.05), ("2.6", 1.05), ("4.5", 1.03)):
-        d = chat_generation_defaults(v, sampling=True)
+        d = versions.spec(v).generation_defaults(sampling=True)
         assert d == {
             "do_sample": True,
             "top_p": 0.8,
@@ -34,11 +36,19 @@ def test_official_defaults():
             "temperature": 0.7,
             "repetition_penalty": penalty,
         }
-    thinking = chat_generation_defaults("4.5", sampling=True, enable_thinking=True)
+    thinking = versions.spec("4.5").generation_defaults(sampling=True, enable_thinking=True)
     assert thinking == {"do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 1.0}
-    assert make_settings("2.5", None, True, False, {}).max_new_tokens == 1024
-    assert make_settings("2.6", None, True, False, {}).max_new_tokens == 2048
-    s = make_settings("4.5", 7, False, False, {"num_beams": 1, "length_penalty": 0.5})
+    assert (
+        GenerationSettings.for_chat(versions.spec("2.5"), None, True, False, {}).max_new_tokens
+        == 1024
+    )
+    assert (
+        GenerationSettings.for_chat(versions.spec("2.6"), None, True, False, {}).max_new_tokens
+        == 2048
+    )
+    s = GenerationSettings.for_chat(
+        versions.spec("4.5"), 7, False, False, {"num_beams": 1, "length_penalty": 0.5}
+    )
     assert (s.max_new_tokens, s.num_beams, s.repetition_penalty, s.length_penalty) == (
         7,
         1,
@@ -84,3 +94,33 @@ def test_chat_replays_the_official_call(version, name):
         # official sampling defaults run (seeded, deterministic)
         a = model.chat(msgs, max_new_tokens=6, seed=0)
         assert isinstance(a, str) and a == model.chat(msgs, max_new_tokens=6, seed=0)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_streamed_text_is_the_answer_in_linear_time(processors, version):
+    """Streamed pieces add up to postprocess() of the same ids, for every case's generated ids
+    and for a 2000-token answer made of them; the tokenizer decodes O(answer) ids in total (the
+    window per token stays short), not the whole answer again per token."""
+    proc = processors[version]
+    decoded = []
+    decode = proc.decode
+    proc.decode = lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw)
+    try:
+        answers, body = [], []
+        for _, folder in all_cases((version,)):
+            case = load_case(folder)["case"]
+            ids = list(case["generated_ids"])
+            answers.append((ids, case["chat_kwargs"].get("enable_thinking", False)))
+            body += [t for t in ids if t not in proc.terminators]
+        long = (body * (2000 // len(body) + 1))[:2000]
+        answers.append((long + [proc.terminators[0]], version == "4.5"))
+        for ids, thinking in answers:
+            stream = _TextStream(proc, thinking)
+            decoded.clear()
+            text = "".join([stream.push(t) for t in ids] + [stream.flush()])
+            proc.decode = decode  # the reference answer's decoding is not counted
+            assert text == postprocess(np.asarray(ids), proc, thinking)
+            proc.decode = lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw)
+            assert sum(decoded) <= 16 * len(ids), (sum(decoded), len(ids))
+    finally:
+        proc.decode = decode

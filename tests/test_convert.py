@@ -195,3 +195,11 @@ def test_failed_conversion_names_the_hidden_partial_folder(tmp_path, monkeypatch
     assert to_orbax.main([str(src), "out", "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted" in err and str(partial) in err
+    # the exporter too: Ctrl-C while reading the orbax groups
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "write_group", real)
+    assert to_orbax.main([str(src), "out", "--no-progress"]) == 0
+    monkeypatch.setattr(checkpoint, "iter_group_arrays", lambda *a, **k: interrupted(None, 0, 0))
+    capsys.readouterr()
+    assert to_safetensors.main(["out", "hf", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / ".hf.partial") in err

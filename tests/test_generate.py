@@ -8,9 +8,9 @@ import pytest
 from conftest import FIXTURES, load_case
 from gen_helpers import TEST_BUCKETS, case_messages, load_model
 
+from minicpmv_jax import batching
 from minicpmv_jax import generate as gen
 from minicpmv_jax.errors import MessageError, MiniCPMVError, PromptTooLongError
-from minicpmv_jax.model import prompt_positions
 from minicpmv_jax.processor import ProcessorOutput
 
 CASES = FIXTURES / "minicpm-v-2_6" / "cases"
@@ -41,7 +41,7 @@ def test_prefill_decode_equals_full_forward(model):
 def test_prompt_positions_reproduce_the_id0_quirk():
     """generate() positions: cumsum(mask) - 1, masked positions 1 (2.6/4.5 mask = ids != 0)."""
     mask = np.array([True, True, False, True, True])
-    np.testing.assert_array_equal(prompt_positions(mask), [0, 1, 1, 2, 3])
+    np.testing.assert_array_equal(batching.prompt_positions(mask), [0, 1, 1, 2, 3])
 
 
 def test_batch_equals_each_conversation_alone(model):
@@ -69,7 +69,7 @@ def test_no_compilation_inside_existing_buckets(model):
     for b in warm:
         model.generate(b, max_new_tokens=8)
         model.generate(b, max_new_tokens=8, sampling=True, temperature=0.7, top_p=0.8)
-        list(model.generator.stream([b], settings))
+        list(model.sampler.stream([b], settings))
     before = dict(gen.TRACE_COUNTS)
     others = [_batch(model, "greedy_rep_penalty"), _batch(model, "single_100x90")]
     others.append(model.processor([{"role": "user", "content": "another question, longer " * 5}]))
@@ -77,7 +77,7 @@ def test_no_compilation_inside_existing_buckets(model):
         assert len(b["input_ids"]) <= 256 and b["pixel_patches"].shape[0] <= 1
         model.generate(b, max_new_tokens=5, repetition_penalty=1.3)
         model.generate(b, max_new_tokens=20, sampling=True, temperature=1.3, top_k=5, seed=3)
-        list(model.generator.stream([b], dataclasses.replace(settings, max_new_tokens=4)))
+        list(model.sampler.stream([b], dataclasses.replace(settings, max_new_tokens=4)))
     assert dict(gen.TRACE_COUNTS) == before
     assert model.last_stats.compiled == 0
 
@@ -136,7 +136,7 @@ def test_prompt_longer_than_cache(model):
         m = len(short["input_ids"])
         with pytest.raises(PromptTooLongError, match=f"{m} tokens.*max_new_tokens=100.*50"):
             model.generate(short, max_new_tokens=100)
-        assert small is model.generator
+        assert small is model.sampler
     finally:
         model.configure_generation(TEST_BUCKETS)
 
@@ -220,6 +220,31 @@ def test_memory_report_and_bf16_cache_halves_it(model):
         model.configure_generation(TEST_BUCKETS)
 
 
+def test_beam_search_reorders_the_cache_in_place(model):
+    """The beam decode program reorders the B * N cache rows inside the donated buffer (its
+    output aliases it) and copies only the generated slots: XLA plans temporaries of a fraction
+    of the cache, where a per-step copy of the whole cache (the earlier program: 2.1x the B * N
+    cache at this shape) needs more than the cache itself.
+
+    A 4-layer 2.6 LLM with a small vocabulary at a 4000-token prompt, built abstractly (compiled,
+    not run): there the cache, not the weights, dominates the program's memory.
+    """
+    from flax import nnx
+
+    from minicpmv_jax.config import PRESETS
+
+    base = PRESETS["2.6"].with_dtype("float32")
+    llm = dataclasses.replace(base.llm, num_layers=4, vocab_size=4096)
+    config = dataclasses.replace(base, llm=llm)
+    graphdef, abstract = model.abstract_module(config)
+    shapes = type(model)(config, nnx.merge(graphdef, abstract), model.processor)
+    shapes.configure_generation(dataclasses.replace(TEST_BUCKETS, tokens=(4096,)))
+    report = shapes.memory_report(batch=1, prompt_len=4000, max_new_tokens=30, num_beams=3)
+    kv, decode = report["kv_cache_bytes"], report["decode"]
+    assert decode["alias_bytes"] >= kv  # the work cache is updated in the donated buffer
+    assert decode["temp_bytes"] < 0.5 * kv, (decode["temp_bytes"], kv)
+
+
 def test_sharded_generation_matches_fixtures():
     """On a (data=2, fsdp=1, tensor=4) mesh a batch of two conversations decodes the official ids
     (greedy + repetition penalty and beam search): params, cache and batch are sharded."""
@@ -255,12 +280,12 @@ def test_warmup_compiles_what_requests_then_run(model):
         ),
         ([_batch(model, "single_448x448")], gen.GenerationSettings(max_new_tokens=5, num_beams=2)),
     ]
-    with model._generation_precision():
-        want = [model.generator.run(outs, s).sequences for outs, s in requests]
+    with model._precision():
+        want = [model.sampler.run(outs, s).sequences for outs, s in requests]
     # buckets no other test uses: these programs cannot be in jax's caches yet
-    warm = gen.Generator(model, buckets=gen.Buckets(tokens=(200, 1000), slices=(3, 12)))
+    warm = gen.Sampler(model, buckets=gen.Buckets(tokens=(200, 1000), slices=(3, 12)))
     shapes = [gen.RequestShape.of(outs, s) for outs, s in requests]  # sizes only
-    with model._generation_precision():
+    with model._precision():
         report = warm.warmup(shapes)
         # 3 prefills (text; one image; the 2-row batch) and 3 decodes (greedy and beam share the
         # text / image requests' 264-slot cache shape; sampling has the batch's)
@@ -284,10 +309,10 @@ def test_warmup_covers_streaming(model):
     CompileCounter.install()
     b = _batch(model, "single_100x90")
     settings = gen.GenerationSettings(max_new_tokens=30, do_sample=True, top_k=4, seed=5)
-    warm = gen.Generator(model, buckets=gen.Buckets(tokens=(176,), slices=(5,)))
+    warm = gen.Sampler(model, buckets=gen.Buckets(tokens=(176,), slices=(5,)))
     shape = gen.RequestShape.of([b], settings, stream=True)
     assert (shape.prompt_tokens, shape.slices, shape.stream) == (len(b["input_ids"]), 1, True)
-    with model._generation_precision():
+    with model._precision():
         assert warm.warmup([shape])["programs"] == 3  # prefill, first token, next token
         c0 = CompileCounter.count()
         streamed = np.concatenate(list(warm.stream([b], settings)))

@@ -11,8 +11,8 @@ import pytest
 from conftest import FIXTURES, VERSIONS, all_cases, case_id, case_pil_messages, load_case
 from model_inputs import PATCH_BUCKETS, batch_from_case
 
-from minicpmv_jax.config import normalize_version
-from minicpmv_jax.model import prompt_positions
+from minicpmv_jax.batching import Buckets, prompt_positions
+from minicpmv_jax.versions import parse as parse_version
 
 TOL = {"vision": 1e-4, "resampler": 1e-4, "embeds": 1e-4, "logits": 5e-4}
 STAGES = tuple(TOL)
@@ -26,7 +26,7 @@ def _version(folder: str) -> str:
     import json
 
     cfg = json.loads((FIXTURES / folder / "checkpoint" / "config.json").read_text())
-    return normalize_version(cfg["version"])
+    return parse_version(cfg["version"])
 
 
 @functools.cache
@@ -34,7 +34,8 @@ def model_for(folder: str, dtype: str = "float32"):
     from minicpmv_jax.model import MiniCPMV
 
     model = MiniCPMV.from_pretrained(FIXTURES / folder / "checkpoint", dtype=dtype, progress=False)
-    model.token_bucket = 256  # one LLM compilation for all fixture prompts (test speed)
+    # one LLM compilation for all fixture prompts (test speed)
+    model.configure_generation(Buckets(tokens=(256,)))
     return model
 
 

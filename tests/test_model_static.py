@@ -11,8 +11,9 @@ import pytest
 from conftest import FIXTURES, case_dirs, load_case
 from flax import nnx
 
+from minicpmv_jax.generate import TRACE_COUNTS
 from minicpmv_jax.kv_cache import KVCache
-from minicpmv_jax.model import TRACE_COUNTS, MiniCPMV
+from minicpmv_jax.model import MiniCPMV
 from minicpmv_jax.processor import vision_mask, vision_position_ids
 
 FOLDER = "minicpm-v-4_5"  # Qwen3: qk-norm, head_dim 48 != hidden / heads

@@ -41,7 +41,7 @@ def worker(process_id: int, port: int, out: pathlib.Path) -> None:
     from model_inputs import batch_from_case
 
     from minicpmv_jax import checkpoint
-    from minicpmv_jax.generate import Buckets
+    from minicpmv_jax.batching import Buckets
     from minicpmv_jax.model import MiniCPMV
     from minicpmv_jax.processor import MiniCPMVProcessor
 

@@ -14,9 +14,10 @@ from flax import nnx
 from model_inputs import PATCH_BUCKETS, batch_from_case
 
 from minicpmv_jax import checkpoint, quant, sharding
-from minicpmv_jax.config import normalize_version
+from minicpmv_jax.batching import Buckets
 from minicpmv_jax.layers import dense
 from minicpmv_jax.sharding import make_mesh
+from minicpmv_jax.versions import parse as parse_version
 
 TOP1_MIN = 0.95  # int8 vs float32 top-1 agreement over the prompt positions of a version
 CASES_PER_VERSION = 4
@@ -27,7 +28,7 @@ def _version(folder: str) -> str:
     import json
 
     cfg = json.loads((FIXTURES / folder / "checkpoint" / "config.json").read_text())
-    return normalize_version(cfg["version"])
+    return parse_version(cfg["version"])
 
 
 @functools.cache
@@ -41,7 +42,9 @@ def _model(folder: str, q: str | None = None, mesh_shape=(1, 1, 1)):
         progress=False,
         quant=q,
     )
-    model.token_bucket = 256  # one LLM compilation for all fixture prompts
+    model.configure_generation(
+        Buckets(tokens=(256,))
+    )  # one LLM compilation for all fixture prompts
     return model
 
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import FIXTURES, VERSIONS, load_case
 
 from minicpmv_jax import sampling
+from minicpmv_jax.settings import GenerationSettings
 
 BEAM_CASES = [
     (v, c)
@@ -258,12 +259,12 @@ def test_finished_rows_emit_pad_and_stop():
 )
 def test_invalid_sampling_values(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
-        sampling.SamplingParams.create(**kwargs)
+        GenerationSettings(max_new_tokens=4, do_sample=True, **kwargs)
 
 
 def test_invalid_num_beams():
     with pytest.raises(ValueError, match="num_beams"):
-        sampling.DecodeMode(num_beams=0)
+        GenerationSettings(max_new_tokens=4, num_beams=0)
 
 
 def test_beam_search_batch_rows_are_independent():

@@ -50,7 +50,7 @@ def _run(model) -> dict:
     logits = model.prompt_logits(batch_from_case(data, "2.6"))
     processed = model.processor(case_messages(data))
     tokens = model.generate(processed, max_new_tokens=NEW_TOKENS)
-    gen = model.generator
+    gen = model.sampler
     prepared = gen.prepare([processed])
     _, _, s_len = gen.cache_len(max(prepared.lengths), NEW_TOKENS)
     with model._precision():

@@ -182,3 +182,45 @@ def test_beam_search_runs_on_the_hybrid_cache(model):
     ids = model.generate(batch, max_new_tokens=8, num_beams=2)
     assert 1 <= len(ids) <= 8
     assert len(ids) == 8 or int(ids[-1]) in model.config.eos_ids
+
+
+def test_no_recompilation_within_a_bucket(model):
+    """Differently sized images and prompts inside one (unit, patch, token) bucket reuse the
+    compiled vision tower and LLM."""
+    from PIL import Image
+
+    from minicpmv_jax.v46.model import TRACE_COUNTS
+
+    img = Image.open(F46 / "cases" / "single_448x448" / "image_0.png")
+    for size, text in (((448, 448), "Describe it."), ((392, 336), "What colour is the top left?")):
+        msgs = [{"role": "user", "content": [img.resize(size), text]}]
+        model.prompt_logits(model.processor(msgs))
+        if size == (448, 448):
+            before = dict(TRACE_COUNTS)
+    assert dict(TRACE_COUNTS) == before
+
+
+def test_mode_mismatch_between_processor_and_model_is_named(model):
+    """Pixels processed for 16x but run in 4x give 4x the features: a clear error, not garbage."""
+    from minicpmv_jax.errors import MiniCPMVError
+
+    batch, _ = fixture_batch("single_448x448")
+    with pytest.raises(MiniCPMVError, match="downsample_mode"):
+        model.prompt_logits({**batch, "downsample_mode": "4x"})
+    with pytest.raises(MiniCPMVError, match="downsample_mode"):
+        model.prompt_logits({**batch, "downsample_mode": "2x"})
+
+
+def test_streaming_and_batched_chat_equal_the_greedy_answer(model):
+    """chat(stream=True) pieces join to the greedy answer; a list of conversations is answered
+    as one batch with the same text per conversation."""
+    from PIL import Image
+
+    img = Image.open(F46 / "cases" / "single_448x448" / "image_0.png")
+    conv = [{"role": "user", "content": [img, "What is shown here?"]}]
+    text = [{"role": "user", "content": "Hello there"}]
+    want = model.chat(conv, max_new_tokens=12, sampling=False)
+    pieces = list(model.chat(conv, max_new_tokens=12, sampling=False, stream=True))
+    assert "".join(pieces).strip() == want
+    answers = model.chat([conv, text], max_new_tokens=12, sampling=False)
+    assert answers[0] == want and answers[1] == model.chat(text, max_new_tokens=12, sampling=False)

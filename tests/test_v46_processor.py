@@ -11,7 +11,6 @@ from PIL import Image
 
 from minicpmv_jax.errors import MiniCPMVError
 from minicpmv_jax.v46 import processor as p46
-from minicpmv_jax.v46.config import MiniCPMV46Config
 
 F46 = FIXTURES / "minicpm-v-4_6"
 CASES = sorted(p.name for p in (F46 / "cases").iterdir())
@@ -19,9 +18,11 @@ CASES = sorted(p.name for p in (F46 / "cases").iterdir())
 
 @pytest.fixture(scope="module")
 def processor():
-    ck = F46 / "checkpoint"
-    cfg = MiniCPMV46Config.from_hf(json.loads((ck / "config.json").read_text()))
-    return p46.MiniCPMV46Processor.from_pretrained(ck, cfg)
+    from minicpmv_jax import MiniCPMVProcessor  # the public entry point dispatches on model_type
+
+    proc = MiniCPMVProcessor.from_pretrained(F46 / "checkpoint")
+    assert isinstance(proc, p46.MiniCPMV46Processor)
+    return proc
 
 
 def case_messages(name: str) -> tuple[list, dict, dict]:

@@ -295,14 +295,7 @@ class Adapter:
 
 def _replace(model, module) -> Any:
     """A new MiniCPMV around `module` with the same config, processor and mesh."""
-    return type(model)(
-        model.config,
-        module,
-        model.processor,
-        mesh=model.mesh,
-        slice_buckets=model.slice_buckets,
-        token_bucket=model.token_bucket,
-    )
+    return type(model)(model.config, module, model.processor, mesh=model.mesh)
 
 
 def merge_lora(model, adapter: Adapter, saved: Mapping[str, np.ndarray] | None = None):

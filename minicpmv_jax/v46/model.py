@@ -24,8 +24,10 @@ from flax import nnx
 
 from minicpmv_jax import quant as quantization
 from minicpmv_jax import sampling as smp
+from minicpmv_jax import versions
 from minicpmv_jax.errors import CheckpointError, MiniCPMVError
 from minicpmv_jax.model import AbstractRngs
+from minicpmv_jax.settings import GenerationSettings
 from minicpmv_jax.sharding import RULES, _fit, make_mesh, mesh_shape
 from minicpmv_jax.v46 import vision_inputs
 from minicpmv_jax.v46.config import MiniCPMV46Config, check_downsample_mode
@@ -280,6 +282,7 @@ class MiniCPMV46:
         self.processor = processor
         self.mesh = mesh
         self.graphdef, self.state = nnx.split(module)
+        self.record = versions.spec(config.version)  # the per-version record (defaults)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -378,22 +381,29 @@ class MiniCPMV46:
         sizes = np.concatenate(sizes) if sizes else np.zeros((0, 2), np.int64)
         return units, sizes
 
-    def encode(self, batch) -> dict[str, Any]:
-        """Vision stages of one processed request (numpy, real rows only):
-        embeddings / layer_insert_output [N, Dv], vit_merger_output (16x) and last_hidden_state
-        [N/4 or N, Dv], projector output [n_tokens, D] in unit order, tokens_per_unit."""
+    def _vision(self, batch):
+        """Run the vision stages of one request on device: (projector output [U, M/4, D],
+        tower intermediates, tokens per real unit, grids [U, 2], mode), or None without media."""
         mode = self._mode(batch)
         units, sizes = self._units(batch)
         if not units:
-            return {"output": np.zeros((0, self.config.llm.hidden_size), np.float32)}
+            return None
         v = vision_inputs.layout(units, sizes, mode, self.config.vision.patches_per_side)
-        arrays = {
-            k: v[k]
-            for k in ("patches", "position_ids", "valid", "window_index", "merge_index")
-            if k in v
-        }
+        keys = ("patches", "position_ids", "valid", "window_index", "merge_index")
         with self._precision():
-            feats, inter = _encode_jit(self.graphdef, self.state, arrays, mode)
+            feats, inter = _encode_jit(
+                self.graphdef, self.state, {k: v[k] for k in keys if k in v}, mode
+            )
+        return feats, inter, v["tokens"][: v["num_units"]], sizes, mode
+
+    def encode(self, batch) -> dict[str, np.ndarray]:
+        """Vision stages of one processed request (numpy, real rows only):
+        embeddings / layer_insert_output [N, Dv], vit_merger_output (16x) and last_hidden_state
+        [N/4 or N, Dv], projector output [n_tokens, D] in unit order, tokens_per_unit."""
+        run = self._vision(batch)
+        if run is None:
+            return {"output": np.zeros((0, self.config.llm.hidden_size), np.float32)}
+        feats, inter, tokens, sizes, mode = run
         hw = sizes[:, 0] * sizes[:, 1]
         down = hw // 4 if mode == "16x" else hw
 
@@ -405,10 +415,8 @@ class MiniCPMV46:
         if mode == "16x":
             out["vit_merger_output"] = rows(inter["vit_merger_output"], down)
         out["last_hidden_state"] = rows(inter["last_hidden_state"], down)
-        tokens = v["tokens"][: v["num_units"]]
         out["output"] = rows(feats, tokens)
         out["tokens_per_unit"] = tokens
-        out["_feats"] = feats
         return out
 
     def _feature_rows(self, ids: np.ndarray, tokens: np.ndarray, rows_per_unit: int, n_images: int):
@@ -439,14 +447,25 @@ class MiniCPMV46:
         """(ids [T], slot [T], feats [n, D]) for one request: feats holds the projector rows of the
         n pad tokens in prompt order, slot[t] = j for the j-th pad token, -1 for text."""
         ids = np.asarray(batch["input_ids"], np.int64).reshape(-1)
-        enc = self.encode(batch)
+        n_img = 0
+        if batch.get("pixel_values") is not None:
+            n_img = len(np.asarray(batch["target_sizes"]).reshape(-1, 2))
+        # placeholder counts first, from the grids alone: a mismatch fails before the tower runs
+        grids = [
+            np.asarray(batch[ts]).reshape(-1, 2)
+            for pv, ts in (
+                ("pixel_values", "target_sizes"),
+                ("pixel_values_videos", "target_sizes_videos"),
+            )
+            if batch.get(pv) is not None
+        ]
+        hw = np.concatenate(grids).prod(-1) if grids else np.zeros(0, np.int64)
+        self._feature_rows(ids, hw // (16 if self._mode(batch) == "16x" else 4), 0, n_img)
+        run = self._vision(batch)
         d = self.config.llm.hidden_size
-        if "_feats" in enc:
-            f = enc["_feats"]
-            n_img = 0
-            if batch.get("pixel_values") is not None:
-                n_img = len(np.asarray(batch["target_sizes"]).reshape(-1, 2))
-            rows, pads = self._feature_rows(ids, enc["tokens_per_unit"], f.shape[1], n_img)
+        if run is not None:
+            f, _, tokens, _, _ = run
+            rows, pads = self._feature_rows(ids, tokens, f.shape[1], n_img)
             feats = f.reshape(-1, d)[jnp.asarray(rows)]
         else:
             rows, pads = self._feature_rows(ids, np.zeros(0, np.int32), 0, 0)
@@ -545,7 +564,7 @@ class MiniCPMV46:
 
         Args:
           batch: one processed request (`processor(...)` output) or a list of them (one batch).
-          max_new_tokens: default 2048.
+          max_new_tokens: default from the version record (2048).
           sampling: multinomial sampling; defaults from generation_config.json (released:
             temperature 0.7, top_k 0, top_p 1.0) unless given in kwargs.
           num_beams: beam search when > 1 (the hybrid cache is reordered with the beams).
@@ -557,7 +576,7 @@ class MiniCPMV46:
             raise MiniCPMVError(
                 f"unknown generation argument(s) {unknown}; supported: {GENERATION_KEYS}"
             )
-        max_new = 2048 if max_new_tokens is None else int(max_new_tokens)
+        max_new = self.record.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if max_new < 1:
             raise MiniCPMVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not isinstance(num_beams, int) or num_beams < 1:
@@ -567,15 +586,19 @@ class MiniCPMV46:
             **defaults,
             **{k: kwargs[k] for k in kwargs if k not in ("early_stopping", "seed")},
         }
-        try:
-            mode = smp.DecodeMode(
-                do_sample=bool(sampling),
-                num_beams=num_beams,
-                early_stopping=kwargs.get("early_stopping", False),
-            )
-            params = smp.SamplingParams.create(repetition_penalty=repetition_penalty, **knobs)
-        except ValueError as e:
-            raise MiniCPMVError(str(e)) from None
+        early_stopping = kwargs.get("early_stopping", False)
+        GenerationSettings(  # the one check of decoding values (raises GenerationError)
+            max_new_tokens=max_new,
+            do_sample=bool(sampling),
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+            early_stopping=early_stopping,
+            **knobs,
+        )
+        mode = smp.DecodeMode(
+            do_sample=bool(sampling), num_beams=num_beams, early_stopping=early_stopping
+        )
+        params = smp.SamplingParams.create(repetition_penalty=repetition_penalty, **knobs)
         single = not isinstance(batch, (list, tuple))
         reqs = [batch] if single else list(batch)
         if not reqs:
@@ -669,7 +692,7 @@ class MiniCPMV46:
 
     def _stream(self, batch, max_new_tokens, sampling, kwargs):
         """Text pieces as tokens arrive: the prefill, then one jitted cached step per token."""
-        max_new = 2048 if max_new_tokens is None else int(max_new_tokens)
+        max_new = self.record.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         knobs = dict(self.config.sampling_defaults) if sampling else {}
         knobs.update({k: v for k, v in kwargs.items() if k not in ("seed", "early_stopping")})
         params = smp.SamplingParams.create(**knobs)

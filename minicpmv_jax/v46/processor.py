@@ -309,6 +309,19 @@ class MiniCPMV46Processor:
         self.eos_ids = tuple(config.eos_ids)
 
     @classmethod
+    def from_folder(cls, folder) -> MiniCPMV46Processor:
+        """From a checkpoint folder alone (config.json and generation_config.json read here)."""
+        import json
+
+        folder = pathlib.Path(folder)
+        gen = folder / "generation_config.json"
+        config = MiniCPMV46Config.from_hf(
+            json.loads((folder / "config.json").read_text()),
+            generation=json.loads(gen.read_text()) if gen.exists() else None,
+        )
+        return cls.from_pretrained(folder, config)
+
+    @classmethod
     def from_pretrained(cls, folder, config: MiniCPMV46Config) -> MiniCPMV46Processor:
         import json
 
