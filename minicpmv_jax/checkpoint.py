@@ -470,3 +470,42 @@ def iter_group_arrays(
 def param_path(name: str) -> tuple:
     """'llm.model.layers.3.mlp.up_proj.kernel' -> ('llm', 'model', 'layers', 3, ...)."""
     return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training state (minicpmv_jax.train.loop)
+# ------------------------------------------------------------------------------------------------
+
+TRAIN_STATE_FILE = "train_state.json"
+
+
+def save_train_state(folder: str | os.PathLike, arrays: dict[str, Any], meta: dict) -> pathlib.Path:
+    """Save {name: array} (parameters or adapters, optimizer state, RNG) and JSON `meta` (step,
+    data position) atomically: written into `.<name>.partial/`, renamed when complete, so a run
+    killed mid-save leaves the previous save intact."""
+    final = pathlib.Path(folder).absolute()  # orbax needs absolute paths
+    tmp = partial_dir(final)
+    if _primary() and tmp.exists():
+        shutil.rmtree(tmp)
+    _barrier("train_state_init")
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp / PARAMS_DIR, arrays)
+    ckptr.wait_until_finished()
+    _barrier("train_state_arrays")
+    if _primary():
+        _atomic_write_json(tmp / TRAIN_STATE_FILE, meta)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    _barrier("train_state_finish")
+    return final
+
+
+def restore_train_state(folder: str | os.PathLike, abstract: dict[str, Any]) -> tuple[dict, dict]:
+    """({name: array} restored into `abstract`'s shapes / shardings, meta) of save_train_state."""
+    folder = pathlib.Path(folder).absolute()
+    meta_file = folder / TRAIN_STATE_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{folder}: not a training-state folder ({TRAIN_STATE_FILE} missing)")
+    arrays = ocp.StandardCheckpointer().restore(folder / PARAMS_DIR, abstract)
+    return arrays, json.loads(meta_file.read_text())

@@ -139,7 +139,9 @@ class Resampler(nnx.Module):
         valid = key_valid[:, None, None, :]  # [I, 1, 1, P]
         m = jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1)  # [I, N, Q]
         m = jnp.where(jnp.isfinite(m), m, 0.0)  # padding slices: no valid key
-        e = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)  # [I, N, Q, P]
+        # exp of -inf, not where(valid, exp(.), 0): a masked score above the max would overflow
+        # to inf in the discarded branch, and its zero cotangent times inf is NaN (training).
+        e = jnp.exp(jnp.where(valid, s - m[..., None], -jnp.inf))  # [I, N, Q, P]
         l_i = jnp.sum(e, axis=-1)  # [I, N, Q]
         o_i = jnp.einsum("inqp,ipnh->inqh", e, v.astype(jnp.float32))  # [I, N, Q, H]
 

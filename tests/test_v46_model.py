@@ -209,3 +209,18 @@ def test_mode_mismatch_between_processor_and_model_is_named(model):
         model.prompt_logits({**batch, "downsample_mode": "4x"})
     with pytest.raises(MiniCPMVError, match="downsample_mode"):
         model.prompt_logits({**batch, "downsample_mode": "2x"})
+
+
+def test_streaming_and_batched_chat_equal_the_greedy_answer(model):
+    """chat(stream=True) pieces join to the greedy answer; a list of conversations is answered
+    as one batch with the same text per conversation."""
+    from PIL import Image
+
+    img = Image.open(F46 / "cases" / "single_448x448" / "image_0.png")
+    conv = [{"role": "user", "content": [img, "What is shown here?"]}]
+    text = [{"role": "user", "content": "Hello there"}]
+    want = model.chat(conv, max_new_tokens=12, sampling=False)
+    pieces = list(model.chat(conv, max_new_tokens=12, sampling=False, stream=True))
+    assert "".join(pieces).strip() == want
+    answers = model.chat([conv, text], max_new_tokens=12, sampling=False)
+    assert answers[0] == want and answers[1] == model.chat(text, max_new_tokens=12, sampling=False)

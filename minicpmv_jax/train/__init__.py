@@ -13,13 +13,17 @@ from minicpmv_jax.train.data import (
     training_example,
 )
 from minicpmv_jax.train.lora import LoraConfig, export_adapter, save_merged
+from minicpmv_jax.train.loop import TrainConfig, Trainer, finetune
 from minicpmv_jax.train.loss import forward_logits, loss_and_grads, prepare_batch
 
 __all__ = [
     "IGNORE_INDEX",
     "LoraConfig",
+    "TrainConfig",
+    "Trainer",
     "collate",
     "export_adapter",
+    "finetune",
     "forward_logits",
     "load_examples",
     "loss_and_grads",

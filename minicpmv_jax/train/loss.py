@@ -70,8 +70,8 @@ def prepare_batch(
     """Host-side arrays of one collated batch, padded to buckets (None: no padding).
 
     Returns a dict of numpy arrays: input_ids, labels, positions, image_slot [B, Tb]; and, when
-    the batch has images, the slice arrays of a `batching.VisionBatch` ([Ib, Pb, ...]);
-    plus the static `num_groups` (0 = no image in the batch) and `length` (the batch's T).
+    the batch has images (or buckets are given), the slice arrays of a `batching.VisionBatch`
+    ([Ib, Pb, ...]); plus the static `num_groups` (0 = no vision input) and `length` (the T).
     """
     cfg, proc = model.config, model.processor
     q, p = cfg.query_num, proc.patch_size
@@ -106,10 +106,11 @@ def prepare_batch(
         "num_groups": 0,
         "length": t,
     }
-    if not strips:
-        return out
-    tgt = np.array(tgt, np.int64)
-    longest = int((tgt[:, 0] * tgt[:, 1]).max())
+    if not strips and slice_buckets is None:
+        return out  # unbucketed text-only batch: no vision program at all
+    # (bucketed, a text-only batch runs one all-padding slice: one program shape for all batches)
+    tgt = np.array(tgt, np.int64).reshape(-1, 2)
+    longest = int((tgt[:, 0] * tgt[:, 1]).max()) if strips else 1
     pb = longest if patch_buckets is None else patch_bucket_size(longest, patch_buckets)
     patches = np.zeros((len(strips), pb, 3 * p * p), np.float32)
     for i, s in enumerate(strips):
@@ -124,10 +125,17 @@ def prepare_batch(
         "patch_valid": np.arange(pb)[None, :] < (tgt[:, 0] * tgt[:, 1])[:, None],
         "tgt_sizes": tgt,
     }
-    vision = VisionBatch.stack([slices])
-    vision = vision.pad_to(_bucket(len(strips), slice_buckets or (len(strips),)))
+    ib = _bucket(max(len(strips), 1), slice_buckets or (len(strips),))
+    if strips:
+        vision = VisionBatch.stack([slices]).pad_to(ib)
+    else:
+        vision = VisionBatch.placeholder(ib, pb, 3 * p * p)
     for field in dataclasses.fields(vision):
         out[field.name] = getattr(vision, field.name)
+    # Every slice its own group, padding slices included (image_slot never reads theirs): an
+    # empty resampler group has max -inf, which the forward masks but the backward turns into
+    # NaN gradients.
+    out["group_index"] = np.arange(vision.num_groups, dtype=np.int32)
     out["num_groups"] = vision.num_groups
     return out
 

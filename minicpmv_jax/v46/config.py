@@ -221,8 +221,3 @@ def check_downsample_mode(mode: Any) -> str:
     if mode not in DOWNSAMPLE_MODES:
         raise MiniCPMVError(f"downsample_mode {mode!r} is not one of {DOWNSAMPLE_MODES}")
     return mode
-
-
-def is_v46(hf: dict) -> bool:
-    """True for a native-transformers MiniCPM-V 4.6 config.json."""
-    return hf.get("model_type") == "minicpmv4_6"

@@ -381,22 +381,29 @@ class MiniCPMV46:
         sizes = np.concatenate(sizes) if sizes else np.zeros((0, 2), np.int64)
         return units, sizes
 
-    def encode(self, batch) -> dict[str, Any]:
-        """Vision stages of one processed request (numpy, real rows only):
-        embeddings / layer_insert_output [N, Dv], vit_merger_output (16x) and last_hidden_state
-        [N/4 or N, Dv], projector output [n_tokens, D] in unit order, tokens_per_unit."""
+    def _vision(self, batch):
+        """Run the vision stages of one request on device: (projector output [U, M/4, D],
+        tower intermediates, tokens per real unit, grids [U, 2], mode), or None without media."""
         mode = self._mode(batch)
         units, sizes = self._units(batch)
         if not units:
-            return {"output": np.zeros((0, self.config.llm.hidden_size), np.float32)}
+            return None
         v = vision_inputs.layout(units, sizes, mode, self.config.vision.patches_per_side)
-        arrays = {
-            k: v[k]
-            for k in ("patches", "position_ids", "valid", "window_index", "merge_index")
-            if k in v
-        }
+        keys = ("patches", "position_ids", "valid", "window_index", "merge_index")
         with self._precision():
-            feats, inter = _encode_jit(self.graphdef, self.state, arrays, mode)
+            feats, inter = _encode_jit(
+                self.graphdef, self.state, {k: v[k] for k in keys if k in v}, mode
+            )
+        return feats, inter, v["tokens"][: v["num_units"]], sizes, mode
+
+    def encode(self, batch) -> dict[str, np.ndarray]:
+        """Vision stages of one processed request (numpy, real rows only):
+        embeddings / layer_insert_output [N, Dv], vit_merger_output (16x) and last_hidden_state
+        [N/4 or N, Dv], projector output [n_tokens, D] in unit order, tokens_per_unit."""
+        run = self._vision(batch)
+        if run is None:
+            return {"output": np.zeros((0, self.config.llm.hidden_size), np.float32)}
+        feats, inter, tokens, sizes, mode = run
         hw = sizes[:, 0] * sizes[:, 1]
         down = hw // 4 if mode == "16x" else hw
 
@@ -408,10 +415,8 @@ class MiniCPMV46:
         if mode == "16x":
             out["vit_merger_output"] = rows(inter["vit_merger_output"], down)
         out["last_hidden_state"] = rows(inter["last_hidden_state"], down)
-        tokens = v["tokens"][: v["num_units"]]
         out["output"] = rows(feats, tokens)
         out["tokens_per_unit"] = tokens
-        out["_feats"] = feats
         return out
 
     def _feature_rows(self, ids: np.ndarray, tokens: np.ndarray, rows_per_unit: int, n_images: int):
@@ -442,14 +447,25 @@ class MiniCPMV46:
         """(ids [T], slot [T], feats [n, D]) for one request: feats holds the projector rows of the
         n pad tokens in prompt order, slot[t] = j for the j-th pad token, -1 for text."""
         ids = np.asarray(batch["input_ids"], np.int64).reshape(-1)
-        enc = self.encode(batch)
+        n_img = 0
+        if batch.get("pixel_values") is not None:
+            n_img = len(np.asarray(batch["target_sizes"]).reshape(-1, 2))
+        # placeholder counts first, from the grids alone: a mismatch fails before the tower runs
+        grids = [
+            np.asarray(batch[ts]).reshape(-1, 2)
+            for pv, ts in (
+                ("pixel_values", "target_sizes"),
+                ("pixel_values_videos", "target_sizes_videos"),
+            )
+            if batch.get(pv) is not None
+        ]
+        hw = np.concatenate(grids).prod(-1) if grids else np.zeros(0, np.int64)
+        self._feature_rows(ids, hw // (16 if self._mode(batch) == "16x" else 4), 0, n_img)
+        run = self._vision(batch)
         d = self.config.llm.hidden_size
-        if "_feats" in enc:
-            f = enc["_feats"]
-            n_img = 0
-            if batch.get("pixel_values") is not None:
-                n_img = len(np.asarray(batch["target_sizes"]).reshape(-1, 2))
-            rows, pads = self._feature_rows(ids, enc["tokens_per_unit"], f.shape[1], n_img)
+        if run is not None:
+            f, _, tokens, _, _ = run
+            rows, pads = self._feature_rows(ids, tokens, f.shape[1], n_img)
             feats = f.reshape(-1, d)[jnp.asarray(rows)]
         else:
             rows, pads = self._feature_rows(ids, np.zeros(0, np.int32), 0, 0)

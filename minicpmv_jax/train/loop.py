@@ -1,0 +1,428 @@
+"""The training loop: optax AdamW, warm-up + cosine, clipping, accumulation, orbax train state.
+
+One jitted, donated train step per static batch shape: micro-batches are padded to the token /
+slice / patch buckets (and to `batch_size` rows with empty rows), so a run compiles at most one
+program per bucket combination and then none (`TRACE_COUNTS["train_step"]`). Gradient
+accumulation is `optax.MultiSteps` (the mean of the micro-batch gradients, as the Hugging Face
+Trainer's scaled sum), clipping runs on that mean, then AdamW with decay on matrices only.
+
+Trainable weights and the optimizer state are float32 whatever the model dtype; frozen weights
+stay as loaded (bf16 / int8). Parameters are sharded by the model's rule table and the batch over
+the mesh's data axis.
+
+State saved every `save_every` steps and at the end (`<output>/checkpoints/step_XXXXXXXX/`,
+atomic): trainable weights or LoRA tensors, optimizer state, step, data position and seed. The
+data order is a pure function of (seed, epoch), so a resumed run sees the same batches and gives
+the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from minicpmv_jax.batching import Buckets
+from minicpmv_jax.errors import MiniCPMVError
+from minicpmv_jax.sharding import batch_sharding
+from minicpmv_jax.train.data import DEFAULT_MAX_LENGTH, IGNORE_INDEX, collate
+from minicpmv_jax.train.lora import (
+    Adapter,
+    LoraConfig,
+    apply_lora,
+    init_lora,
+    lora_targets,
+    merge_lora,
+)
+from minicpmv_jax.train.loss import (
+    TRACE_COUNTS,
+    device_arrays,
+    masked_xent,
+    prepare_batch,
+    train_logits,
+    trainable_filter,
+)
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Settings of a fine-tuning run (defaults follow the official finetune_lora.sh where set).
+
+    mode: "full" | "freeze_vision" | "lora". steps: optimizer steps (each of `grad_accum`
+    micro-batches of `batch_size` samples). warmup_steps then cosine decay to 0 (HF "cosine").
+    """
+
+    mode: str = "lora"
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    steps: int = 100
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_length: int = DEFAULT_MAX_LENGTH
+    seed: int = 0
+    eval_every: int = 0  # 0: evaluate only at the end (when eval data is given)
+    save_every: int = 0  # 0: save only at the end (when an output folder is given)
+    keep_saves: int = 2
+    token_buckets: tuple[int, ...] = Buckets.tokens  # inference's buckets by default
+    slice_buckets: tuple[int, ...] = Buckets.slices
+
+    def __post_init__(self):
+        trainable_filter(self.mode, self.lora)  # validates the mode
+        for name in ("steps", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MiniCPMVError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise MiniCPMVError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
+        if self.learning_rate <= 0 or self.max_grad_norm <= 0:
+            raise MiniCPMVError("learning_rate and max_grad_norm must be > 0")
+
+    def schedule(self) -> optax.Schedule:
+        """Linear warm-up from 0 to learning_rate, then cosine to 0 at `steps`."""
+        return optax.warmup_cosine_decay_schedule(
+            0.0, self.learning_rate, self.warmup_steps, self.steps, 0.0
+        )
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """clip -> AdamW (decay on matrices only) [-> MultiSteps]; one object per equal config,
+        so runs with the same settings share compiled steps."""
+        return _optimizer(self)
+
+
+@functools.cache
+def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    decay = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)  # no decay on vectors
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.adamw(config.schedule(), weight_decay=config.weight_decay, mask=decay),
+    )
+    return optax.MultiSteps(tx, config.grad_accum) if config.grad_accum > 1 else tx
+
+
+STATICS = ("graphdef", "targets", "scaling", "num_groups")
+
+
+def _train_step(state, frozen, loaded, arrays, *, graphdef, targets, scaling, tx, num_groups):
+    """One micro-batch: loss, gradients, optimizer update (the state is donated)."""
+    TRACE_COUNTS["train_step"] += 1
+
+    def loss_fn(trainable):
+        params, lora = trainable
+        rest = apply_lora(frozen, targets, lora, scaling, loaded) if targets else frozen
+        logits = train_logits(nnx.merge(graphdef, params, rest), arrays, num_groups)
+        total, count = masked_xent(logits, arrays["labels"])
+        return total / jnp.maximum(count, 1), count
+
+    trainable = (state["params"], state["lora"])
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt = tx.update(grads, state["opt"], trainable)
+    params, lora = optax.apply_updates(trainable, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
+    return {"params": params, "lora": lora, "opt": opt}, metrics
+
+
+@functools.partial(jax.jit, static_argnames=STATICS)
+def _eval_step(state, frozen, loaded, arrays, *, graphdef, targets, scaling, num_groups):
+    """(sum of token losses, label count) of one batch."""
+    TRACE_COUNTS["eval_step"] += 1
+    rest = apply_lora(frozen, targets, state["lora"], scaling, loaded) if targets else frozen
+    logits = train_logits(nnx.merge(graphdef, state["params"], rest), arrays, num_groups)
+    return masked_xent(logits, arrays["labels"])
+
+
+@functools.cache
+def _step_program(tx, graphdef, targets, scaling, treedef, shardings) -> Callable:
+    """The jitted train step of one run's settings, its state kept in its own shardings (the
+    optimizer moments follow the parameters' FSDP / tensor sharding). Cached: runs with equal
+    settings (a resumed run) share its compiled programs."""
+    state_shardings = jax.tree.unflatten(treedef, shardings)
+    step = functools.partial(
+        _train_step, tx=tx, graphdef=graphdef, targets=targets, scaling=scaling
+    )
+    return jax.jit(
+        step,
+        static_argnames=("num_groups",),
+        donate_argnums=(0,),
+        out_shardings=(state_shardings, None),
+    )
+
+
+_EMPTY_ROW = {
+    "input_ids": np.zeros((1,), np.int32),
+    "labels": np.full((1,), IGNORE_INDEX, np.int32),
+    "position_ids": np.zeros((1,), np.int64),
+    "attention_mask": np.zeros((1,), bool),
+    "image_bound": np.zeros((0, 2), np.int64),
+    "tgt_sizes": np.zeros((0, 2), np.int32),
+    "pixel_values": [],
+}
+
+
+class Trainer:
+    """A fine-tuning run on one model: `run()` trains, saves, evaluates and returns the model.
+
+    Args:
+      model: a loaded MiniCPMV (its mesh shards the run).
+      examples: training examples (`train.training_example` / `train.load_examples`).
+      config: TrainConfig.
+      eval_examples: held-out examples for the eval loss.
+      output_dir: where metrics.jsonl and checkpoints/ go (None: nothing is written).
+      skipped: bad samples skipped while loading (counted in the metrics).
+    """
+
+    def __init__(
+        self,
+        model,
+        examples: Sequence[Mapping[str, Any]],
+        config: TrainConfig,
+        *,
+        eval_examples: Sequence[Mapping[str, Any]] = (),
+        output_dir: str | os.PathLike | None = None,
+        skipped: int = 0,
+    ):
+        if not examples:
+            raise MiniCPMVError("no training examples")
+        self.model, self.config = model, config
+        self.examples, self.eval_examples = list(examples), list(eval_examples)
+        self.output_dir = pathlib.Path(output_dir) if output_dir is not None else None
+        self.skipped = skipped
+        lora_cfg = config.lora
+        adapter = getattr(model, "adapter", None)
+        if config.mode == "lora" and adapter is not None:
+            lora_cfg = adapter.config  # continue training the loaded adapter
+        self.lora_config = lora_cfg
+        keep = trainable_filter(config.mode, lora_cfg)
+        self.graphdef, params, self.frozen = nnx.split(model.module, keep, ...)
+        self.param_dtypes = jax.tree.map(lambda x: x.dtype, params)
+        # float32 master weights, always a copy: the train step donates (deletes) its inputs
+        params = jax.tree.map(lambda x: jnp.copy(x).astype(jnp.float32), params)
+        self.targets, lora, self.loaded = (), {}, None
+        if config.mode == "lora":
+            self.targets = lora_targets(self.frozen, lora_cfg)
+            if adapter is not None:
+                lora, self.loaded = jax.tree.map(jnp.copy, adapter.lora), adapter.lora
+            else:
+                lora = init_lora(model.state, lora_cfg, config.seed)
+        # LoRA tensors are small: replicated on the model's mesh (as the step's outputs are)
+        replicated = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
+        lora = jax.device_put(lora, replicated)
+        self.tx = config.optimizer()
+        with model._precision():
+            self.state = {"params": params, "lora": lora, "opt": self.tx.init((params, lora))}
+        self._statics = {
+            "graphdef": self.graphdef,
+            "targets": self.targets,
+            "scaling": lora_cfg.scaling if config.mode == "lora" else 0.0,
+        }
+        leaves, treedef = jax.tree.flatten(self.state)
+        self._step = _step_program(
+            self.tx, **self._statics, treedef=treedef, shardings=tuple(x.sharding for x in leaves)
+        )
+        self.step, self.micro = 0, 0  # optimizer steps done, micro-batches consumed
+
+    # -------------------------------------------------------------------- data
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.config.seed, epoch]).permutation(len(self.examples))
+
+    def micro_batch(self, index: int) -> list[Mapping[str, Any]]:
+        """Rows of micro-batch `index` (epochs of shuffled samples; a short last chunk is
+        padded with empty rows, which carry no label)."""
+        b = self.config.batch_size
+        per_epoch = math.ceil(len(self.examples) / b)
+        epoch, j = divmod(index, per_epoch)
+        rows = [self.examples[i] for i in self._order(epoch)[j * b : (j + 1) * b]]
+        return rows + [_EMPTY_ROW] * (b - len(rows))
+
+    def _device_batch(self, rows) -> tuple[dict, int]:
+        model = self.model
+        prepared = prepare_batch(
+            model,
+            collate(rows, self.config.max_length),
+            token_buckets=self.config.token_buckets,
+            slice_buckets=self.config.slice_buckets,
+            patch_buckets=model.processor.patch_buckets,
+        )
+        arrays = device_arrays(prepared)
+        mesh = model.mesh
+        placed = {}
+        for k, a in arrays.items():
+            rows_first = k in ("input_ids", "labels", "positions", "image_slot")
+            sharding = (
+                batch_sharding(mesh, a.shape)
+                if rows_first
+                else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            )
+            placed[k] = jax.device_put(a, sharding)
+        return placed, prepared["num_groups"]
+
+    # -------------------------------------------------------------------- state files
+    def _leaves(self) -> dict[str, Any]:
+        return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(self.state))}
+
+    def save(self) -> pathlib.Path | None:
+        """Atomic save of the train state into checkpoints/step_XXXXXXXX (keeps keep_saves)."""
+        if self.output_dir is None:
+            return None
+        from minicpmv_jax import checkpoint
+
+        root = self.output_dir / "checkpoints"
+        meta = {"step": self.step, "micro_batches": self.micro, "seed": self.config.seed}
+        path = checkpoint.save_train_state(root / f"step_{self.step:08d}", self._leaves(), meta)
+        for old in sorted(root.glob("step_*"))[: -self.config.keep_saves]:
+            shutil.rmtree(old)
+        return path
+
+    def restore_latest(self) -> bool:
+        """Continue from the newest complete save under output_dir (False: none)."""
+        if self.output_dir is None:
+            return False
+        from minicpmv_jax import checkpoint
+
+        saves = sorted(p for p in (self.output_dir / "checkpoints").glob("step_*") if p.is_dir())
+        saves = [p for p in saves if (p / checkpoint.TRAIN_STATE_FILE).is_file()]
+        if not saves:
+            return False
+        leaves, treedef = jax.tree.flatten(self.state)
+        abstract = {
+            f"{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            for i, x in enumerate(leaves)
+        }
+        arrays, meta = checkpoint.restore_train_state(saves[-1], abstract)
+        if meta.get("seed") != self.config.seed:
+            raise MiniCPMVError(
+                f"{saves[-1]}: saved with seed {meta.get('seed')}, not {self.config.seed}"
+            )
+        self.state = jax.tree.unflatten(treedef, [arrays[k] for k in sorted(arrays)])
+        self.step, self.micro = int(meta["step"]), int(meta["micro_batches"])
+        log.info("resumed from %s (step %d)", saves[-1], self.step)
+        return True
+
+    # -------------------------------------------------------------------- loop
+    def eval_loss(self) -> float:
+        """Token-weighted mean loss over the eval examples."""
+        total, count = 0.0, 0
+        b = self.config.batch_size
+        with self.model._precision():
+            for i in range(0, len(self.eval_examples), b):
+                rows = self.eval_examples[i : i + b]
+                arrays, groups = self._device_batch(rows + [_EMPTY_ROW] * (b - len(rows)))
+                s, c = _eval_step(
+                    self.state, self.frozen, self.loaded, arrays, num_groups=groups, **self._statics
+                )
+                total, count = total + float(s), count + int(c)
+        return total / max(count, 1)
+
+    def run(self, *, progress: bool = True, on_step: Callable[[dict], None] | None = None):
+        """Train to `config.steps`, saving / evaluating on schedule; returns the metrics rows."""
+        cfg = self.config
+        metrics_file = None
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            metrics_file = open(self.output_dir / "metrics.jsonl", "a")  # noqa: SIM115
+        history = []
+        schedule = cfg.schedule()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="finetune")
+        try:
+            with self.model._precision():
+                while self.step < cfg.steps:
+                    start, losses, norms, tokens = time.perf_counter(), [], [], 0
+                    for _ in range(cfg.grad_accum):
+                        arrays, groups = self._device_batch(self.micro_batch(self.micro))
+                        self.state, m = self._step(
+                            self.state, self.frozen, self.loaded, arrays, num_groups=groups
+                        )
+                        self.micro += 1
+                        losses.append(m["loss"])
+                        norms.append(m["grad_norm"])
+                        tokens += int(m["tokens"])
+                    self.step += 1
+                    row = {
+                        "step": self.step,
+                        "loss": float(np.mean([float(x) for x in losses])),
+                        "learning_rate": float(schedule(self.step - 1)),
+                        "grad_norm": float(np.mean([float(x) for x in norms])),
+                        "tokens_per_s": tokens / (time.perf_counter() - start),
+                        "skipped_samples": self.skipped,
+                    }
+                    last = self.step == cfg.steps
+                    if self.eval_examples and (
+                        last or (cfg.eval_every and self.step % cfg.eval_every == 0)
+                    ):
+                        row["eval_loss"] = self.eval_loss()
+                    if cfg.save_every and self.step % cfg.save_every == 0 or last:
+                        self.save()
+                    history.append(row)
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    if on_step is not None:
+                        on_step(row)
+        finally:
+            bar.close()
+            if metrics_file is not None:
+                metrics_file.close()
+        return history
+
+    def trained_model(self):
+        """A MiniCPMV with the trained weights (LoRA merged in; `.adapter` keeps it)."""
+        from minicpmv_jax.train.lora import _replace
+
+        params = jax.tree.map(lambda x, d: x.astype(d), self.state["params"], self.param_dtypes)
+        new = _replace(self.model, nnx.merge(self.graphdef, params, self.frozen))
+        if self.config.mode != "lora":
+            return new
+        new.adapter = self.model.adapter  # merged already: merge_lora subtracts it
+        return merge_lora(new, Adapter(self.lora_config, self.state["lora"]))
+
+
+def finetune(
+    model,
+    examples: Sequence[Mapping[str, Any]],
+    config: TrainConfig | None = None,
+    *,
+    eval_examples: Sequence[Mapping[str, Any]] = (),
+    output_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    skipped: int = 0,
+):
+    """Fine-tune `model` on `examples`; returns (trained MiniCPMV, metrics rows).
+
+    With `output_dir` and `resume`, a run continues from its newest save (same losses as an
+    uninterrupted run).
+    """
+    trainer = Trainer(
+        model,
+        examples,
+        config or TrainConfig(),
+        eval_examples=eval_examples,
+        output_dir=output_dir,
+        skipped=skipped,
+    )
+    if resume:
+        trainer.restore_latest()
+    history = trainer.run(progress=progress)
+    return trainer.trained_model(), history
