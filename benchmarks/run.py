@@ -137,27 +137,37 @@ class Harness:
 
         gd, state = self.gen.graphdef, self.gen.state
 
-        def encode(state, vision):
+        def encode(state, v):
             module = nnx.merge(gd, state)
-            return encode_images(module, **vision, num_groups=vision["group_index"].shape[0])
+            return encode_images(
+                module,
+                v.pixel_patches,
+                v.position_ids,
+                v.vision_mask,
+                v.patch_valid,
+                v.tgt_sizes,
+                v.temporal_ids,
+                v.group_index,
+                num_groups=v.num_groups,
+            )
 
         fn = jax.jit(encode)
         out = {}
         for size, img in self.images.items():
             prepared = self.gen.prepare([self.bench.process(self.msgs(img))])
             vision = prepared.vision
-            real = int((vision["group_index"] >= 0).sum())
-            bucket = int(vision["group_index"].shape[0])
+            real = int((vision.group_index >= 0).sum())
+            bucket = int(vision.group_index.shape[0])
             c0 = CompileCounter.count()
             t, first = time_repeats(lambda v=vision: fn(state, v), self.args.repeats)
             c1 = CompileCounter.count()
             fn(state, vision).block_until_ready()
-            patches = [int(h * w) for h, w in vision["tgt_sizes"][:real, :2]]
+            patches = [int(h * w) for h, w in vision.tgt_sizes[:real, :2]]
             flops = vision_flops(self.cfg, patches)
             out[f"{size}x{size}"] = {
                 "slices": real,
                 "slice_bucket": bucket,
-                "patch_bucket": int(vision["pixel_patches"].shape[1]),
+                "patch_bucket": int(vision.pixel_patches.shape[1]),
                 "seconds": t.as_dict(),
                 "seconds_per_slice": t.scaled(1 / real).as_dict(),
                 "seconds_per_padded_slice": t.scaled(1 / bucket).as_dict(),
@@ -202,8 +212,8 @@ class Harness:
             po = self.bench.process(msgs)
             prepared = self.gen.prepare([po])
             tokens = len(po["input_ids"])
-            real = int((prepared.vision["group_index"] >= 0).sum())
-            patches = [int(h * w) for h, w in prepared.vision["tgt_sizes"][:real, :2]]
+            real = int((prepared.vision.group_index >= 0).sum())
+            patches = [int(h * w) for h, w in prepared.vision.tgt_sizes[:real, :2]]
             flops = vision_flops(self.cfg, patches) + llm_prefill_flops(
                 self.cfg, self.stats, tokens
             )
@@ -213,7 +223,7 @@ class Harness:
                 "prompt_tokens": tokens,
                 "token_bucket": int(prepared.input_ids.shape[1]),
                 "slices": real,
-                "slice_bucket": int(prepared.vision["group_index"].shape[0]),
+                "slice_bucket": int(prepared.vision.group_index.shape[0]),
                 "seconds": tt.as_dict(),
                 "breakdown": {k: Timing.of(v).as_dict() for k, v in parts.items()},
                 "first_call_s": first,

@@ -492,7 +492,7 @@ def save_train_state(folder: str | os.PathLike, arrays: dict[str, Any], meta: di
     """Save {name: array} (parameters or adapters, optimizer state, RNG) and JSON `meta` (step,
     data position) atomically: written into `.<name>.partial/`, renamed when complete, so a run
     killed mid-save leaves the previous save intact."""
-    final = pathlib.Path(folder)
+    final = pathlib.Path(folder).absolute()  # orbax needs absolute paths
     tmp = partial_dir(final)
     if _primary() and tmp.exists():
         shutil.rmtree(tmp)
@@ -512,7 +512,7 @@ def save_train_state(folder: str | os.PathLike, arrays: dict[str, Any], meta: di
 
 def restore_train_state(folder: str | os.PathLike, abstract: dict[str, Any]) -> tuple[dict, dict]:
     """({name: array} restored into `abstract`'s shapes / shardings, meta) of save_train_state."""
-    folder = pathlib.Path(folder)
+    folder = pathlib.Path(folder).absolute()
     meta_file = folder / TRAIN_STATE_FILE
     if not meta_file.is_file():
         raise CheckpointError(f"{folder}: not a training-state folder ({TRAIN_STATE_FILE} missing)")

@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "finetune",
+        help="fine-tune on an official-format JSON file (see `finetune --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "bench",
         help="run the benchmark suite, benchmarks/run.py (see `bench --help`)",
         add_help=False,
@@ -307,6 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(processor_cli.main(argv[1:]) or 0)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
+    if argv and argv[0] == "finetune":
+        from minicpmv_jax.train import cli as train_cli
+
+        return train_cli.main(_mesh_value_joined(argv[1:]))
     args = build_parser().parse_args(_mesh_value_joined(argv))
     try:
         session = ChatSession(args)

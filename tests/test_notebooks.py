@@ -15,6 +15,7 @@ import time
 
 import pytest
 from conftest import FIXTURES
+from train_helpers import train_checkpoint
 
 nbformat = pytest.importorskip("nbformat", reason="the test extra installs nbformat")
 nbclient = pytest.importorskip("nbclient", reason="the test extra installs nbclient")
@@ -43,6 +44,17 @@ PARAMS = {
         "MESH": (1, 2, 4),
         "BATCH": 4,
         "MAX_NEW_TOKENS": 8,
+    },
+    "finetune": {
+        "MODEL": str(train_checkpoint("minicpm-v-2_6")),  # the training tokenizer (train MANIFEST)
+        "IMAGES": [
+            str(CASES_26 / "single_1024x768" / "image_0.png"),
+            str(CASES_26 / "single_448x448" / "image_0.png"),
+        ],
+        "STEPS": 40,
+        "LEARNING_RATE": 2e-2,
+        "LORA_R": 8,
+        "SCALE_RESOLUTION": 112,
     },
     "minicpm_v_4_6": {
         "MODEL": str(FIXTURES / "minicpm-v-4_6" / "checkpoint"),

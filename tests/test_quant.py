@@ -172,11 +172,12 @@ def test_int8_decode_program_stays_int8(monkeypatch):
     (XLA memory_analysis: arguments + temporaries, CPU).
 
     XLA:CPU converts a whole kernel to float before a dot (small dots excepted: it fuses those,
-    hence a model wider than the fixture: hidden 512, MLP 2048, vocabulary 8192) and hoists that
+    hence a model wider than the fixture: 1 layer, hidden 512, MLP 2048, vocabulary 8192) and hoists that
     conversion out of the decode loop; the CPU path of Int8Dense converts tiles of CPU_TILE
     weights inside the loop instead. The tile is shrunk to this model's size (every quantized
-    kernel of the released models exceeds the default tile, checked first); with tiling off,
-    the same measurement shows the hoisted float copy (ratio > 0.6).
+    kernel of the released models exceeds the default tile, checked first). With tiling off
+    the same measurement sees the float copies of whole kernels (measured: 0.45 of bf16 tiled,
+    0.89 untiled).
     """
     import json
 
@@ -190,7 +191,7 @@ def test_int8_decode_program_stays_int8(monkeypatch):
         assert c.hidden_size * c.num_kv_heads * c.head_dim > quant.CPU_TILE  # smallest: k / v
 
     hf = json.loads((CKPT_26 / "config.json").read_text())
-    hf.update(hidden_size=512, intermediate_size=2048, vocab_size=8192)
+    hf.update(hidden_size=512, intermediate_size=2048, vocab_size=8192, num_hidden_layers=1)
     config = MiniCPMVConfig.from_hf(hf, dtype="bfloat16")
     processor = MiniCPMVProcessor.from_pretrained(CKPT_26)
 
@@ -210,7 +211,7 @@ def test_int8_decode_program_stays_int8(monkeypatch):
     print(f"\ndecode program bytes: bf16 {bf16}, int8 {tiled} ({tiled / bf16:.2f}), "
           f"int8 untiled {hoisted} ({hoisted / bf16:.2f})")  # fmt: skip
     assert tiled < 0.6 * bf16
-    assert hoisted > 0.6 * bf16  # the measurement sees the hoisted float copy
+    assert tiled < 0.7 * hoisted  # the measurement sees the whole-kernel float copies
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""`minicpmv-jax finetune`: fine-tune on an official-format JSON file, resumable.
+
+    minicpmv-jax finetune --model DIR --data train.json [--eval-data eval.json] [--lora]
+        [--freeze-vision] [--mesh D,F,T] --output OUT
+
+Writes OUT/metrics.jsonl, OUT/checkpoints/step_*/ (train state) and at the end OUT/adapter/
+(PEFT layout, with --lora) or OUT/model/ (orbax; `minicpmv-to-safetensors` exports it). Running
+the same command again continues from the newest save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from minicpmv_jax.errors import MiniCPMVError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="minicpmv-jax finetune", description="fine-tune MiniCPM-V (official data format)"
+    )
+    p.add_argument("--model", required=True, help="checkpoint folder (or hub id)")
+    p.add_argument("--data", required=True, help="training JSON (official fine-tuning format)")
+    p.add_argument("--eval-data", help="held-out JSON for the eval loss")
+    p.add_argument("--output", required=True, help="output folder (resumes from its saves)")
+    p.add_argument("--lora", action="store_true", help="LoRA on the LLM (official setup)")
+    p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
+    p.add_argument("--mesh", help="D,F,T devices over (data, fsdp, tensor); default one device")
+    p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--learning-rate", type=float, default=1e-5)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--lora-alpha", type=float, default=64.0)
+    p.add_argument("--lora-target", help="regex of the LoRA'd modules (default: LLM q/k/v)")
+    p.add_argument("--save-every", type=int, default=0, help="steps between saves (0: end)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: end)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-bad-samples", action="store_true", help="skip and count bad samples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args) -> None:
+    from minicpmv_jax import MiniCPMV, train
+    from minicpmv_jax.cli import _mesh
+
+    model = MiniCPMV.from_pretrained(
+        args.model, dtype=args.dtype, mesh=_mesh(args.mesh), progress=not args.no_progress
+    )
+    load = dict(max_length=args.max_length, skip_bad_samples=args.skip_bad_samples)
+    examples, skipped = train.load_examples(model, args.data, **load)
+    eval_examples = ()
+    if args.eval_data:
+        eval_examples = train.load_examples(model, args.eval_data, **load)[0]
+    for e in skipped:
+        logging.getLogger(__name__).warning("skipped: %s", e)
+    lora = {"r": args.lora_r, "alpha": args.lora_alpha}
+    if args.lora_target:
+        lora["target_modules"] = args.lora_target
+    if args.lora and args.freeze_vision:  # official: tune_vision false drops vpm from the copies
+        lora["modules_to_save"] = ("embed_tokens", "resampler")
+    config = train.TrainConfig(
+        mode="lora" if args.lora else "freeze_vision" if args.freeze_vision else "full",
+        lora=train.LoraConfig(**lora),
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_length=args.max_length,
+        seed=args.seed,
+        save_every=args.save_every,
+        eval_every=args.eval_every,
+    )
+    trained, history = train.finetune(
+        model,
+        examples,
+        config,
+        eval_examples=eval_examples,
+        output_dir=args.output,
+        progress=not args.no_progress,
+        skipped=len(skipped),
+    )
+    if args.lora:
+        out = train.export_adapter(trained, f"{args.output}/adapter")
+    else:
+        out = train.save_merged(trained, f"{args.output}/model", overwrite=True, progress=False)
+    last = history[-1] if history else {}
+    print(f"done: step {config.steps}, loss {last.get('loss', float('nan')):.4f} -> {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        run(args)
+    except MiniCPMVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: the newest save is intact; rerun to continue
+        print("interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    return 0

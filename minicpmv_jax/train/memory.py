@@ -1,0 +1,156 @@
+"""Memory plan of a fine-tuning run: which models fit a chip for LoRA and for full training.
+
+Per device, as `Trainer` holds them: the model's weights as loaded (frozen and trainable alike,
+in `param_dtype`), float32 master copies of the trainable weights, their float32 gradients and
+AdamW's two float32 moments (plus the accumulated gradients with `grad_accum > 1`), and the
+activations the backward pass keeps (every layer's, no rematerialisation: the loop has none
+yet). The vision tower keeps activations only when its weights train (full, or LoRA with vpm in
+modules_to_save). Estimates, not measurements: XLA fuses some of these and adds temporaries.
+
+    python -m minicpmv_jax.train.memory      # the README table
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+from minicpmv_jax.config import MiniCPMVConfig
+from minicpmv_jax.memory import GiB, _shard_elems, param_inventory
+from minicpmv_jax.sharding import mesh_shape, rules_for
+from minicpmv_jax.train.lora import LoraConfig
+from minicpmv_jax.weights import EXCEPTIONS
+
+F32 = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+    """Bytes per device of one training configuration."""
+
+    weights: int  # the model as loaded (param dtype)
+    master: int  # float32 copies of the trainable weights
+    grads: int
+    optimizer: int
+    activations: int
+    trainable_elements: int  # whole model (not per device)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.master + self.grads + self.optimizer + self.activations
+
+    def fits(self, hbm_bytes: int, headroom: float = 0.9) -> bool:
+        return self.total <= headroom * hbm_bytes
+
+
+def _trainable(name: str, mode: str, lora: LoraConfig) -> bool:
+    if mode == "full":
+        return True
+    if mode == "freeze_vision":
+        return not name.startswith("vpm.")
+    return lora.saved_module(name) is not None
+
+
+def plan(
+    config: MiniCPMVConfig,
+    mesh: Any = (1, 1, 1),
+    *,
+    mode: str = "lora",
+    lora: LoraConfig | None = None,
+    batch: int = 1,
+    seq_len: int = 2048,
+    num_slices: int = 10,
+    patch_bucket: int = 1024,
+    param_dtype: Any = "bfloat16",
+    grad_accum: int = 1,
+) -> TrainingPlan:
+    """Per-device training memory of `config` on `mesh` ((data, fsdp, tensor) sizes).
+
+    Args:
+      mode: "full" | "freeze_vision" | "lora"; lora: its LoraConfig (default: official).
+      batch, seq_len: rows and tokens per micro-batch; num_slices x patch_bucket: image slices.
+      param_dtype: dtype of the loaded weights (frozen ones stay in it).
+    """
+    lora = lora or LoraConfig()
+    shape = mesh_shape(mesh)
+    rules = rules_for(config, shape)
+    pdt = jnp.dtype(param_dtype)
+    weights = trainable = elements = 0
+    for name, pshape, _, names in param_inventory(config):
+        shard = _shard_elems(pshape, names, shape, rules)
+        weights += shard * pdt.itemsize
+        module = name.rpartition(".")[0]
+        if _trainable(name, mode, lora):
+            trainable += shard
+            elements += math.prod(pshape)
+        elif (
+            mode == "lora"
+            and name.endswith(".kernel")
+            and name not in EXCEPTIONS
+            and lora.targets(module)
+        ):
+            n = lora.r * (pshape[0] + pshape[1])  # A [r, in] + B [out, r], replicated
+            trainable += n
+            elements += n
+    master = grads = trainable * F32
+    optimizer = trainable * F32 * (2 + (grad_accum > 1))
+
+    llm, vis, cdt = config.llm, config.vision, jnp.dtype(config.llm.dtype)
+    b = -(-batch // shape.get("data", 1))
+    t, d, h, f = seq_len, llm.hidden_size, llm.head_dim, llm.intermediate_size
+    n, k = llm.num_heads, llm.num_kv_heads
+    # kept per decoder layer: 4 [B, T, D] (inputs, norms), q / k / v, attention output, 4 MLP
+    # [B, T, F] (gate, up, activation, product) in the compute dtype; float32 probabilities
+    per_layer = b * t * (4 * d + (2 * n + 2 * k) * h + 4 * f) * cdt.itemsize
+    per_layer += b * n * t * t * F32
+    act = llm.num_layers * per_layer + 2 * b * t * llm.vocab_size * F32  # logits + their grad
+    if num_slices and _trainable("vpm.", mode, lora):  # a frozen tower keeps nothing
+        i, p, dv, fv = num_slices, patch_bucket, vis.hidden_size, vis.intermediate_size
+        vis_layer = i * p * (8 * dv + 2 * fv) * cdt.itemsize + i * vis.num_heads * p * p * F32
+        act += vis.num_layers * vis_layer
+    return TrainingPlan(weights, master, grads, optimizer, act, elements)
+
+
+def markdown_table(
+    presets: dict[str, MiniCPMVConfig],
+    modes: Sequence[str] = ("lora", "full"),
+    hbm: int = 16 * GiB,
+    **request,
+) -> str:
+    """Markdown table of `plan` for every preset x mode on one device of `hbm` bytes."""
+    rows = [
+        "| model | mode | trainable | weights | master + grads + AdamW | activations "
+        "| total | fits 16 GiB (90%) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for pname, cfg in presets.items():
+        for mode in modes:
+            p = plan(cfg, mode=mode, **request)
+            state = p.master + p.grads + p.optimizer
+            rows.append(
+                f"| {pname} | {mode} | {p.trainable_elements / 1e6:.0f} M "
+                f"| {p.weights / GiB:.2f} GiB | {state / GiB:.2f} GiB "
+                f"| {p.activations / GiB:.2f} GiB | {p.total / GiB:.2f} GiB "
+                f"| {'yes' if p.fits(hbm) else 'no'} |"
+            )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    from minicpmv_jax.config import MINICPM_LLAMA3_V_2_5, MINICPM_V_2_6, MINICPM_V_4_5
+
+    presets = {
+        "MiniCPM-Llama3-V 2.5": MINICPM_LLAMA3_V_2_5,
+        "MiniCPM-V 2.6": MINICPM_V_2_6,
+        "MiniCPM-V 4.5": MINICPM_V_4_5,
+    }
+    print(markdown_table(presets, batch=1, seq_len=2048, num_slices=10))
+
+
+if __name__ == "__main__":
+    main()
