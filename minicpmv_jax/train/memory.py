@@ -24,7 +24,7 @@ from minicpmv_jax.config import MiniCPMVConfig
 from minicpmv_jax.memory import GiB, _shard_elems, param_inventory
 from minicpmv_jax.sharding import mesh_shape, rules_for
 from minicpmv_jax.train.lora import LoraConfig
-from minicpmv_jax.weights import EXCEPTIONS
+from minicpmv_jax.weights import EXCEPTIONS, stack_of, unstack
 
 F32 = 4
 
@@ -84,19 +84,17 @@ def plan(
     for name, pshape, _, names in param_inventory(config):
         shard = _shard_elems(pshape, names, shape, rules)
         weights += shard * pdt.itemsize
-        module = name.rpartition(".")[0]
         if _trainable(name, mode, lora):
             trainable += shard
             elements += math.prod(pshape)
-        elif (
-            mode == "lora"
-            and name.endswith(".kernel")
-            and name not in EXCEPTIONS
-            and lora.targets(module)
-        ):
-            n = lora.r * (pshape[0] + pshape[1])  # A [r, in] + B [out, r], replicated
-            trainable += n
-            elements += n
+        elif mode == "lora" and name.endswith(".kernel") and name not in EXCEPTIONS:
+            # a layer stack [L, in, out]: LoRA targets are matched per official layer name
+            one = pshape[1:] if stack_of(name) else pshape
+            for _, layer_name in unstack(name, pshape[0] if stack_of(name) else 0):
+                if lora.targets(layer_name.rpartition(".")[0]):
+                    n = lora.r * (one[0] + one[1])  # A [r, in] + B [out, r], replicated
+                    trainable += n
+                    elements += n
     master = grads = trainable * F32
     optimizer = trainable * F32 * (2 + (grad_accum > 1))
 
