@@ -201,14 +201,16 @@ class ChatSession:
 
     def _chat_kwargs(self) -> dict:
         a = self.args
-        return dict(
+        kwargs = dict(
             max_new_tokens=a.max_new_tokens,
             sampling=not a.no_sampling,
-            system_prompt=a.system_prompt,
             enable_thinking=a.thinking,
             **self.processor_kwargs,
             **_generation_kwargs(a),
         )
+        if a.system_prompt is not None:
+            kwargs["system_prompt"] = a.system_prompt
+        return kwargs
 
     def _warmup(self, msgs: list[dict]) -> float:
         """Compile the programs this request runs (``RequestShape.of`` its processed prompt and
@@ -219,6 +221,8 @@ class ChatSession:
         from minicpmv_jax.settings import GenerationSettings
 
         a, model = self.args, self.model
+        if not hasattr(model, "warmup"):  # 4.6: its programs compile inside the first request
+            return 0.0
         _log("compiling (first request of this shape) ...")
         settings = GenerationSettings.for_chat(
             versions.spec(model.config.version), a.max_new_tokens, not a.no_sampling, a.thinking,
@@ -235,6 +239,7 @@ class ChatSession:
         msgs = [*self.history, {"role": "user", "content": content}]
         kwargs = self._chat_kwargs()
         warm_s = self._warmup(msgs) if self.first else 0.0
+        t0 = time.perf_counter()
         if self.args.stream:
             pieces = []
             for piece in self.model.chat(msgs, stream=True, **kwargs):
@@ -245,7 +250,13 @@ class ChatSession:
         else:
             answer = self.model.chat(msgs, **kwargs)
             print(answer, file=out, flush=True)
-        s = self.model.last_stats
+        s = getattr(self.model, "last_stats", None)
+        if s is None:  # 4.6 keeps no per-call statistics: report the whole call, compilation included
+            _log(f"loading {self.load_s:.1f} s, " * self.first
+                 + f"answer in {time.perf_counter() - t0:.2f} s (compilation included)")
+            self.first = False
+            self.history = [*msgs, {"role": "assistant", "content": answer}]
+            return answer
         timing = (
             f"prompt {s.prompt_tokens} tokens, prefill {s.prefill_s:.2f} s; "
             f"{s.new_tokens} new tokens in {s.decode_s:.2f} s ({s.tokens_per_s:.1f} tokens/s)"

@@ -236,3 +236,20 @@ def test_bench_without_a_source_checkout(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "benchmarks.run", None)  # as if it cannot be imported
     assert cli.main(["bench", "--quick"]) == 2
     assert "source checkout" in capsys.readouterr().err
+
+
+def test_chat_on_4_6_gives_the_official_greedy_answer(capsys):
+    """`chat` on the tiny 4.6 checkpoint: stdout is the fixture's greedy text (end token dropped,
+    stripped as chat() does); 4.6 keeps no per-call statistics, so the CLI reports the whole call."""
+    case_dir = FIXTURES / "minicpm-v-4_6" / "cases" / "single_448x448"
+    case = json.loads((case_dir / "case.json").read_text())
+    argv = [
+        "chat", "--model", str(FIXTURES / "minicpm-v-4_6" / "checkpoint"),
+        "--image", str(case_dir / "image_0.png"), "--dtype", "float32", "--no-sampling",
+        "--num-beams", "1", "--repetition-penalty", "1.0", "--max-new-tokens", "16",
+        "Describe this image.",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.rstrip("\n") == case["generated_text"].replace("<|im_end|>", "").strip()
+    assert "compilation included" in err
