@@ -71,7 +71,12 @@ def build_torch_llm(model, torch, transformers):
     cls, hf_cfg = _hf_config(model.config, transformers)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[str(model.config.llm.dtype)]
     hf_cfg.dtype = dtype
-    sd = to_hf_state_dict(nnx.state(model.module.llm, nnx.Param))
+    # the whole model's names (layer stacks are recognised by their full path), LLM part only
+    sd = {
+        k.removeprefix("llm."): v
+        for k, v in to_hf_state_dict(nnx.state(model.module, nnx.Param)).items()
+        if k.startswith("llm.")
+    }
     with torch.device("meta"):
         ref = cls(hf_cfg)
     ref.load_state_dict({k: _to_torch(v, torch) for k, v in sd.items()}, assign=True, strict=True)
