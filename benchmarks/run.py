@@ -32,7 +32,7 @@ import numpy as np
 from benchmarks import measure, models
 from benchmarks.measure import CompileCounter, Timing, time_repeats
 from minicpmv_jax.batching import Buckets
-from minicpmv_jax.model import encode_images
+from minicpmv_jax.generate import encode_vision
 from minicpmv_jax.settings import GenerationSettings
 
 log = logging.getLogger("benchmarks")
@@ -138,18 +138,7 @@ class Harness:
         gd, state = self.gen.graphdef, self.gen.state
 
         def encode(state, v):
-            module = nnx.merge(gd, state)
-            return encode_images(
-                module,
-                v.pixel_patches,
-                v.position_ids,
-                v.vision_mask,
-                v.patch_valid,
-                v.tgt_sizes,
-                v.temporal_ids,
-                v.group_index,
-                num_groups=v.num_groups,
-            )
+            return encode_vision(nnx.merge(gd, state), v)
 
         fn = jax.jit(encode)
         out = {}

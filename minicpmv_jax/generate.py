@@ -146,13 +146,9 @@ class RequestShape:
 # ------------------------------------------------------------------------------------------------
 
 
-def _embed_prompt(module, batch: PreparedBatch) -> jax.Array:
-    """Token embeddings [B, T, D] with the resampler rows of every image slice scattered in."""
-    ids = batch.input_ids
-    v = batch.vision
-    if v is None:
-        return module.llm.embed(ids)
-    feats = encode_images(
+def encode_vision(module, v) -> jax.Array:
+    """Resampler rows [G, Q, D] of a typed `VisionBatch` (vision tower in chunks, then resampler)."""
+    return encode_images(
         module,
         v.pixel_patches,
         v.position_ids,
@@ -162,7 +158,16 @@ def _embed_prompt(module, batch: PreparedBatch) -> jax.Array:
         v.temporal_ids,
         v.group_index,
         num_groups=v.num_groups,
-    )  # [G, Q, D]
+    )
+
+
+def _embed_prompt(module, batch: PreparedBatch) -> jax.Array:
+    """Token embeddings [B, T, D] with the resampler rows of every image slice scattered in."""
+    ids = batch.input_ids
+    v = batch.vision
+    if v is None:
+        return module.llm.embed(ids)
+    feats = encode_vision(module, v)  # [G, Q, D]
     return merge_embeds(module, ids, batch.image_slot, feats.reshape(-1, feats.shape[-1]))
 
 
