@@ -64,6 +64,9 @@ class Request:
     use_image_id: bool | None = None
     enable_thinking: bool = False
     system_prompt: str | None = None
+    # 4.5 video: groups of frame time ids covering every image in order, as chat(temporal_ids=)
+    # (``video.load_video(...).temporal_ids``, a still image before the frames is ``[-1]``)
+    temporal_ids: tuple[tuple[int, ...], ...] | None = None
     request_id: str | None = None  # the engine assigns one when None
 
 
