@@ -1,9 +1,11 @@
-"""Command line: ``minicpmv-jax chat`` (answer / interactive session), ``layout`` and ``bench``.
+"""Command line: ``minicpmv-jax chat`` (answer / interactive session), ``serve`` (HTTP server),
+``layout`` and ``bench``.
 
     minicpmv-jax chat --model openbmb/MiniCPM-V-4_5 --image cat.jpg "What is this?"
     minicpmv-jax chat --model ./MiniCPM-V-2_6 --video clip.mp4 --stream "Describe the video."
     minicpmv-jax chat --model ./MiniCPM-V-2_6          # interactive: one user turn per line
     minicpmv-jax chat --model ./MiniCPM-V-2_6 --mesh 1,2,4 --quant int8 "Hi"  # 8 devices, int8
+    minicpmv-jax serve --model ./MiniCPM-V-2_6 --slots 8 --port 8000   # OpenAI-compatible server
     minicpmv-jax layout ...                             # processor layout (processor_cli.py)
     minicpmv-jax bench --preset tiny --quick            # benchmarks/run.py (source checkout)
 
@@ -66,12 +68,122 @@ def _chat_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _serve_parser(sub) -> argparse.ArgumentParser:
+    from minicpmv_jax.serve.api import Limits
+
+    d = Limits()
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with continuous batching (needs the serve extra)",
+        description="POST /v1/chat/completions (streaming or not), GET /v1/models, /health, "
+        "/metrics. SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, exit.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face hub id")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model id clients send (default: the --model folder's name)",
+    )
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="D,F,T",
+        help="device mesh (data, fsdp, tensor), e.g. 1,2,4; default: one device",
+    )
+    p.add_argument("--quant", default=None, choices=("int8", "int8+vision"))
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=2048,
+        metavar="L",
+        help="KV cache length per slot: prompt + answer tokens (default 2048)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--allow-local-files",
+        default=None,
+        metavar="DIR",
+        help="accept file: URLs / paths of media under DIR (default: refused)",
+    )
+    p.add_argument(
+        "--allow-remote-urls",
+        action="store_true",
+        help="fetch http(s) media URLs (default: refused)",
+    )
+    g = p.add_argument_group("limits")
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests waiting for a slot; beyond, 429 + Retry-After (default 64)",
+    )
+    g.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=d.max_body_bytes,
+        metavar="N",
+        help=f"request body size, base64 media included (default {d.max_body_bytes})",
+    )
+    g.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=d.max_image_pixels,
+        metavar="N",
+        help=f"pixels per image / video frame (default {d.max_image_pixels})",
+    )
+    g.add_argument(
+        "--max-images",
+        type=int,
+        default=d.max_images,
+        metavar="N",
+        help=f"images per request (default {d.max_images})",
+    )
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=d.max_tokens,
+        metavar="N",
+        help=f"largest max_tokens, also the default (default {d.max_tokens})",
+    )
+    g.add_argument(
+        "--max-video-frames",
+        type=int,
+        default=d.max_video_frames,
+        metavar="N",
+        help=f"frames (2.6) / frame groups (4.5) per video (default {d.max_video_frames})",
+    )
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds to let requests in flight finish (default 30)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="threads decoding media and preparing prompts (default 4)",
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+    return p  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minicpmv-jax", description="MiniCPM-V (2.5, 2.6, 4.5) in JAX"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _chat_parser(sub)
+    _serve_parser(sub)
     sub.add_parser(
         "layout",
         help="show how the processor lays out a prompt (see `layout --help`)",
@@ -315,6 +427,82 @@ def _bench(argv: list[str]) -> int:
     return int(run.main(argv) or 0)
 
 
+def _serve(args) -> int:
+    """``minicpmv-jax serve``: load, compile, serve until SIGTERM / Ctrl-C, drain, exit."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"error: `serve` needs the serve extra ({e.name} is missing): "
+              "pip install 'minicpmv-jax[serve]'", file=sys.stderr)  # fmt: skip
+        return 2
+    import logging
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        state = _serve_state(args)
+    except MiniCPMVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from minicpmv_jax.serve import server
+
+    _log(f"serving {state.model_name!r} on http://{args.host}:{args.port}")
+    try:
+        server.run(server.create_app(state), host=args.host, port=args.port,
+                   log_level=args.log_level)  # fmt: skip
+    except KeyboardInterrupt:  # a second Ctrl-C: stop without draining
+        print("interrupted", file=sys.stderr)
+        return 130
+    _log("stopped")
+    return 0
+
+
+def _serve_state(args):
+    """Check the flags, load the model, start (compile) the engine: a ``server.ServerState``."""
+    from minicpmv_jax.model import MiniCPMV, resolve_checkpoint
+    from minicpmv_jax.serve import api
+
+    for flag in ("slots", "max_len", "max_queue", "port", "workers"):
+        if getattr(args, flag) < (0 if flag == "port" else 1):
+            raise MiniCPMVError(f"--{flag.replace('_', '-')} must be positive, got "
+                                f"{getattr(args, flag)}")  # fmt: skip
+    try:
+        limits = api.Limits(
+            max_body_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels,
+            max_images=args.max_images, max_tokens=args.max_tokens,
+            max_video_frames=args.max_video_frames,
+        )  # fmt: skip
+        root = None if args.allow_local_files is None else pathlib.Path(args.allow_local_files)
+        media = api.Media(local_root=root, allow_remote_urls=args.allow_remote_urls)
+    except ValueError as e:
+        raise MiniCPMVError(str(e).replace("Limits.max_", "--max-").replace("_", "-")) from None
+    mesh = _mesh(args.mesh)
+    folder = resolve_checkpoint(args.model)
+    version = _checkpoint_version(folder)
+    try:
+        from minicpmv_jax.serve.engine import Engine
+    except ImportError as e:
+        raise MiniCPMVError(f"the serving engine cannot be imported ({e})") from None
+    quant = "" if args.quant is None else f", {args.quant}"
+    _log(f"loading {args.model} ({args.dtype}{quant}) ...")
+    t0 = time.perf_counter()
+    model = MiniCPMV.from_pretrained(folder, dtype=args.dtype, mesh=mesh, quant=args.quant)
+    if args.cache_dtype:
+        model.configure_generation(cache_dtype=args.cache_dtype)
+    _log(f"loaded MiniCPM-V {version} in {time.perf_counter() - t0:.1f} s; compiling "
+         f"{args.slots} slots x {args.max_len} tokens ...")  # fmt: skip
+    t0 = time.perf_counter()
+    engine = Engine(model, slots=args.slots, max_len=args.max_len, max_queue=args.max_queue,
+                    max_images=args.max_images)  # fmt: skip
+    engine.start()
+    _log(f"compiled in {time.perf_counter() - t0:.1f} s")
+    from minicpmv_jax.serve.server import ServerState
+
+    name = args.served_model_name or pathlib.Path(str(args.model).rstrip("/")).name
+    return ServerState(engine, model_name=name, version=version, limits=limits, media=media,
+                       workers=args.workers, drain_timeout=args.drain_timeout)  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "layout":
@@ -328,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return train_cli.main(_mesh_value_joined(argv[1:]))
     args = build_parser().parse_args(_mesh_value_joined(argv))
+    if args.command == "serve":
+        return _serve(args)
     try:
         session = ChatSession(args)
         if args.question is None:
