@@ -98,3 +98,26 @@ def batch_rows(version: str, model) -> list[dict]:
 def fixture_logits(version: str, name: str) -> np.ndarray:
     with np.load(train_dir(version) / "batch" / name) as z:
         return z[z.files[0]]
+
+
+def dpo_dir(version: str) -> pathlib.Path:
+    return train_dir(version) / "dpo"
+
+
+@functools.cache
+def reference_checkpoint(version: str) -> pathlib.Path:
+    """train_checkpoint(version) with dpo/reference_checkpoint's weights (the DPO reference)."""
+    folder = pathlib.Path(tempfile.mkdtemp(prefix=f"reference-{version}-"))
+    weights = dpo_dir(version) / "reference_checkpoint" / "model.safetensors"
+    for f in train_checkpoint(version).iterdir():
+        (folder / f.name).symlink_to(weights.resolve() if f.name == weights.name else f.resolve())
+    return folder
+
+
+@functools.cache
+def load_reference_model(version: str):
+    from minicpmv_jax import MiniCPMV
+
+    return MiniCPMV.from_pretrained(
+        reference_checkpoint(version), dtype="float32", progress=False
+    )

@@ -1,8 +1,10 @@
 """Fine-tuning: the official data format, exact loss and gradients, LoRA, the optax loop.
 
 Public surface (held stable): `training_example`, `collate`, `forward_logits`, `loss_and_grads`
-and the loop in `minicpmv_jax.train.loop`. Modules: `data` (official dataset / collator), `loss`
-(training forward, loss, trainable sets), `lora` (LoRA on any regex, PEFT names and files).
+and the loop in `minicpmv_jax.train.loop`; preference alignment (RLAIF-V): `sequence_logps`,
+`token_logps`, `dpo_loss`, `dpo_rewards`, `load_preferences`, `collate_pairs`. Modules: `data`
+(official dataset / collator), `loss` (training forward, loss, trainable sets), `lora` (LoRA on
+any regex, PEFT names and files), `dpo` (preference data, log-probs, DPO loss).
 """
 
 from minicpmv_jax.train.data import (
@@ -11,6 +13,16 @@ from minicpmv_jax.train.data import (
     load_examples,
     read_samples,
     training_example,
+)
+from minicpmv_jax.train.dpo import (
+    collate_pairs,
+    dpo_loss,
+    dpo_rewards,
+    load_preferences,
+    preference_pair,
+    read_preferences,
+    sequence_logps,
+    token_logps,
 )
 from minicpmv_jax.train.lora import LoraConfig, export_adapter, save_merged
 from minicpmv_jax.train.loop import TrainConfig, Trainer, finetune
@@ -22,13 +34,21 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "collate",
+    "collate_pairs",
+    "dpo_loss",
+    "dpo_rewards",
     "export_adapter",
     "finetune",
     "forward_logits",
     "load_examples",
+    "load_preferences",
     "loss_and_grads",
+    "preference_pair",
     "prepare_batch",
+    "read_preferences",
     "read_samples",
     "save_merged",
+    "sequence_logps",
+    "token_logps",
     "training_example",
 ]

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from minicpmv_jax.errors import DataError, ImageError
 from minicpmv_jax.image import load_image, slice_image, strip_layout
@@ -100,8 +101,9 @@ def _check_conversations(sid: str, conversations: Any) -> list[dict[str, str]]:
 
 
 def _load_images(sid: str, image: Any, image_root: pathlib.Path) -> dict[str, Any]:
-    """The official images_dict: a path -> {"<image>": img}; a dict -> {key: img}; {} -> none."""
-    if isinstance(image, (str, os.PathLike)):
+    """The official images_dict: a path -> {"<image>": img}; a dict -> {key: img}; {} -> none.
+    (Besides paths, a value may be encoded image bytes or a PIL image.)"""
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, Image.Image)):
         image = {"<image>": image}
     if not isinstance(image, Mapping):
         raise DataError(
@@ -110,10 +112,14 @@ def _load_images(sid: str, image: Any, image_root: pathlib.Path) -> dict[str, An
     out = {}
     for key, path in image.items():
         field = "image" if key == "<image>" and len(image) == 1 else f"image[{key!r}]"
-        if not isinstance(path, (str, os.PathLike)):
+        if isinstance(path, (bytes, bytearray, Image.Image)):  # decoded / encoded in memory
+            src, what = path, field
+        elif isinstance(path, (str, os.PathLike)):
+            src, what = image_root / path, str(path)
+        else:
             raise DataError(sid, field, f"must be a path, got {type(path).__name__}")
         try:
-            out[key] = load_image(image_root / path, max_pixels=None, what=str(path))
+            out[key] = load_image(src, max_pixels=None, what=what)
         except ImageError as e:
             raise DataError(sid, field, str(e)) from None
     return out
