@@ -1,7 +1,9 @@
 """`minicpmv-jax finetune`: fine-tune on an official-format JSON file, resumable.
 
     minicpmv-jax finetune --model DIR --data train.json [--eval-data eval.json] [--lora]
-        [--freeze-vision] [--mesh D,F,T] --output OUT
+        [--freeze-vision] [--mesh D,F,T] [--quant int8] [--remat {none,full,dots}]
+        [--vision-remat {none,full,dots}] [--frozen-dtype bfloat16] [--lora-dropout P]
+        --output OUT
 
 Writes OUT/metrics.jsonl, OUT/checkpoints/step_*/ (train state) and at the end OUT/adapter/
 (PEFT layout, with --lora) or OUT/model/ (orbax; `minicpmv-to-safetensors` exports it). Running
@@ -30,6 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
     p.add_argument("--mesh", help="D,F,T devices over (data, fsdp, tensor); default one device")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16)")
+    p.add_argument(
+        "--quant",
+        choices=("int8",),
+        help="int8 base (LLM layers and lm_head), frozen; LoRA adapters in float32 (QLoRA-style)",
+    )
+    p.add_argument(
+        "--frozen-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="store frozen weight matrices in this dtype (trainable ones stay float32)",
+    )
+    remat = ("none", "full", "dots")
+    p.add_argument("--remat", choices=remat, default="none", help="decoder layers (recompute)")
+    p.add_argument("--vision-remat", choices=remat, help="vision tower layers (default: --remat)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--warmup-steps", type=int, default=0)
@@ -41,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=64)
     p.add_argument("--lora-alpha", type=float, default=64.0)
     p.add_argument("--lora-target", help="regex of the LoRA'd modules (default: LLM q/k/v)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="official default: 0.05")
     p.add_argument("--save-every", type=int, default=0, help="steps between saves (0: end)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: end)")
     p.add_argument("--seed", type=int, default=0)
@@ -53,8 +69,14 @@ def run(args) -> None:
     from minicpmv_jax import MiniCPMV, train
     from minicpmv_jax.cli import _mesh
 
+    if args.quant and not args.lora:
+        raise MiniCPMVError("--quant int8 trains LoRA adapters on the frozen int8 base: add --lora")
     model = MiniCPMV.from_pretrained(
-        args.model, dtype=args.dtype, mesh=_mesh(args.mesh), progress=not args.no_progress
+        args.model,
+        dtype=args.dtype,
+        mesh=_mesh(args.mesh),
+        progress=not args.no_progress,
+        quant=args.quant,
     )
     load = dict(max_length=args.max_length, skip_bad_samples=args.skip_bad_samples)
     examples, skipped = train.load_examples(model, args.data, **load)
@@ -63,7 +85,7 @@ def run(args) -> None:
         eval_examples = train.load_examples(model, args.eval_data, **load)[0]
     for e in skipped:
         logging.getLogger(__name__).warning("skipped: %s", e)
-    lora = {"r": args.lora_r, "alpha": args.lora_alpha}
+    lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
     if args.lora_target:
         lora["target_modules"] = args.lora_target
     if args.lora and args.freeze_vision:  # official: tune_vision false drops vpm from the copies
@@ -82,6 +104,9 @@ def run(args) -> None:
         seed=args.seed,
         save_every=args.save_every,
         eval_every=args.eval_every,
+        remat=args.remat,
+        vision_remat=args.vision_remat,
+        frozen_dtype=args.frozen_dtype,
     )
     trained, history = train.finetune(
         model,
