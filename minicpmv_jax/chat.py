@@ -262,7 +262,11 @@ class ChatSampler:
                     "end); pass sampling=True or num_beams=1"
                 )
             return self._stream(outputs[0], settings, enable_thinking)
-        out = self.sampler.run(outputs, settings)
+        prepared = self.sampler.prepare(outputs)
+        # the processor outputs are not needed past here: dropping them before the programs run
+        # keeps one copy of the pixels (the prepared batch's) alive, not two (GBs for a video)
+        del outputs
+        out = self.sampler.run_prepared(prepared, settings)
         self._record_stats(out)
         answers = [postprocess(s, self.processor, enable_thinking) for s in out.sequences]
         return answers if batched else answers[0]

@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 HERE = pathlib.Path(__file__).resolve().parent
 CASE_VERSION = "minicpm-v-2_6"
 CASE = "single_100x90"
@@ -80,6 +82,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path):
     import numpy as np
     from conftest import FIXTURES, load_case

@@ -116,6 +116,7 @@ def test_notebook_is_clean(name):
             assert prev.cell_type == "markdown", f"{name}: code cell without explanation"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_notebook_runs(name, kernel_env, tmp_path):
     if name == "video":

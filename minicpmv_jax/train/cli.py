@@ -1,9 +1,11 @@
 """`minicpmv-jax finetune` / `minicpmv-jax dpo`: fine-tune or DPO-train, resumable.
 
     minicpmv-jax finetune --model DIR --data train.json [--eval-data eval.json] [--lora]
-        [--freeze-vision] [--mesh D,F,T] --output OUT
+        [--freeze-vision] [--mesh D,F,T] [--quant int8] [--remat {none,full,dots}]
+        [--vision-remat {none,full,dots}] [--frozen-dtype bfloat16] [--lora-dropout P]
+        --output OUT
     minicpmv-jax dpo --model DIR --data prefs.jsonl [--reference R] [--lora] [--beta 0.1]
-        [--sft-weight 0] [--dpo-use-average] [--mesh D,F,T] [--skip-bad-samples] --output OUT
+        [--sft-weight 0] [--dpo-use-average] [--skip-bad-samples] (finetune's options) --output OUT
 
 Writes OUT/metrics.jsonl, OUT/checkpoints/step_*/ (train state) and at the end OUT/adapter/
 (PEFT layout, with --lora) or OUT/model/ (orbax; `minicpmv-to-safetensors` exports it); `dpo`
@@ -50,7 +52,7 @@ def build_dpo_parser() -> argparse.ArgumentParser:
         "--dpo-use-average", action="store_true", help="per-token mean log-probs, not sums"
     )
     _run_args(p)
-    p.set_defaults(learning_rate=5e-7)
+    p.set_defaults(learning_rate=5e-7)  # RLAIF-V's scripts
     return p
 
 
@@ -61,6 +63,19 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
     p.add_argument("--mesh", help="D,F,T devices over (data, fsdp, tensor); default one device")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16)")
+    p.add_argument(
+        "--quant",
+        choices=("int8",),
+        help="int8 base (LLM layers and lm_head), frozen; LoRA adapters in float32 (QLoRA-style)",
+    )
+    p.add_argument(
+        "--frozen-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="store frozen weight matrices in this dtype (trainable ones stay float32)",
+    )
+    remat = ("none", "full", "dots")
+    p.add_argument("--remat", choices=remat, default="none", help="decoder layers (recompute)")
+    p.add_argument("--vision-remat", choices=remat, help="vision tower layers (default: --remat)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--warmup-steps", type=int, default=0)
@@ -72,6 +87,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-r", type=int, default=64)
     p.add_argument("--lora-alpha", type=float, default=64.0)
     p.add_argument("--lora-target", help="regex of the LoRA'd modules (default: LLM q/k/v)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="official default: 0.05")
     p.add_argument("--save-every", type=int, default=0, help="steps between saves (0: end)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: end)")
     p.add_argument("--seed", type=int, default=0)
@@ -79,10 +95,25 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _load(args):
+    from minicpmv_jax import MiniCPMV
+    from minicpmv_jax.cli import _mesh
+
+    if args.quant and not args.lora:
+        raise MiniCPMVError("--quant int8 trains LoRA adapters on the frozen int8 base: add --lora")
+    return MiniCPMV.from_pretrained(
+        args.model,
+        dtype=args.dtype,
+        mesh=_mesh(args.mesh),
+        progress=not args.no_progress,
+        quant=args.quant,
+    )
+
+
 def _train_config(args):
     from minicpmv_jax import train
 
-    lora = {"r": args.lora_r, "alpha": args.lora_alpha}
+    lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
     if args.lora_target:
         lora["target_modules"] = args.lora_target
     if args.lora and args.freeze_vision:  # official: tune_vision false drops vpm from the copies
@@ -101,15 +132,9 @@ def _train_config(args):
         seed=args.seed,
         save_every=args.save_every,
         eval_every=args.eval_every,
-    )
-
-
-def _load(args):
-    from minicpmv_jax import MiniCPMV
-    from minicpmv_jax.cli import _mesh
-
-    return MiniCPMV.from_pretrained(
-        args.model, dtype=args.dtype, mesh=_mesh(args.mesh), progress=not args.no_progress
+        remat=args.remat,
+        vision_remat=args.vision_remat,
+        frozen_dtype=args.frozen_dtype,
     )
 
 
@@ -161,9 +186,7 @@ def run_dpo(args) -> None:
     if not pairs:
         raise MiniCPMVError(f"{args.data}: no usable preference pair ({len(skipped)} skipped)")
     config = _train_config(args)
-    dpo = train.DpoConfig(
-        beta=args.beta, sft_weight=args.sft_weight, average=args.dpo_use_average
-    )
+    dpo = train.DpoConfig(beta=args.beta, sft_weight=args.sft_weight, average=args.dpo_use_average)
     trained, history = train.dpo_finetune(
         model,
         pairs,

@@ -1,0 +1,207 @@
+"""The engine's device side: a KV cache of decode slots and the two programs that use it.
+
+* ``SlotCache``: K/V ``[L, SLOTS, S, K, H]`` with a write index PER ROW (``end`` int32 [SLOTS]) and
+  a validity mask per row and slot. It has the methods the LLM calls on ``kv_cache.KVCache``
+  (``append`` / ``mask`` / ``write`` / ``max_len``), so ``llm.Llm`` runs on it unchanged.
+* ``SlotState``: each row's sampling state and parameters as arrays (last token, RoPE position,
+  step, token history, PRNG key, temperature / top-k / top-p / repetition penalty, greedy or
+  sampled), so requests with different settings share one compiled step.
+* ``insert``: copies a request's prefilled B=1 cache ``[L, 1, T, K, H]`` into one slot (a traced
+  slot index: one program per token bucket T), selects its first token from the prefill logits
+  and resets that row's state.
+* ``decode_step``: one token for every row: the LLM on each row's last token at its own position,
+  then per-row logits processing and selection (``sampling.process_logits`` /
+  ``warp_for_sampling`` per row, so each row's numbers are those of a batch-1 ``chat()``).
+
+Rows that hold no request still run (static shapes); the host ignores their tokens. A row's
+selection depends only on its own logits, history and key, never on the other rows.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minicpmv_jax import sampling
+from minicpmv_jax.config import LlmConfig
+from minicpmv_jax.kv_cache import KVCache
+from minicpmv_jax.sampling import SamplingParams
+from minicpmv_jax.sharding import constrain_cache
+
+
+@flax.struct.dataclass
+class SlotCache:
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    end: jax.Array  # int32 [B]: each row's first free slot
+    valid: jax.Array  # bool [B, S]: slot holds a real token of the row's request
+
+    @classmethod
+    def init(cls, cfg: LlmConfig, rows: int, max_len: int, dtype) -> SlotCache:
+        shape = (cfg.num_layers, rows, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            end=jnp.zeros((rows,), jnp.int32),
+            valid=jnp.zeros((rows, max_len), bool),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+    def _slots(self, start: jax.Array, t: int) -> jax.Array:
+        return start[:, None] + jnp.arange(t)[None, :]  # [B, T]
+
+    def append(self, token_valid: jax.Array) -> tuple[SlotCache, jax.Array]:
+        """Reserve T slots per row at its own ``end``; returns (cache, start int32 [B]).
+
+        A full row (an idle slot that kept stepping) stops advancing; its writes are dropped.
+        """
+        rows = jnp.arange(self.valid.shape[0])[:, None]
+        t = token_valid.shape[1]
+        valid = self.valid.at[rows, self._slots(self.end, t)].set(
+            token_valid.astype(bool), mode="drop"
+        )
+        end = jnp.minimum(self.end + t, self.max_len)
+        return self.replace(end=end, valid=valid), self.end
+
+    def mask(self, start: jax.Array, t: int) -> jax.Array:
+        """bool [B, 1, T, S]: row b's query i (slot start[b] + i) attends its valid slots <= it."""
+        causal = jnp.arange(self.max_len)[None, None, :] <= self._slots(start, t)[:, :, None]
+        return (self.valid[:, None, :] & causal)[:, None]
+
+    def write(self, layer, start: jax.Array, k: jax.Array, v: jax.Array) -> SlotCache:
+        """Store k, v [B, T, K, H] of one layer at each row's slots [start, start + T)."""
+        rows = jnp.arange(k.shape[0])[:, None]
+        slots = self._slots(start, k.shape[1])
+
+        def put(buf, x):
+            return buf.at[layer, rows, slots].set(x.astype(buf.dtype), mode="drop")
+
+        return self.replace(k=put(self.k, k), v=put(self.v, v))
+
+
+@flax.struct.dataclass
+class SlotState:
+    """Per-row decoding state and settings (B = SLOTS rows)."""
+
+    token: jax.Array  # int32 [B]: last selected token (the next forward pass's input)
+    position: jax.Array  # int32 [B]: RoPE position of ``token``
+    step: jax.Array  # int32 [B]: tokens selected so far
+    presence: jax.Array  # bool [B, V]: token history (repetition penalty)
+    key: jax.Array  # uint32 [B, ...]: PRNG key data
+    params: SamplingParams  # fields [B]
+    do_sample: jax.Array  # bool [B]: False = greedy (argmax of the processed logits)
+
+    @classmethod
+    def init(cls, rows: int, vocab: int) -> SlotState:
+        key = jax.random.key_data(jax.random.key(0))
+        params = SamplingParams.create()
+        return cls(
+            token=jnp.zeros((rows,), jnp.int32),
+            position=jnp.zeros((rows,), jnp.int32),
+            step=jnp.zeros((rows,), jnp.int32),
+            presence=jnp.zeros((rows, vocab), bool),
+            key=jnp.broadcast_to(key, (rows,) + key.shape),
+            params=jax.tree.map(lambda x: jnp.broadcast_to(x, (rows,)), params),
+            do_sample=jnp.zeros((rows,), bool),
+        )
+
+
+def select(rows: SlotState, logits: jax.Array, terminators: tuple[int, ...]):
+    """Each row's next token from its raw logits [B, V], as ``sampling.sample_step`` selects it
+    for a batch of one (the same processors, the same key schedule). -> (int32 [B], state)."""
+
+    def process(lg, presence, step, params):
+        return sampling.process_logits(lg[None], presence[None], step, params, terminators)[0]
+
+    scores = jax.vmap(process)(logits, rows.presence, rows.step, rows.params)
+    keys = jax.vmap(jax.random.split)(jax.random.wrap_key_data(rows.key))  # [B, 2]
+    greedy = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        def one(key, s, params):
+            warped = sampling.warp_for_sampling(s[None], params)
+            return jax.random.categorical(key, warped, axis=-1)[0]
+
+        return jax.vmap(one)(keys[:, 1], scores, rows.params).astype(jnp.int32)
+
+    # the sort of top-k / top-p runs only when a row samples
+    sampled = jax.lax.cond(jnp.any(rows.do_sample), draw, lambda _: greedy, None)
+    tok = jnp.where(rows.do_sample, sampled, greedy)
+    return tok, rows.replace(
+        token=tok,
+        step=rows.step + 1,
+        presence=sampling.add_tokens(rows.presence, tok),
+        key=jax.random.key_data(keys[:, 0]),
+    )
+
+
+def insert(
+    cache: SlotCache,
+    rows: SlotState,
+    prefill: KVCache,
+    logits: jax.Array,
+    slot: jax.Array,
+    length: jax.Array,
+    position: jax.Array,
+    params: SamplingParams,
+    do_sample: jax.Array,
+    seed: jax.Array,
+    *,
+    terminators: tuple[int, ...],
+):
+    """Put a prefilled request into row ``slot`` and select its first token.
+
+    Args:
+      cache / rows: the slot cache and state (donated).
+      prefill: the request's B=1 cache [L, 1, T, K, H] (T <= S); its valid row marks the prompt.
+      logits: float32 [1, V] of the prompt's last token; slot, length (prompt tokens), position
+        (RoPE position of the first new token): int32 []; params: scalar ``SamplingParams``;
+        do_sample: bool []; seed: uint32 [] (the row's key is ``jax.random.key(seed)``).
+    Returns:
+      (first token int32 [], cache, rows).
+    """
+    t = prefill.valid.shape[1]
+
+    def put(buf, x):  # [L, B, S, K, H] <- [L, 1, T, K, H] at (slot, 0)
+        return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, slot, 0, 0, 0))
+
+    row_valid = jnp.zeros((1, cache.max_len), bool).at[:, :t].set(prefill.valid)
+    cache = cache.replace(
+        k=put(cache.k, prefill.k),
+        v=put(cache.v, prefill.v),
+        # generated tokens follow the prompt's last token (the bucket's pad slots are reused)
+        end=cache.end.at[slot].set(length),
+        valid=jax.lax.dynamic_update_slice(cache.valid, row_valid, (slot, 0)),
+    )
+    one = SlotState(
+        token=jnp.zeros((1,), jnp.int32),
+        position=position[None],
+        step=jnp.zeros((1,), jnp.int32),
+        presence=jnp.zeros((1, logits.shape[-1]), bool),
+        key=jax.random.key_data(jax.random.key(seed))[None],
+        params=jax.tree.map(lambda x: x[None], params),
+        do_sample=do_sample[None],
+    )
+    tok, one = select(one, logits, terminators)
+    rows = jax.tree.map(
+        lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), slot, 0),
+        rows,
+        one,
+    )
+    return tok[0], constrain_cache(cache), rows
+
+
+def decode_step(graphdef, state, cache: SlotCache, rows: SlotState, *, terminators):
+    """One new token for every row. -> (int32 [B], cache, rows)."""
+    module = nnx.merge(graphdef, state)
+    x = module.llm.embed(rows.token[:, None])  # [B, 1, D]
+    # generated tokens are always attended (generate() appends ones to the attention mask)
+    valid = jnp.ones((x.shape[0], 1), bool)
+    logits, cache = module.llm(x, rows.position[:, None], cache, valid)
+    tok, rows = select(rows, logits[:, 0], terminators)
+    return tok, constrain_cache(cache), rows.replace(position=rows.position + 1)

@@ -1,0 +1,340 @@
+"""The continuous-batching engine on the tiny fixture checkpoints (2.6 and 4.5).
+
+Every answer is checked against the same request run alone through the generation path of
+``chat()`` (``model.generate`` for the ids, ``chat.postprocess`` for the text, which is what
+``chat()`` returns; a few requests literally through ``model.chat``): token ids exactly equal,
+text exactly equal. One engine per checkpoint (fewer slots than requests), every program
+compiled in ``start()``; no compilation afterwards.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+from conftest import FIXTURES, load_case
+from gen_helpers import case_messages, load_model, processor_kwargs
+from PIL import Image
+
+from minicpmv_jax.chat import postprocess
+from minicpmv_jax.generate import RequestShape
+from minicpmv_jax.serve.engine import Engine
+from minicpmv_jax.serve.types import (
+    Delta,
+    EngineStopped,
+    Finished,
+    QueueFull,
+    Request,
+    RequestError,
+)
+from minicpmv_jax.settings import GenerationSettings
+
+TIMEOUT = 120.0
+MAX_LEN = 320
+
+# (case, max_tokens, extra Request fields); every case once or twice with different lengths
+WORKLOAD = {
+    "minicpm-v-2_6": [
+        ("text_only", 16, {}),
+        ("text_only", 5, {}),
+        ("mask_id0_text_only", 12, {}),
+        ("greedy_rep_penalty", 24, {"repetition_penalty": 1.2}),
+        ("greedy_rep_penalty", 9, {"repetition_penalty": 1.2}),
+        ("single_448x448", 16, {}),
+        ("single_448x448", 3, {}),
+        ("single_100x90", 16, {}),
+        ("system_prompt", 16, {}),
+        ("mask_id0_image", 16, {}),
+        ("mask_id0_image", 7, {}),
+        ("single_1024x768", 16, {}),  # sliced
+        ("single_1024x768", 11, {}),
+        ("single_300x1200", 16, {}),  # sliced
+        ("single_1600x1200_max_slice_2", 16, {}),
+        ("multi_image", 16, {}),
+        ("multi_image", 4, {}),
+        ("multi_turn", 16, {}),
+        ("multi_turn", 1, {}),
+        ("text_only", 30, {"repetition_penalty": 1.1}),
+        ("single_100x90", 8, {"repetition_penalty": 1.3}),
+        ("single_1600x1200_max_slice_2", 20, {}),
+    ],
+    "minicpm-v-4_5": [
+        ("text_only", 16, {}),
+        ("text_only", 6, {}),
+        ("thinking_on", 16, {}),
+        ("thinking_off", 16, {}),
+        ("video_8f_pack3", 16, {}),  # video: frames + temporal_ids
+        ("image_and_video", 16, {}),
+        ("image_and_video", 5, {}),
+        ("single_448x448", 16, {}),
+        ("single_448x448", 4, {}),
+        ("system_prompt", 10, {}),
+        ("greedy_rep_penalty", 24, {"repetition_penalty": 1.2}),
+        ("video_8f_pack3", 9, {}),
+    ],
+}
+SLOTS = {"minicpm-v-2_6": 4, "minicpm-v-4_5": 3}
+
+
+def case_request(version: str, name: str, max_tokens: int, **fields) -> Request:
+    case = load_case(FIXTURES / version / "cases" / name)
+    pk = processor_kwargs(case)
+    if "temporal_ids" in pk:
+        pk["temporal_ids"] = tuple(tuple(g) for g in pk["temporal_ids"])
+    fields.setdefault("temperature", 0.0)
+    return Request(messages=case_messages(case), max_tokens=max_tokens, **pk, **fields)
+
+
+def processed(model, r: Request):
+    tids = None if r.temporal_ids is None else [list(g) for g in r.temporal_ids]
+    return model.processor(
+        r.messages,
+        max_slice_nums=r.max_slice_nums,
+        use_image_id=r.use_image_id,
+        enable_thinking=r.enable_thinking,
+        system_prompt=r.system_prompt,
+        temporal_ids=tids,
+    )
+
+
+def alone(model, r: Request, **kwargs) -> list[int]:
+    """The request's ids from the generation path of chat(), batch 1 (greedy unless kwargs)."""
+    kw = {"sampling": False, "num_beams": 1, "repetition_penalty": r.repetition_penalty, **kwargs}
+    ids = model.generate(processed(model, r), max_new_tokens=r.max_tokens, **kw)
+    return [int(t) for t in ids]
+
+
+def collect(handle) -> tuple[Finished, list[int], str]:
+    ids, text = [], ""
+    for ev in handle.events(timeout=TIMEOUT):
+        if isinstance(ev, Delta):
+            ids += ev.token_ids
+            text += ev.text
+        else:
+            return ev, ids, text
+    raise AssertionError("no Finished event")
+
+
+def run_together(engine, requests) -> list[tuple[Finished, list[int], str]]:
+    """Submit every request from its own thread at once; collect each one's events."""
+    out = [None] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def client(i):
+        barrier.wait()
+        out[i] = collect(engine.submit(requests[i]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert all(o is not None for o in out)
+    return out
+
+
+def make_engine(version: str) -> Engine:
+    model = load_model(version)
+    settings = GenerationSettings(max_new_tokens=1)
+    shapes = [
+        RequestShape.of([processed(model, case_request(version, name, n))], settings)
+        for name, n, _ in WORKLOAD[version]
+    ]
+    engine = Engine(
+        model, slots=SLOTS[version], max_len=MAX_LEN, max_queue=64, max_images=12, warmup=shapes
+    )
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine26():
+    engine = make_engine("minicpm-v-2_6")
+    yield engine
+    engine.shutdown(drain=False, timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def engine45():
+    engine = make_engine("minicpm-v-4_5")
+    yield engine
+    engine.shutdown(drain=False, timeout=TIMEOUT)
+
+
+def check_workload(engine, version: str, literal_chat: tuple[str, ...]):
+    model = engine.model
+    requests = [case_request(version, name, n, **kw) for name, n, kw in WORKLOAD[version]]
+    assert len(requests) > engine.slots
+    results = run_together(engine, requests)
+    terminators = set(model.processor.terminators)
+    for (name, _, _), r, (fin, ids, text) in zip(WORKLOAD[version], requests, results):
+        expected = alone(model, r)
+        assert ids == expected, name
+        answer = postprocess(np.asarray(expected), model.processor, r.enable_thinking)
+        assert fin.text == answer and text == answer, name
+        assert fin.reason == ("stop" if expected[-1] in terminators else "length"), name
+        assert fin.completion_tokens == len(expected)
+        assert fin.prompt_tokens == np.asarray(processed(model, r)["input_ids"]).shape[-1]
+        if name in literal_chat:
+            kw = processor_kwargs(load_case(FIXTURES / version / "cases" / name))
+            got = model.chat(r.messages, sampling=False, num_beams=1, max_new_tokens=r.max_tokens,
+                             repetition_penalty=r.repetition_penalty, **kw)  # fmt: skip
+            assert fin.text == got, name
+    stats = engine.stats()
+    assert stats.active_slots == 0 and stats.queue_length == 0
+    assert stats.compilations_after_start == 0
+
+
+def test_concurrent_greedy_26_equals_each_request_alone(engine26):
+    check_workload(engine26, "minicpm-v-2_6", literal_chat=("multi_image",))
+
+
+def test_concurrent_greedy_45_video_thinking_equals_each_request_alone(engine45):
+    check_workload(engine45, "minicpm-v-4_5", literal_chat=("thinking_on", "video_8f_pack3"))
+
+
+def test_per_request_parameters(engine26):
+    """Stop string, stop token id, top_k=1 sampling, repetition penalty: each acts on its own
+    row only; expected values come from the request run alone."""
+    v = "minicpm-v-2_6"
+    model = engine26.model
+    base = case_request(v, "text_only", 24)
+    ids = alone(model, base)
+    answer = postprocess(np.asarray(ids), model.processor)
+    pieces = [answer[i : i + 3] for i in range(4, len(answer) - 3)]
+    stop = next(p for p in pieces if "\ufffd" not in p)
+    stop_id = ids[4]
+    cut = ids.index(stop_id)
+    plain = case_request(v, "greedy_rep_penalty", 16)
+    requests = [
+        case_request(v, "text_only", 24, stop=(stop, "never-appears")),
+        case_request(v, "text_only", 24, stop_token_ids=(stop_id,)),
+        case_request(v, "text_only", 24, temperature=0.7, top_k=1, seed=3),  # = greedy
+        case_request(v, "greedy_rep_penalty", 16, temperature=1.3, top_k=1, top_p=0.5),  # no seed
+        case_request(v, "greedy_rep_penalty", 16, repetition_penalty=1.2),
+        plain,
+    ]
+    results = run_together(engine26, requests)
+    (f_stop, _, t_stop), (f_id, ids_id, _), (f_k1, ids_k1, _), (_, ids_k1b, _) = results[:4]
+    assert f_stop.reason == "stop" and f_stop.text == t_stop == answer[: answer.index(stop)]
+    assert f_id.reason == "stop" and ids_id == ids[: cut + 1]
+    assert f_id.text == postprocess(np.asarray(ids[:cut]), model.processor)
+    assert ids_k1 == ids and f_k1.text == answer
+    ids_plain = alone(model, plain)
+    assert ids_k1b == results[5][1] == ids_plain
+    assert results[4][1] == alone(model, requests[4]) != ids_plain
+    assert engine26.stats().compilations_after_start == 0
+
+
+def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(engine26):
+    v = "minicpm-v-2_6"
+    model = engine26.model
+    sampled = {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.05}
+    seeded = case_request(v, "single_448x448", 16, seed=7, **sampled)
+    alone_run = run_together(engine26, [seeded])[0]
+    mix = [case_request(v, "multi_image", 12), case_request(v, "text_only", 20, seed=1, **sampled),
+           seeded, case_request(v, "single_1024x768", 8, temperature=1.2)]  # fmt: skip
+    mixed_run = run_together(engine26, mix)[2]
+    assert mixed_run[1] == alone_run[1] and mixed_run[0].text == alone_run[0].text
+    # the same draws as chat()'s seeded sampling of the request alone
+    kw = {k: sampled[k] for k in ("temperature", "top_p", "top_k")}
+    assert alone_run[1] == alone(model, seeded, sampling=True, seed=7, **kw)
+    # no seed: fresh randomness per request
+    free = case_request(v, "text_only", 24, temperature=1.5)
+    a, b = run_together(engine26, [free, free])
+    assert a[1] != b[1]
+    assert engine26.stats().compilations_after_start == 0
+
+
+def test_cancel_frees_the_slot_and_the_queue_is_bounded(engine26):
+    v = "minicpm-v-2_6"
+    long = case_request(v, "text_only", MAX_LEN - 60, repetition_penalty=1.3)
+    busy = [engine26.submit(long) for _ in range(engine26.slots)]
+    for h in busy:  # all slots taken
+        assert isinstance(next(h.events(TIMEOUT)), Delta)
+    old = engine26.max_queue
+    engine26.max_queue = 2
+    try:
+        waiting = [engine26.submit(long) for _ in range(2)]
+        with pytest.raises(QueueFull) as e:
+            engine26.submit(long)
+        assert e.value.retry_after > 0
+        s = engine26.stats()
+        assert (s.active_slots, s.queue_length) == (engine26.slots, 2)
+    finally:
+        engine26.max_queue = old
+    busy[0].cancel()
+    fin = busy[0].result(TIMEOUT)
+    assert fin.reason == "cancelled" and fin.completion_tokens >= 1
+    # the freed slot takes a waiting request; its first token arrives
+    first = next(waiting[0].events(TIMEOUT))
+    assert isinstance(first, Delta) and first.token_ids
+    waiting[1].cancel()
+    assert waiting[1].result(TIMEOUT).reason == "cancelled"
+    for h in busy[1:] + waiting[:1]:
+        h.cancel()
+        assert h.result(TIMEOUT).reason == "cancelled"
+    s = engine26.stats()
+    assert (s.active_slots, s.queue_length) == (0, 0)
+
+
+def test_refusals_name_the_field(engine26):
+    v = "minicpm-v-2_6"
+    with pytest.raises(RequestError, match="max_tokens"):
+        engine26.submit(case_request(v, "text_only", MAX_LEN))  # prompt + max_tokens > max_len
+    with pytest.raises(RequestError, match="top_p"):
+        engine26.submit(case_request(v, "text_only", 4, temperature=0.5, top_p=2.0))
+    with pytest.raises(RequestError, match="max_tokens"):
+        engine26.submit(case_request(v, "text_only", 0))
+    images = [Image.new("RGB", (32, 32)) for _ in range(13)]
+    with pytest.raises(RequestError, match="max_images"):
+        engine26.submit(Request(messages=[{"role": "user", "content": images + ["hi"]}]))
+    with pytest.raises(RequestError, match="enable_thinking"):
+        engine26.submit(case_request(v, "text_only", 4, enable_thinking=True))
+    with pytest.raises(RequestError, match="stop_token_ids"):
+        engine26.submit(case_request(v, "text_only", 4, stop_token_ids=(10**9,)))
+
+
+def test_behind_the_http_server(engine26):
+    """The official openai client against the real engine: streaming and not, answers equal to
+    chat() of the same request alone."""
+    openai = pytest.importorskip("openai")
+    from serve_helpers import serve_in_thread
+
+    from minicpmv_jax.serve.server import ServerState, create_app
+
+    model = engine26.model
+    question = "What is in the picture?"
+    ref = model.chat([{"role": "user", "content": question}], sampling=False, num_beams=1,
+                     repetition_penalty=1.0, max_new_tokens=12)  # fmt: skip
+    state = ServerState(engine26, model_name="tiny", version="2.6", owns_engine=False)
+    with serve_in_thread(create_app(state)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=TIMEOUT)
+        msgs = [{"role": "user", "content": question}]
+        r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12,
+                                           temperature=0)  # fmt: skip
+        assert r.choices[0].message.content == ref
+        chunks = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12,
+                                                temperature=0, stream=True)  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == ref
+    assert engine26.stats().compilations_after_start == 0
+
+
+def test_shutdown_drains_then_refuses(engine26):
+    v = "minicpm-v-2_6"
+    handles = [engine26.submit(case_request(v, "text_only", n)) for n in (5, 9, 13, 3, 7, 11)]
+    engine26.shutdown(drain=True, timeout=TIMEOUT)
+    for h, n in zip(handles, (5, 9, 13, 3, 7, 11)):
+        fin = h.result(1.0)
+        assert fin.reason in ("stop", "length") and 1 <= fin.completion_tokens <= n
+    with pytest.raises(EngineStopped):
+        engine26.submit(case_request(v, "text_only", 4))
+
+
+def test_46_is_refused():
+    class Model46:
+        class config:
+            version = "4.6"
+
+    with pytest.raises(Exception, match="4.6"):
+        Engine(Model46())
