@@ -69,3 +69,45 @@ def test_remat_same_step_less_memory():
     assert len(grads) == len(grads0) > 0
     for a, b in zip(grads, grads0, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_plan_agrees_with_compiled_step(remat):
+    """The plan's total within 25% of the compiled text-only train step's memory (the model's
+    weights + the train state + XLA's temporaries) on the tiny checkpoint, full and LoRA."""
+    import jax
+    from test_train_cli import TEXT
+    from test_train_loop import small_model
+
+    from minicpmv_jax import train
+
+    model = small_model()
+    examples, _ = train.load_examples(model, TEXT * 2)
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+    for mode in ("full", "lora"):
+        lora = LoraConfig(r=4, alpha=8)
+        cfg = train.TrainConfig(
+            mode=mode,
+            steps=1,
+            batch_size=4,
+            token_buckets=(128,),
+            slice_buckets=None,  # text only: no vision program
+            remat=remat,
+            lora=lora,
+        )
+        trainer = train.Trainer(model, examples, cfg)
+        arrays, groups = trainer._device_batch(trainer.micro_batch(0))
+        args = (trainer.state, trainer.frozen, trainer.loaded, arrays)
+        analysis = trainer._step.lower(*args, num_groups=groups).compile().memory_analysis()
+        measured = nbytes(model.state) + nbytes(trainer.state) + analysis.temp_size_in_bytes
+        p = memory.plan(
+            model.config,
+            mode=mode,
+            lora=lora,
+            batch=4,
+            seq_len=128,
+            num_slices=0,
+            param_dtype="float32",
+            remat=remat,
+        )
+        assert abs(p.total - measured) <= 0.25 * measured, (mode, p, measured)
