@@ -162,3 +162,23 @@ def test_frozen_bfloat16():
         jnp.dtype("float32")
     }
     np.testing.assert_allclose(history[0]["loss"], plain_run()[1][0]["loss"], rtol=1e-2)
+
+
+def test_peft_adapter_onto_int8_base():
+    """from_pretrained(quant="int8", adapter=...): the adapter is merged by dequantizing,
+    adding and quantizing again; the batch logits are the fixture's float LoRA logits within the
+    int8 base's own quantization error (x1.5), the adapter moving them 10x further."""
+    from train_helpers import fixture_logits, train_dir
+
+    folder = train_checkpoint(VERSION)
+    kw = {"dtype": "float32", "quant": "int8", "progress": False}
+    adapter = train_dir(VERSION) / "batch" / "lora" / "adapter"
+    merged = MiniCPMV.from_pretrained(folder, adapter=adapter, **kw)
+    base = MiniCPMV.from_pretrained(folder, **kw)
+    batch = train.collate(batch_rows(VERSION, base))
+    want = fixture_logits(VERSION, "lora/logits.npz")
+    float_base = fixture_logits(VERSION, "full/logits.npz")
+    quant_error = np.abs(train.forward_logits(base, batch) - float_base).max()
+    error = np.abs(train.forward_logits(merged, batch) - want).max()
+    shift = np.abs(want - float_base).max()
+    assert error < 1.5 * quant_error and error < 0.15 * shift, (error, quant_error, shift)
