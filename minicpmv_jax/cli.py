@@ -481,6 +481,16 @@ def _serve_state(args):
         media = api.Media(local_root=root, allow_remote_urls=args.allow_remote_urls)
     except ValueError as e:
         raise MiniCPMVError(str(e).replace("Limits.max_", "--max-").replace("_", "-")) from None
+    import jax
+
+    if jax.process_count() > 1:
+        # the scheduler decides each step from the requests this process received; the other
+        # processes of a multi-host mesh would have to run the same programs on the same inputs
+        raise MiniCPMVError(
+            f"serve runs in one process; this is process {jax.process_index()} of "
+            f"{jax.process_count()}: serve one model per host (or per device group) and put a load "
+            "balancer in front (README: Serving)"
+        )
     mesh = _mesh(args.mesh)
     folder = resolve_checkpoint(args.model)
     version = _checkpoint_version(folder)
