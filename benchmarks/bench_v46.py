@@ -142,20 +142,19 @@ def torch_peer(model, args) -> dict[str, Any]:
         out[f"ttft_{mode}_s"] = float(np.median(times[1:]))
     for b in args.batch_sizes:
         ids = torch.from_numpy(np.stack([text_request(32)["input_ids"]] * b))
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            peer.generate(input_ids=ids, max_new_tokens=1, do_sample=False)
-            t1 = time.perf_counter()
-            peer.generate(
-                input_ids=ids,
-                max_new_tokens=args.decode_steps,
-                do_sample=False,
-                min_new_tokens=args.decode_steps,
-            )
-            t2 = time.perf_counter()
-        out[f"decode_b{b}_tokens_per_s"] = (
-            b * (args.decode_steps - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
-        )
+
+        def gen(n, ids=ids):
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                peer.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                return time.perf_counter() - t0
+
+        gen(2)  # warm-up
+        # decode alone: (prefill + `steps` tokens) - (prefill + 1 token), medians of the repeats
+        first = float(np.median([gen(1) for _ in range(args.repeats)]))
+        whole = float(np.median([gen(args.decode_steps) for _ in range(args.repeats)]))
+        rate = b * (args.decode_steps - 1) / (whole - first) if whole > first else float("nan")
+        out[f"decode_b{b}_tokens_per_s"] = rate
     return out
 
 

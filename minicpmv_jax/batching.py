@@ -21,6 +21,8 @@ import flax.struct
 import jax
 import numpy as np
 
+from minicpmv_jax.image import aligned_zeros, grow_rows
+
 
 def _round_up(n: int, buckets: Sequence[int]) -> int:
     """Smallest bucket >= n; past the largest, the next multiple of the largest."""
@@ -110,16 +112,19 @@ class VisionBatch:
             return cls.placeholder(0, 0, 0)
         p = max(int(np.asarray(o["pixel_patches"]).shape[1]) for o in parts)
 
-        def cat(name, fill, dtype, per_patch=True):
-            xs = []
-            for o in parts:
-                x = np.asarray(o[name], dtype)  # no copy when the dtype already matches
-                if per_patch and x.shape[1] < p:  # [I, P, ...]: pad P to the batch's
-                    widths = [(0, 0), (0, p - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
-                    x = np.pad(x, widths, constant_values=fill)
-                xs.append(x)
-            # one conversation: its arrays as they are (a video's pixels are GBs: no copy)
-            return xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
+        def cat(name, fill, dtype):
+            xs = [np.asarray(o[name], dtype) for o in parts]  # no copy when the dtype matches
+            if len(xs) == 1 and xs[0].shape[1] == p:  # one conversation (a video's pixels are
+                return xs[0]  # GBs): its arrays as they are, no copy
+            n = sum(x.shape[0] for x in xs)
+            out = aligned_zeros((n, p, *xs[0].shape[2:]), dtype)  # [I, P, ...]
+            if fill:
+                out[...] = fill
+            start = 0
+            for x in xs:  # pad each conversation's P to the batch's
+                out[start : start + x.shape[0], : x.shape[1]] = x
+                start += x.shape[0]
+            return out
 
         groups, temporal, offset = [], [], 0
         for o in parts:
@@ -149,13 +154,18 @@ class VisionBatch:
         if slices == n:
             return self
 
-        def pad(x, fill):
-            return np.pad(x, [(0, slices - n)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+        def pad(x, fill):  # one aligned allocation (XLA:CPU then takes it without a copy)
+            out = aligned_zeros((slices, *x.shape[1:]), x.dtype)
+            out[:n] = x
+            out[n:] = fill
+            return out
 
         vision_mask = pad(self.vision_mask, False)
         vision_mask[n:, 0] = True
+        # the processor reserves room for the padding slices: no copy of the pixels (GBs)
+        patches = grow_rows(self.pixel_patches, slices)
         return VisionBatch(
-            pixel_patches=pad(self.pixel_patches, 0),
+            pixel_patches=pad(self.pixel_patches, 0) if patches is None else patches,
             position_ids=pad(self.position_ids, 0),
             vision_mask=vision_mask,
             patch_valid=pad(self.patch_valid, False),
@@ -171,7 +181,7 @@ class VisionBatch:
         mask = np.zeros((slices, patches), bool)
         mask[:, :1] = True
         return cls(
-            pixel_patches=np.zeros((slices, patches, patch_dim), np.float32),
+            pixel_patches=aligned_zeros((slices, patches, patch_dim), np.float32),
             position_ids=np.zeros((slices, patches), np.int32),
             vision_mask=mask,
             patch_valid=mask.copy(),

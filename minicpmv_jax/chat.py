@@ -64,10 +64,31 @@ class _TextStream:
     """
 
     def __init__(self, processor, enable_thinking: bool):
-        self.processor = processor
-        self.terminators = set(processor.terminators)
-        self.bos = getattr(processor, "bos_id", None)
-        self.head = versions.spec(processor.version).thinking_prefix if enable_thinking else ""
+        head = versions.spec(processor.version).thinking_prefix if enable_thinking else ""
+        self._setup(
+            lambda ids: processor.decode(np.asarray(ids, np.int64)),
+            processor.terminators,
+            bos=getattr(processor, "bos_id", None),
+            head=head,
+            dropped=(0,),  # postprocess drops every id 0 (2.x quirk)
+        )
+
+    @classmethod
+    def with_rules(cls, decode, terminators, *, bos=None, head: str = "", dropped=()):
+        """A stream with explicit rules (4.6: its own decode, nothing dropped but the end).
+
+        decode: list of ids -> text; terminators end the answer; a leading ``bos`` and every id
+        in ``dropped`` are skipped; ``head`` opens the answer."""
+        self = cls.__new__(cls)
+        self._setup(decode, terminators, bos=bos, head=head, dropped=dropped)
+        return self
+
+    def _setup(self, decode, terminators, *, bos, head: str, dropped) -> None:
+        self.decode = decode
+        self.terminators = {int(t) for t in terminators}
+        self.bos = bos
+        self.head = head
+        self.dropped = {int(t) for t in dropped}
         self.ids: list[int] = []  # the answer's ids after postprocess's filtering
         self.prefix = 0  # ids[prefix:read]: context of the next window, already emitted
         self.read = 0  # ids[read:]: not emitted yet
@@ -75,7 +96,7 @@ class _TextStream:
         self.started = False  # a non-whitespace character was emitted
 
     def _decode(self, start: int, end: int | None = None) -> str:
-        return self.processor.decode(np.asarray(self.ids[start:end], np.int64))
+        return self.decode(self.ids[start:end])
 
     def _emit(self, piece: str) -> str:
         text = self.held + piece
@@ -91,8 +112,12 @@ class _TextStream:
 
     def push(self, token: int) -> str:
         token = int(token)
-        if token == 0 or token in self.terminators or (not self.ids and token == self.bos):
-            return ""  # postprocess: every id 0, a leading bos, the final terminator
+        if (
+            token in self.dropped
+            or token in self.terminators
+            or (not self.ids and token == self.bos)
+        ):
+            return ""  # postprocess: every id 0 (2.x), a leading bos, the final terminator
         self.ids.append(token)
         before = self._decode(self.prefix, self.read)
         text = self._decode(self.prefix)
@@ -262,7 +287,11 @@ class ChatSampler:
                     "end); pass sampling=True or num_beams=1"
                 )
             return self._stream(outputs[0], settings, enable_thinking)
-        out = self.sampler.run(outputs, settings)
+        prepared = self.sampler.prepare(outputs)
+        # the processor outputs are not needed past here: dropping them before the programs run
+        # keeps one copy of the pixels (the prepared batch's) alive, not two (GBs for a video)
+        del outputs
+        out = self.sampler.run_prepared(prepared, settings)
         self._record_stats(out)
         answers = [postprocess(s, self.processor, enable_thinking) for s in out.sequences]
         return answers if batched else answers[0]

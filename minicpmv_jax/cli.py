@@ -195,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "dpo",
+        help="DPO on RLAIF-V preference pairs (see `dpo --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "bench",
         help="run the benchmark suite, benchmarks/run.py (see `bench --help`)",
         add_help=False,
@@ -476,6 +481,16 @@ def _serve_state(args):
         media = api.Media(local_root=root, allow_remote_urls=args.allow_remote_urls)
     except ValueError as e:
         raise MiniCPMVError(str(e).replace("Limits.max_", "--max-").replace("_", "-")) from None
+    import jax
+
+    if jax.process_count() > 1:
+        # the scheduler decides each step from the requests this process received; the other
+        # processes of a multi-host mesh would have to run the same programs on the same inputs
+        raise MiniCPMVError(
+            f"serve runs in one process; this is process {jax.process_index()} of "
+            f"{jax.process_count()}: serve one model per host (or per device group) and put a load "
+            "balancer in front (README: Serving)"
+        )
     mesh = _mesh(args.mesh)
     folder = resolve_checkpoint(args.model)
     version = _checkpoint_version(folder)
@@ -511,10 +526,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(processor_cli.main(argv[1:]) or 0)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
-    if argv and argv[0] == "finetune":
+    if argv and argv[0] in ("finetune", "dpo"):
         from minicpmv_jax.train import cli as train_cli
 
-        return train_cli.main(_mesh_value_joined(argv[1:]))
+        return train_cli.main(_mesh_value_joined(argv[1:]), command=argv[0])
     args = build_parser().parse_args(_mesh_value_joined(argv))
     if args.command == "serve":
         return _serve(args)

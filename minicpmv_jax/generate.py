@@ -587,9 +587,9 @@ class Sampler:
         """Generate for a batch of processed conversations (blocking)."""
         if not outputs:
             raise GenerationError("generate() needs at least one conversation")
-        return self._run_prepared(self.prepare(outputs), settings, record_logits=record_logits)
+        return self.run_prepared(self.prepare(outputs), settings, record_logits=record_logits)
 
-    def _run_prepared(
+    def run_prepared(
         self,
         prepared: PreparedBatch,
         settings: GenerationSettings,
@@ -688,7 +688,7 @@ class Sampler:
             vision = VisionBatch.placeholder(i, p, patch_dim) if i else None
             prepared = PreparedBatch.placeholder(b, shape.prompt_tokens, t, vision)
             if not shape.stream:
-                self._run_prepared(prepared, shape.settings(), step_limit=1)
+                self.run_prepared(prepared, shape.settings(), step_limit=1)
                 continue
             # two tokens: the first-token and the per-token programs (no early stop)
             settings = dataclasses.replace(shape.settings(), min_new_tokens=2)

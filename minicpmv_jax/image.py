@@ -12,6 +12,8 @@ import functools
 import io
 import math
 import os
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,11 +24,14 @@ from minicpmv_jax.errors import ImageError
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageInput",
+    "PixelStrips",
     "SlicedImage",
+    "aligned_zeros",
     "ensure_divide",
     "find_best_resize",
     "get_refine_size",
     "get_sliced_grid",
+    "grow_rows",
     "load_image",
     "normalize_u8",
     "patchify",
@@ -309,6 +314,81 @@ def strip_layout(piece: np.ndarray, patch_size: int = 14) -> np.ndarray:
     x = piece.reshape(hh, p, ww, p, 3)  # [h, kh, w, kw, c]
     x = x.transpose(4, 1, 0, 2, 3)  # [c, kh, h, w, kw]: transpose the uint8 data (4x less memory)
     return normalize_u8(x.reshape(3, p, hh * ww * p))
+
+
+# buffers allocated with spare rows by `aligned_zeros` (only those may be grown in place)
+_RESERVED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def aligned_zeros(
+    shape: Sequence[int], dtype=np.float32, *, capacity: int | None = None, align: int = 64
+) -> np.ndarray:
+    """Zeros whose data starts on an ``align``-byte boundary.
+
+    XLA:CPU takes a 64-byte aligned numpy argument without copying it (the device buffer aliases
+    the host memory), so the pixel arrays of a long video exist once, not twice, while the vision
+    program runs. Such arrays are never donated or written after they are handed to a program.
+
+    capacity: rows (axis 0) to reserve beyond ``shape[0]``, so that ``grow_rows`` can later
+    extend the array to a slice bucket without a copy. The reserve costs address space only: the
+    pages stay untouched (zero-mapped) until written.
+    """
+    dtype = np.dtype(dtype)
+    shape = tuple(int(d) for d in shape)
+    rows = max(shape[0], int(capacity or 0)) if shape else 1
+    n = rows * int(np.prod(shape[1:])) * dtype.itemsize
+    raw = np.zeros(n + align, np.uint8)
+    if rows > (shape[0] if shape else 1):
+        _RESERVED[id(raw)] = raw
+    start = (-raw.ctypes.data) % align
+    size = int(np.prod(shape)) * dtype.itemsize
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
+def grow_rows(x: np.ndarray, rows: int) -> np.ndarray | None:
+    """``x`` extended to ``rows`` rows of zeros in place, when ``aligned_zeros`` reserved room for
+    them (the reserved rows are never written, so they still hold zeros); None otherwise."""
+    raw = x.base
+    if raw is None or _RESERVED.get(id(raw)) is not raw or not x.flags.c_contiguous:
+        return None
+    offset = x.ctypes.data - raw.ctypes.data
+    row_bytes = x.nbytes // max(x.shape[0], 1) if x.shape[0] else 0
+    need = rows * row_bytes
+    if not row_bytes or offset < 0 or offset + need > raw.nbytes:
+        return None
+    return raw[offset : offset + need].view(x.dtype).reshape((rows, *x.shape[1:]))
+
+
+class PixelStrips(Sequence):
+    """The official ``pixel_values`` (one float32 [3, p, h*w*p] strip per slice, see
+    ``strip_layout``) as a read-only view of ``pixel_patches``: each strip is rebuilt on access
+    (bit-identical: the same normalised values, moved), so a processor output does not hold every
+    pixel twice (1.2 GB for a 10-minute video)."""
+
+    def __init__(self, patches: np.ndarray, tgt_sizes: np.ndarray, patch_size: int = 14):
+        self._patches = patches
+        self._lengths = [int(h) * int(w) for h, w in np.asarray(tgt_sizes).reshape(-1, 2)]
+        self._p = int(patch_size)
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(len(self))[i]]
+        n, p = self._lengths[i], self._p  # IndexError past the end, as a list
+        x = self._patches[i if i >= 0 else len(self) + i, :n].reshape(n, 3, p, p)  # [k, c, kh, kw]
+        return np.ascontiguousarray(x.transpose(1, 2, 0, 3)).reshape(3, p, n * p)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return False
+        return all(np.array_equal(a, b) for a, b in zip(self, other, strict=True))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"PixelStrips({len(self)} slices)"
 
 
 def patchify(piece: np.ndarray, patch_size: int = 14, out: np.ndarray | None = None) -> np.ndarray:

@@ -36,11 +36,12 @@ from minicpmv_jax.errors import (
 )
 from minicpmv_jax.image import (
     DEFAULT_MAX_PIXELS,
+    PixelStrips,
     SlicedImage,
+    aligned_zeros,
     load_image,
     patchify,
     slice_image,
-    strip_layout,
 )
 
 __all__ = [
@@ -205,7 +206,8 @@ class ProcessorOutput(dict):
       ``"!"`` (id 0 in Qwen vocabularies) is masked as officially; 2.5: all True);
       image_bound int64 [n, 2] ([start, end) of each placeholder's <unk> run);
       tgt_sizes int64 [I, 2] (h, w) per slice; image_sizes int64 [n_images, 2] (W, H);
-      pixel_values list of I float32 [3, 14, h*w*14] (official strip layout);
+      pixel_values I float32 [3, 14, h*w*14] (official strip layout; a read-only sequence
+      rebuilt from pixel_patches on access, see ``image.PixelStrips``);
       pixel_patches float32 [I, P, 3*14*14] (inner order (c, kh, kw), zero rows past h*w);
       patch_valid bool [I, P]; vision_mask bool [I, P]; position_ids int32 [I, P];
       temporal_ids int64 [I] (-1 = no time); group_sizes int64 [G] (slices per resampler group);
@@ -852,7 +854,10 @@ class MiniCPMVProcessor:
                 raise MessageError(
                     f"patch_bucket={num_patches} < largest slice ({max_len} patches)"
                 )
-        pixel_patches = np.zeros((len(pieces), num_patches, 3 * p * p), dtype=np.float32)
+        # room for twice the slices: any slice bucket (<= 2x) pads in place (batching.pad_to)
+        pixel_patches = aligned_zeros(
+            (len(pieces), num_patches, 3 * p * p), np.float32, capacity=2 * len(pieces)
+        )
         for i, piece in enumerate(pieces):
             patchify(piece, p, out=pixel_patches[i])
         if self.spec.mask_id0:
@@ -866,7 +871,7 @@ class MiniCPMVProcessor:
             image_bound=image_bound,
             tgt_sizes=tgt_sizes,
             image_sizes=np.array([img.size for img in images], dtype=np.int64).reshape(-1, 2),
-            pixel_values=[strip_layout(piece, p) for piece in pieces],
+            pixel_values=PixelStrips(pixel_patches, tgt_sizes, p),
             pixel_patches=pixel_patches,
             patch_valid=np.arange(num_patches)[None, :] < lengths[:, None],
             vision_mask=vision_mask(tgt_sizes, num_patches, self.version),

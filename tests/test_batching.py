@@ -104,3 +104,38 @@ def test_imports_run_one_way(module, banned):
     code = f"import sys, {module}; print(sorted(m for m in {banned!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_pixels_are_held_once_from_processor_to_program():
+    """A sliced image's pixels live in one aligned buffer: padding to the slice bucket extends it
+    in place, and XLA:CPU takes it as a program argument without copying (a 10-minute video's
+    pixels are GBs; see benchmarks/vision_memory.py for the measured peak)."""
+    from PIL import Image
+
+    from minicpmv_jax.image import grow_rows
+    from minicpmv_jax.processor import MiniCPMVProcessor
+
+    proc = MiniCPMVProcessor.from_pretrained(FIXTURES / "minicpm-v-2_6" / "checkpoint")
+    image = Image.open(CASES / "single_1024x768" / "image_0.png").convert("RGB")
+    out = proc([{"role": "user", "content": [image, "What is it?"]}])
+    n = len(out.tgt_sizes)
+    assert n > 1 and out.pixel_patches.ctypes.data % 64 == 0
+    batch = prepare_batch([out], Buckets(slices=(n + 3,)), proc.query_num)
+    patches = batch.vision.pixel_patches
+    assert patches.shape[0] == n + 3 and np.shares_memory(patches, out.pixel_patches)
+    np.testing.assert_array_equal(patches[:n], out.pixel_patches)
+    assert not patches[n:].any()  # the reserved rows still hold zeros
+    if jax.default_backend() == "cpu":
+        assert jax.device_put(patches).unsafe_buffer_pointer() == patches.ctypes.data
+    # the official strips are a view rebuilt from the patches (values checked against the
+    # fixtures in test_processor): indexing, slicing and equality behave as a list's
+    strips = out.pixel_values
+    assert len(strips) == n and strips[-1].shape == strips[n - 1].shape
+    assert strips == list(strips) and strips != list(strips)[1:]
+    assert all(np.array_equal(a, strips[k + 1]) for k, a in enumerate(strips[1:]))
+    # a buffer not reserved by the processor is never grown: pad_to copies instead
+    foreign = np.zeros(out.pixel_patches.nbytes + 64, np.uint8)[: out.pixel_patches.nbytes]
+    foreign = foreign.view(np.float32).reshape(out.pixel_patches.shape)
+    assert grow_rows(foreign, n + 1) is None and grow_rows(out.pixel_patches, 2 * n + 1) is None
+    padded = VisionBatch.stack([{**out, "pixel_patches": foreign}]).pad_to(n + 1)
+    assert not np.shares_memory(padded.pixel_patches, foreign)

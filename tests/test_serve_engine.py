@@ -66,7 +66,7 @@ WORKLOAD = {
         ("image_and_video", 16, {}),
         ("image_and_video", 5, {}),
         ("single_448x448", 16, {}),
-        ("multi_image", 16, {}),
+        ("single_448x448", 4, {}),
         ("system_prompt", 10, {}),
         ("greedy_rep_penalty", 24, {"repetition_penalty": 1.2}),
         ("video_8f_pack3", 9, {}),

@@ -346,3 +346,10 @@ def test_cli_serve_refuses_before_loading(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     assert cli.main(["serve", "--model", ckpt]) == 2
     assert "pip install 'minicpmv-jax[serve]'" in capsys.readouterr().err
+    monkeypatch.delitem(sys.modules, "uvicorn")
+    # one process of a multi-host run: refused with the way out, before loading
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert cli.main(["serve", "--model", ckpt]) == 2
+    assert "serve runs in one process; this is process 0 of 2" in capsys.readouterr().err

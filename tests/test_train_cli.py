@@ -38,7 +38,7 @@ def test_finetune_lora_resumes_and_exports(tmp_path, capsys, monkeypatch):
     argv = ["finetune", "--model", str(train_checkpoint(VERSION)), "--data", "train.json"]
     argv += ["--eval-data", "train.json", "--output", "run", "--lora", "--lora-r", "4"]
     argv += ["--lora-alpha", "8", "--learning-rate", "1e-2", "--save-every", "1"]
-    argv += ["--no-progress"]
+    argv += ["--lora-dropout", "0.05", "--remat", "full", "--no-progress"]  # the official dropout
     assert main([*argv, "--steps", "2"]) == 0
     assert main([*argv, "--steps", "3"]) == 0  # resumes at step 2, trains step 3
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -65,3 +65,12 @@ def test_finetune_bad_data(tmp_path, capsys):
     argv += ["--output", str(tmp_path / "run"), "--no-progress"]
     assert main(argv) == 2
     assert "sample 'b7', field 'conversations'" in capsys.readouterr().err
+
+
+def test_finetune_quant_needs_lora(tmp_path, capsys):
+    """--quant int8 freezes the int8 base: without --lora there is nothing it could train."""
+    data = write_data(tmp_path, TEXT)
+    argv = ["finetune", "--model", str(train_checkpoint(VERSION)), "--data", str(data)]
+    argv += ["--output", str(tmp_path / "run"), "--quant", "int8", "--remat", "full"]
+    assert main(argv) == 2
+    assert "--quant int8 trains LoRA adapters" in capsys.readouterr().err

@@ -149,7 +149,11 @@ def test_train_config_errors():
     with pytest.raises(MiniCPMVError, match="batch_size"):
         train.TrainConfig(batch_size=0)
     with pytest.raises(MiniCPMVError, match="dropout"):
-        train.LoraConfig(dropout=0.05)
+        train.LoraConfig(dropout=1.0)
+    with pytest.raises(MiniCPMVError, match="remat"):
+        train.TrainConfig(remat="some")
+    with pytest.raises(MiniCPMVError, match="frozen_dtype"):
+        train.TrainConfig(frozen_dtype="int4")
 
 
 def test_train_step_on_mesh_matches_single_device():

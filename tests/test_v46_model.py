@@ -122,8 +122,12 @@ def test_prefill_states_and_cached_step(model):
             # downstream of three DeltaNet layers: their ~1e-4 path differences, k_norm-amplified
             np.testing.assert_allclose(got, llm[f"gdn_prefill_{key}_cache_layer{layer}"], atol=1e-3)
     step, _ = model.decode_step(cache, [ids[-1], other["input_ids"][-1]], [n, lengths[1]])
-    np.testing.assert_allclose(np.asarray(step[0]), llm["gdn_cached_step_logits"], atol=1e-3)
-    np.testing.assert_allclose(np.asarray(step[0]), llm["gdn_full_last_logits"], atol=1e-3)
+    # prefill-then-decode equals a full forward within 1e-4 (issue 13; the reference's own gap
+    # between its cached step and its full forward is 7e-6; ours measured 1.3e-5)
+    step = np.asarray(step[0])
+    np.testing.assert_allclose(step, llm["gdn_cached_step_logits"], atol=1e-4)
+    np.testing.assert_allclose(step, llm["gdn_full_last_logits"], atol=1e-4)
+    np.testing.assert_allclose(step, np.asarray(model.prompt_logits(batch))[-1], atol=1e-4)
 
 
 def test_processor_to_greedy_ids_and_chat(model):
@@ -211,8 +215,9 @@ def test_mode_mismatch_between_processor_and_model_is_named(model):
         model.prompt_logits({**batch, "downsample_mode": "2x"})
 
 
-def test_streaming_and_batched_chat_equal_the_greedy_answer(model):
-    """chat(stream=True) pieces join to the greedy answer; a list of conversations is answered
+def test_streaming_and_batched_chat_equal_the_greedy_answer(model, monkeypatch):
+    """chat(stream=True) pieces join to the greedy answer, decoding a short window per token
+    (linear in the answer, not the whole answer again); a list of conversations is answered
     as one batch with the same text per conversation."""
     from PIL import Image
 
@@ -220,7 +225,15 @@ def test_streaming_and_batched_chat_equal_the_greedy_answer(model):
     conv = [{"role": "user", "content": [img, "What is shown here?"]}]
     text = [{"role": "user", "content": "Hello there"}]
     want = model.chat(conv, max_new_tokens=12, sampling=False)
+    tokenizer = model.processor.tokenizer
+    decoded = []  # ids decoded per call while streaming
+    decode = tokenizer.decode
+    monkeypatch.setattr(
+        tokenizer, "decode", lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw)
+    )
     pieces = list(model.chat(conv, max_new_tokens=12, sampling=False, stream=True))
-    assert "".join(pieces).strip() == want
+    monkeypatch.undo()
+    assert "".join(pieces) == want and len(pieces) > 1
+    assert max(decoded) <= 8, decoded  # windows, not the whole answer per token
     answers = model.chat([conv, text], max_new_tokens=12, sampling=False)
     assert answers[0] == want and answers[1] == model.chat(text, max_new_tokens=12, sampling=False)

@@ -69,23 +69,19 @@ from minicpmv_jax.sharding import cache_shardings
 
 log = logging.getLogger(__name__)
 
-# Programs traced by the engine (prefill, insert, decode); start() records the count it leaves.
+# Programs traced by all engines (prefill, insert, decode); each engine also counts its own.
 TRACE_COUNTS: Counter = Counter()
 
 
-def _prefill(graphdef, state, cache, batch):
-    TRACE_COUNTS["prefill"] += 1
-    return generate._prefill(graphdef, state, cache, batch)
+def _counted(fn, counts: Counter, name: str):
+    """``fn`` that counts its traces in ``counts[name]`` and ``TRACE_COUNTS[name]``."""
 
+    def traced(*args, **kwargs):
+        counts[name] += 1
+        TRACE_COUNTS[name] += 1
+        return fn(*args, **kwargs)
 
-def _insert(*args, **kwargs):
-    TRACE_COUNTS["insert"] += 1
-    return slot_programs.insert(*args, **kwargs)
-
-
-def _decode_step(*args, **kwargs):
-    TRACE_COUNTS["decode"] += 1
-    return slot_programs.decode_step(*args, **kwargs)
+    return traced
 
 
 def _count_images(messages) -> int:
@@ -155,8 +151,9 @@ class Engine:
       max_images: images (or video frames) per request.
       warmup: prefill shapes compiled by ``start()`` (``generate.RequestShape``; only
         prompt_tokens, slices and patches matter). Default: a text prompt in every token bucket
-        <= max_len, and for 1, 2, 4, 8 and 10 slices of 448x448-scale images (patch bucket 1024)
-        every token bucket that holds their query tokens.
+        <= max_len, and 1, 2, 4, 8 and 10 slices of 448x448-scale images (patch bucket 1024) in
+        the two smallest token buckets that hold their query tokens. Other shapes compile on
+        their first request (counted in ``stats().compilations_after_start``).
     """
 
     def __init__(
@@ -197,15 +194,23 @@ class Engine:
 
         s = self.sampler
         rep = NamedSharding(s.mesh, PS())
+        self.traces: Counter = Counter()  # programs this engine traced
         self._prefill = jax.jit(
-            _prefill,
+            _counted(generate._prefill, self.traces, "prefill"),
             static_argnums=0,
             donate_argnums=2,
             out_shardings=(rep, KVCache(k=None, v=None, end=rep, valid=None)),
         )
-        self._insert = jax.jit(_insert, static_argnames="terminators", donate_argnums=(0, 1))
+        self._insert = jax.jit(
+            _counted(slot_programs.insert, self.traces, "insert"),
+            static_argnames="terminators",
+            donate_argnums=(0, 1),
+        )
         self._decode = jax.jit(
-            _decode_step, static_argnums=0, static_argnames="terminators", donate_argnums=(2, 3)
+            _counted(slot_programs.decode_step, self.traces, "decode"),
+            static_argnums=0,
+            static_argnames="terminators",
+            donate_argnums=(2, 3),
         )
 
         self._lock = threading.Lock()
@@ -229,10 +234,9 @@ class Engine:
     def _default_warmup(self) -> list[RequestShape]:
         q = int(self.model.config.query_num)
         shapes = [RequestShape(prompt_tokens=t) for t in self.buckets.tokens]
-        for n in (1, 2, 4, 8, 10):
-            for t in self.buckets.tokens:
-                if t >= n * (q + 2) + 16:
-                    shapes.append(RequestShape(prompt_tokens=t, slices=n, patches=1024))
+        for n in (1, 2, 4, 8, 10):  # the two smallest token buckets that hold n slices
+            fits = [t for t in self.buckets.tokens if t >= n * (q + 2) + 16][:2]
+            shapes += [RequestShape(prompt_tokens=t, slices=n, patches=1024) for t in fits]
         return shapes
 
     def start(self) -> None:
@@ -246,7 +250,7 @@ class Engine:
             self._cache = jax.device_put(cache, cache_shardings(s.mesh, cache))
             self._state = SlotState.init(self.slots, self.vocab)
         self._compile()
-        self._traces_at_start = sum(TRACE_COUNTS.values())
+        self._traces_at_start = sum(self.traces.values())
         self._accepting = True
         self._thread = threading.Thread(target=self._loop, name="minicpmv-engine", daemon=True)
         self._thread.start()
@@ -389,7 +393,7 @@ class Engine:
             waiting = len(self._waiting)
         after = 0
         if self._traces_at_start is not None:
-            after = sum(TRACE_COUNTS.values()) - self._traces_at_start
+            after = sum(self.traces.values()) - self._traces_at_start
         return EngineStats(
             slots=self.slots,
             active_slots=active,
@@ -444,10 +448,16 @@ class Engine:
                     continue
                 for h, i in admit:  # reserved now: stats() counts them as active
                     self._rows[i] = _Row(h, None, frozenset())
-            for h, i in admit:
-                self._admit(h, i)
-            if any(r is not None for r in self._rows):
-                self._step()
+            try:
+                for h, i in admit:
+                    self._admit(h, i)
+                if any(r is not None for r in self._rows):
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a host-side failure ends the rows, not the loop
+                log.exception("the engine loop failed")
+                for i, r in enumerate(self._rows):
+                    if r is not None:
+                        self._finish(i, "error", f"engine failure: {e}")
 
     def _drop_cancelled(self) -> None:
         for h in [h for h in self._waiting if h._cancelled.is_set()]:

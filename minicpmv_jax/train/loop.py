@@ -7,8 +7,11 @@ accumulation is `optax.MultiSteps` (the mean of the micro-batch gradients, as th
 Trainer's scaled sum), clipping runs on that mean, then AdamW with decay on matrices only.
 
 Trainable weights and the optimizer state are float32 whatever the model dtype; frozen weights
-stay as loaded (bf16 / int8). Parameters are sharded by the model's rule table and the batch over
-the mesh's data axis.
+stay as loaded (bf16 / int8), or are stored in `frozen_dtype` (bfloat16: half the bytes of a
+float32 model, computed in the model's dtype). LoRA on an int8 base (`quant="int8"`, QLoRA-style)
+and LoRA dropout run LoRA on the layer input path (lora.py). Decoder and vision layers are
+rematerialised per layer as `remat` / `vision_remat` say. Parameters are sharded by the model's
+rule table and the batch over the mesh's data axis.
 
 State saved every `save_every` steps and at the end (`<output>/checkpoints/step_XXXXXXXX/`,
 atomic): trainable weights or LoRA tensors, optimizer state, step, data position and seed. The
@@ -41,11 +44,15 @@ from minicpmv_jax.batching import Buckets
 from minicpmv_jax.errors import MiniCPMVError
 from minicpmv_jax.sharding import batch_sharding
 from minicpmv_jax.train.data import DEFAULT_MAX_LENGTH, IGNORE_INDEX, collate
+from minicpmv_jax.layers import REMAT_POLICIES
 from minicpmv_jax.train.lora import (
     Adapter,
     LoraConfig,
     apply_lora,
     init_lora,
+    lora_graph,
+    lora_groups,
+    lora_module,
     lora_targets,
     merge_lora,
 )
@@ -86,6 +93,9 @@ class TrainConfig:
     keep_saves: int = 2
     token_buckets: tuple[int, ...] = Buckets.tokens  # inference's buckets by default
     slice_buckets: tuple[int, ...] = Buckets.slices
+    remat: str = "none"  # decoder layers: "none" | "full" | "dots" (layers.REMAT_POLICIES)
+    vision_remat: str | None = None  # vision tower layers; None: as `remat`
+    frozen_dtype: str | None = None  # store frozen float weights in it ("bfloat16"); None: as is
 
     def __post_init__(self):
         trainable_filter(self.mode, self.lora)  # validates the mode
@@ -97,6 +107,16 @@ class TrainConfig:
             raise MiniCPMVError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
         if self.learning_rate <= 0 or self.max_grad_norm <= 0:
             raise MiniCPMVError("learning_rate and max_grad_norm must be > 0")
+        for name in ("remat", "vision_remat"):
+            value = getattr(self, name)
+            if value not in REMAT_POLICIES and not (name == "vision_remat" and value is None):
+                raise MiniCPMVError(
+                    f"{name} must be one of {sorted(REMAT_POLICIES)}, got {value!r}"
+                )
+        if self.frozen_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise MiniCPMVError(
+                f"frozen_dtype must be float32, bfloat16 or float16, got {self.frozen_dtype!r}"
+            )
 
     def schedule(self) -> optax.Schedule:
         """Linear warm-up from 0 to learning_rate, then cosine to 0 at `steps`."""
@@ -120,45 +140,116 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.MultiSteps(tx, config.grad_accum) if config.grad_accum > 1 else tx
 
 
-STATICS = ("graphdef", "targets", "scaling", "num_groups")
+STATICS = ("graphdef", "targets", "scaling", "lora_path", "num_groups")
 
 
-def _train_step(state, frozen, loaded, arrays, *, graphdef, targets, scaling, tx, num_groups):
+def step_module(graphdef, params, frozen, lora, loaded, *, targets, scaling, lora_path, key):
+    """The module one step runs (traceable): LoRA as a weight delta on the frozen kernels, or
+    with `lora_path` = (LoraLinear graphdef, groups) on the layer input path (dropout masks from
+    `key`; an adapter merged into the weights is taken out first: float kernels only)."""
+    if lora_path is None:
+        rest = apply_lora(frozen, targets, lora, scaling, loaded) if targets else frozen
+        return nnx.merge(graphdef, params, rest)
+    if loaded is not None:
+        zero = jax.tree.map(jnp.zeros_like, loaded)
+        frozen = apply_lora(frozen, targets, zero, scaling, loaded)
+    return lora_module(lora_path[0], (params, frozen), lora_path[1], lora, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenXent:
+    """The fine-tuning objective (official CPMTrainer.compute_loss): the mean cross-entropy over
+    the batch's label tokens.
+
+    An objective is a hashable callable `(module, arrays, num_groups) -> (loss, metrics)`, traced
+    inside the train step: `metrics` is a dict of scalars (its `tokens` entry is the micro-batch's
+    label count; any other entry is averaged over the step's micro-batches into the metrics row).
+    """
+
+    def __call__(self, module, arrays, num_groups):
+        logits = train_logits(module, arrays, num_groups)
+        total, count = masked_xent(logits, arrays["labels"])
+        return total / jnp.maximum(count, 1), {"tokens": count}
+
+
+def _train_step(
+    state,
+    frozen,
+    loaded,
+    arrays,
+    *,
+    graphdef,
+    targets,
+    scaling,
+    lora_path,
+    tx,
+    objective,
+    num_groups,
+):
     """One micro-batch: loss, gradients, optimizer update (the state is donated)."""
     TRACE_COUNTS["train_step"] += 1
+    key, dropout_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
 
     def loss_fn(trainable):
         params, lora = trainable
-        rest = apply_lora(frozen, targets, lora, scaling, loaded) if targets else frozen
-        logits = train_logits(nnx.merge(graphdef, params, rest), arrays, num_groups)
-        total, count = masked_xent(logits, arrays["labels"])
-        return total / jnp.maximum(count, 1), count
+        module = step_module(
+            graphdef,
+            params,
+            frozen,
+            lora,
+            loaded,
+            targets=targets,
+            scaling=scaling,
+            lora_path=lora_path,
+            key=dropout_key,
+        )
+        return objective(module, arrays, num_groups)
 
     trainable = (state["params"], state["lora"])
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     updates, opt = tx.update(grads, state["opt"], trainable)
     params, lora = optax.apply_updates(trainable, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
-    return {"params": params, "lora": lora, "opt": opt}, metrics
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    rng = jax.random.key_data(key)
+    return {"params": params, "lora": lora, "opt": opt, "rng": rng}, metrics
 
 
 @functools.partial(jax.jit, static_argnames=STATICS)
-def _eval_step(state, frozen, loaded, arrays, *, graphdef, targets, scaling, num_groups):
-    """(sum of token losses, label count) of one batch."""
+def _eval_step(
+    state, frozen, loaded, arrays, *, graphdef, targets, scaling, lora_path, num_groups
+):
+    """(sum of token losses, label count) of one batch (no dropout)."""
     TRACE_COUNTS["eval_step"] += 1
-    rest = apply_lora(frozen, targets, state["lora"], scaling, loaded) if targets else frozen
-    logits = train_logits(nnx.merge(graphdef, state["params"], rest), arrays, num_groups)
-    return masked_xent(logits, arrays["labels"])
+    module = step_module(
+        graphdef,
+        state["params"],
+        frozen,
+        state["lora"],
+        loaded,
+        targets=targets,
+        scaling=scaling,
+        lora_path=lora_path,
+        key=None,
+    )
+    return masked_xent(train_logits(module, arrays, num_groups), arrays["labels"])
 
 
 @functools.cache
-def _step_program(tx, graphdef, targets, scaling, treedef, shardings) -> Callable:
-    """The jitted train step of one run's settings, its state kept in its own shardings (the
-    optimizer moments follow the parameters' FSDP / tensor sharding). Cached: runs with equal
-    settings (a resumed run) share its compiled programs."""
+def _step_program(
+    tx, graphdef, targets, scaling, lora_path, treedef, shardings, objective
+) -> Callable:
+    """The jitted train step of one run's settings and objective, its state kept in its own
+    shardings (the optimizer moments follow the parameters' FSDP / tensor sharding). Cached:
+    runs with equal settings (a resumed run) share its compiled programs."""
     state_shardings = jax.tree.unflatten(treedef, shardings)
     step = functools.partial(
-        _train_step, tx=tx, graphdef=graphdef, targets=targets, scaling=scaling
+        _train_step,
+        tx=tx,
+        graphdef=graphdef,
+        targets=targets,
+        scaling=scaling,
+        lora_path=lora_path,
+        objective=objective,
     )
     return jax.jit(
         step,
@@ -166,6 +257,15 @@ def _step_program(tx, graphdef, targets, scaling, treedef, shardings) -> Callabl
         donate_argnums=(0,),
         out_shardings=(state_shardings, None),
     )
+
+
+def _with_remat(graphdef, params, frozen, remat: str, vision_remat: str | None):
+    """graphdef of the same module with the decoder / vision layer stacks rematerialised."""
+    vision_remat = remat if vision_remat is None else vision_remat
+    module = nnx.merge(graphdef, params, frozen)  # shares the arrays: only the graph changes
+    module.llm.cfg = dataclasses.replace(module.llm.cfg, remat=remat)
+    module.vpm.cfg = dataclasses.replace(module.vpm.cfg, remat=vision_remat)
+    return nnx.graphdef(module)
 
 
 _EMPTY_ROW = {
@@ -189,7 +289,12 @@ class Trainer:
       eval_examples: held-out examples for the eval loss.
       output_dir: where metrics.jsonl and checkpoints/ go (None: nothing is written).
       skipped: bad samples skipped while loading (counted in the metrics).
+      objective: the traced loss (default `TokenXent()`, the official fine-tuning loss); see
+        TokenXent for the contract. Subclasses change what a batch holds (`_device_batch`).
     """
+
+    empty_row: Mapping[str, Any] = _EMPTY_ROW  # pads a short last micro-batch
+    desc = "finetune"  # progress bar label
 
     def __init__(
         self,
@@ -200,6 +305,7 @@ class Trainer:
         eval_examples: Sequence[Mapping[str, Any]] = (),
         output_dir: str | os.PathLike | None = None,
         skipped: int = 0,
+        objective: Callable | None = None,
     ):
         if not examples:
             raise MiniCPMVError("no training examples")
@@ -214,30 +320,74 @@ class Trainer:
         self.lora_config = lora_cfg
         keep = trainable_filter(config.mode, lora_cfg)
         self.graphdef, params, self.frozen = nnx.split(model.module, keep, ...)
+        int8 = [k for k, x in nnx.to_flat_state(params) if x.get_value().dtype == jnp.int8]
+        if int8:
+            raise MiniCPMVError(
+                f"mode {config.mode!r} would train int8 weights ({'.'.join(map(str, int8[0]))}"
+                "): an int8 model trains with mode='lora' and its quantized layers frozen"
+            )
         self.param_dtypes = jax.tree.map(lambda x: x.dtype, params)
         # float32 master weights, always a copy: the train step donates (deletes) its inputs
         params = jax.tree.map(lambda x: jnp.copy(x).astype(jnp.float32), params)
+        self.frozen_as_loaded = self.frozen
+        if config.frozen_dtype is not None:  # frozen float matrices stored in frozen_dtype
+            fdt = jnp.dtype(config.frozen_dtype)  # (vectors: norms, biases, int8 scales stay)
+            floating = lambda x: jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2
+            cast = lambda x: x.astype(fdt) if floating(x) else x
+            self.frozen = jax.tree.map(cast, self.frozen)
+        self.graphdef = _with_remat(
+            self.graphdef, params, self.frozen, config.remat, config.vision_remat
+        )
         self.targets, lora, self.loaded = (), {}, None
+        train_path = eval_path = None  # LoRA as a weight delta
         if config.mode == "lora":
             self.targets = lora_targets(self.frozen, lora_cfg)
             if adapter is not None:
                 lora, self.loaded = jax.tree.map(jnp.copy, adapter.lora), adapter.lora
             else:
                 lora = init_lora(model.state, lora_cfg, config.seed)
+            flat = dict(nnx.to_flat_state(self.frozen))
+            int8_base = any(flat[t.path].get_value().dtype == jnp.int8 for t in self.targets)
+            if int8_base and self.loaded is not None:
+                raise MiniCPMVError(
+                    "LoRA training on an int8 base needs the base without a merged adapter "
+                    "(load it with adapter=None; resume from the run's checkpoints instead)"
+                )
+            if int8_base or lora_cfg.dropout > 0:
+                groups = lora_groups(self.targets, self.frozen)
+                kw = {"scaling": lora_cfg.scaling}
+                state = (params, self.frozen)
+                graph = functools.partial(lora_graph, self.graphdef, state, groups, lora_cfg.r)
+                train_path = (graph(rate=lora_cfg.dropout, **kw), groups)
+                if int8_base:  # int8 kernels take no weight delta: eval on the input path too
+                    eval_path = (graph(rate=0.0, **kw), groups)
         # LoRA tensors are small: replicated on the model's mesh (as the step's outputs are)
         replicated = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
         lora = jax.device_put(lora, replicated)
+        rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated)
         self.tx = config.optimizer()
         with model._precision():
-            self.state = {"params": params, "lora": lora, "opt": self.tx.init((params, lora))}
+            self.state = {
+                "params": params,
+                "lora": lora,
+                "opt": self.tx.init((params, lora)),
+                "rng": rng,  # dropout masks (split once per micro-batch)
+            }
         self._statics = {
             "graphdef": self.graphdef,
             "targets": self.targets,
             "scaling": lora_cfg.scaling if config.mode == "lora" else 0.0,
         }
+        self._eval_path = eval_path
         leaves, treedef = jax.tree.flatten(self.state)
+        self.objective = objective if objective is not None else TokenXent()
         self._step = _step_program(
-            self.tx, **self._statics, treedef=treedef, shardings=tuple(x.sharding for x in leaves)
+            self.tx,
+            **self._statics,
+            lora_path=train_path,
+            treedef=treedef,
+            shardings=tuple(x.sharding for x in leaves),
+            objective=self.objective,
         )
         self.step, self.micro = 0, 0  # optimizer steps done, micro-batches consumed
 
@@ -252,29 +402,10 @@ class Trainer:
         per_epoch = math.ceil(len(self.examples) / b)
         epoch, j = divmod(index, per_epoch)
         rows = [self.examples[i] for i in self._order(epoch)[j * b : (j + 1) * b]]
-        return rows + [_EMPTY_ROW] * (b - len(rows))
+        return rows + [self.empty_row] * (b - len(rows))
 
     def _device_batch(self, rows) -> tuple[dict, int]:
-        model = self.model
-        prepared = prepare_batch(
-            model,
-            collate(rows, self.config.max_length),
-            token_buckets=self.config.token_buckets,
-            slice_buckets=self.config.slice_buckets,
-            patch_buckets=model.processor.patch_buckets,
-        )
-        arrays = device_arrays(prepared)
-        mesh = model.mesh
-        placed = {}
-        for k, a in arrays.items():
-            rows_first = k in ("input_ids", "labels", "positions", "image_slot")
-            sharding = (
-                batch_sharding(mesh, a.shape)
-                if rows_first
-                else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            )
-            placed[k] = jax.device_put(a, sharding)
-        return placed, prepared["num_groups"]
+        return device_batch(self.model, collate(rows, self.config.max_length), self.config)
 
     # -------------------------------------------------------------------- state files
     def _leaves(self) -> dict[str, Any]:
@@ -326,9 +457,15 @@ class Trainer:
         with self.model._precision():
             for i in range(0, len(self.eval_examples), b):
                 rows = self.eval_examples[i : i + b]
-                arrays, groups = self._device_batch(rows + [_EMPTY_ROW] * (b - len(rows)))
+                arrays, groups = self._device_batch(rows + [self.empty_row] * (b - len(rows)))
                 s, c = _eval_step(
-                    self.state, self.frozen, self.loaded, arrays, num_groups=groups, **self._statics
+                    self.state,
+                    self.frozen,
+                    self.loaded,
+                    arrays,
+                    num_groups=groups,
+                    lora_path=self._eval_path,
+                    **self._statics,
                 )
                 total, count = total + float(s), count + int(c)
         return total / max(count, 1)
@@ -342,11 +479,12 @@ class Trainer:
             metrics_file = open(self.output_dir / "metrics.jsonl", "a")  # noqa: SIM115
         history = []
         schedule = cfg.schedule()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="finetune")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc=self.desc)
         try:
             with self.model._precision():
                 while self.step < cfg.steps:
                     start, losses, norms, tokens = time.perf_counter(), [], [], 0
+                    extra: dict[str, list] = {}
                     for _ in range(cfg.grad_accum):
                         arrays, groups = self._device_batch(self.micro_batch(self.micro))
                         self.state, m = self._step(
@@ -356,6 +494,9 @@ class Trainer:
                         losses.append(m["loss"])
                         norms.append(m["grad_norm"])
                         tokens += int(m["tokens"])
+                        for k, v in m.items():
+                            if k not in ("loss", "grad_norm", "tokens"):
+                                extra.setdefault(k, []).append(v)
                     self.step += 1
                     row = {
                         "step": self.step,
@@ -365,6 +506,8 @@ class Trainer:
                         "tokens_per_s": tokens / (time.perf_counter() - start),
                         "skipped_samples": self.skipped,
                     }
+                    for k, v in extra.items():
+                        row[k] = float(np.mean([float(x) for x in v]))
                     last = self.step == cfg.steps
                     if self.eval_examples and (
                         last or (cfg.eval_every and self.step % cfg.eval_every == 0)
@@ -377,7 +520,7 @@ class Trainer:
                         metrics_file.write(json.dumps(row) + "\n")
                         metrics_file.flush()
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    bar.set_postfix(self.postfix(row))
                     if on_step is not None:
                         on_step(row)
         finally:
@@ -386,16 +529,44 @@ class Trainer:
                 metrics_file.close()
         return history
 
+    def postfix(self, row: Mapping[str, Any]) -> dict[str, str]:
+        """What the progress bar shows of a metrics row."""
+        return {"loss": f"{row['loss']:.4f}"}
+
     def trained_model(self):
         """A MiniCPMV with the trained weights (LoRA merged in; `.adapter` keeps it)."""
         from minicpmv_jax.train.lora import _replace
 
         params = jax.tree.map(lambda x, d: x.astype(d), self.state["params"], self.param_dtypes)
-        new = _replace(self.model, nnx.merge(self.graphdef, params, self.frozen))
+        graphdef = self.model.graphdef  # the model's own (no training remat)
+        new = _replace(self.model, nnx.merge(graphdef, params, self.frozen_as_loaded))
         if self.config.mode != "lora":
             return new
         new.adapter = self.model.adapter  # merged already: merge_lora subtracts it
         return merge_lora(new, Adapter(self.lora_config, self.state["lora"]))
+
+
+def device_batch(model, batch: Mapping[str, Any], config: TrainConfig) -> tuple[dict, int]:
+    """A collated batch padded to the config's buckets and placed on the model's mesh (rows over
+    the data axis, vision slices replicated): (device arrays, num_groups)."""
+    prepared = prepare_batch(
+        model,
+        batch,
+        token_buckets=config.token_buckets,
+        slice_buckets=config.slice_buckets,
+        patch_buckets=model.processor.patch_buckets,
+    )
+    mesh = model.mesh
+    placed = {}
+    for k, a in device_arrays(prepared).items():
+        rows_first = k in ("input_ids", "labels", "positions", "image_slot")
+        sharding = (
+            batch_sharding(mesh, a.shape)
+            if rows_first
+            else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        )
+        placed[k] = jax.device_put(a, sharding)
+    return placed, prepared["num_groups"]
 
 
 def finetune(

@@ -13,7 +13,12 @@ name mapping covers. The model's own weights already hold an adapter loaded with
 subtracts that loaded delta: `W + s * (B A - B0 A0)^T`.
 
 LoRA dropout (official default 0.05) acts on the layer input, which a weight delta cannot
-express; `LoraConfig.dropout` must be 0 here (the fixtures use 0 too).
+express, and an int8 base kernel (QLoRA-style training, quant.py) cannot take a float delta. Those
+runs apply LoRA on the input path instead, as PEFT does: each target Linear becomes a `LoraLinear`
+(`base(x) + s * dropout(x) A^T B^T`) in a training copy of the module graph (`lora_graph`), with
+one dropout mask per target and layer drawn from the train state's RNG. With dropout 0 and a float
+base both paths are the same function (tested); the weight delta stays the default there (it is
+what the fixtures were checked with). Evaluation never drops.
 """
 
 from __future__ import annotations
@@ -58,11 +63,8 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise MiniCPMVError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
-        if self.dropout != 0:
-            raise MiniCPMVError(
-                f"lora dropout {self.dropout} is not supported: LoRA is applied as a weight "
-                "delta here, and input dropout cannot be (use dropout=0)"
-            )
+        if not 0 <= self.dropout < 1:
+            raise MiniCPMVError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
@@ -126,6 +128,7 @@ class LoraConfig:
             r=int(cfg["r"]),
             alpha=float(cfg["lora_alpha"]),
             target_modules=target if isinstance(target, str) else tuple(target),
+            dropout=float(cfg.get("lora_dropout") or 0.0),
             modules_to_save=tuple(cfg.get("modules_to_save") or ()),
         )
 
@@ -185,7 +188,11 @@ def apply_lora(
     """state with `s * (B A - B0 A0)^T` added to each target kernel (traceable).
 
     `loaded` (A0, B0) is the adapter already merged into the state's weights, if any.
+    An int8 kernel (quant.Int8Dense) is dequantized, updated and quantized again with a new
+    per-channel scale (PEFT's merge on a quantized base does the same; it rounds).
     """
+    from minicpmv_jax.quant import quantize_kernel, scale_path
+
     flat = dict(nnx.to_flat_state(state))
     for t in targets:
         var = flat[t.path]
@@ -193,12 +200,158 @@ def apply_lora(
         delta = lora[t.name]["B"] @ lora[t.name]["A"]  # [out, in]
         if loaded is not None and t.name in loaded:
             delta = delta - loaded[t.name]["B"] @ loaded[t.name]["A"]
-        if t.layer is None:
-            w = (w + scaling * delta.T).astype(w.dtype)
+        delta = scaling * delta.T
+        if w.dtype == jnp.int8:
+            svar = flat[scale_path(t.path)]
+            scale = svar.get_value()
+            sl = slice(None) if t.layer is None else t.layer
+            merged = w[sl].astype(jnp.float32) * scale[sl][None, :] + delta
+            q, new_scale = quantize_kernel(merged)
+            flat[scale_path(t.path)] = svar.replace(scale.at[sl].set(new_scale))
+            w = w.at[sl].set(q)
+        elif t.layer is None:
+            w = (w + delta).astype(w.dtype)
         else:  # one layer of a stacked kernel [L, in, out]
-            w = w.at[t.layer].set((w[t.layer] + scaling * delta.T).astype(w.dtype))
+            w = w.at[t.layer].set((w[t.layer] + delta).astype(w.dtype))
         flat[t.path] = var.replace(w)
     return nnx.from_flat_state(list(flat.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The input path: LoraLinear modules in a training copy of the graph (dropout, int8 base)
+# ---------------------------------------------------------------------------------------------
+
+
+class LoraWeight(nnx.Variable):
+    """A LoRA tensor (or mask / key) inside the training graph; built per step, never saved."""
+
+
+class LoraLinear(nnx.Module):
+    """PEFT's LoRA Linear: `base(x) + s * on * (dropout(x) @ A^T @ B^T)`.
+
+    `base` is the model's own layer (nnx.Linear or quant.Int8Dense, weights untouched). In a
+    layer stack every variable has the leading L axis and the scan hands each layer its slice:
+    A [(L,) r, in], B [(L,) out, r], on [(L,)] (1: this layer is a target, 0: not), key
+    [(L,) k] (raw PRNG key data of this layer's dropout mask). The branch runs in float32 (PEFT
+    casts x to the adapter's dtype) and is added to the base output in its dtype.
+    """
+
+    def __init__(self, base, a, b, on, key, *, rate: float, scaling: float):
+        self.base = base
+        self.lora_a, self.lora_b = LoraWeight(a), LoraWeight(b)
+        self.lora_on, self.lora_key = LoraWeight(on), LoraWeight(key)
+        self.rate, self.scaling = rate, scaling
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.base(x)
+        h = x.astype(jnp.float32)
+        if self.rate > 0:  # inverted dropout, as torch.nn.Dropout in training
+            key = jax.random.wrap_key_data(self.lora_key[...])
+            keep = jax.random.bernoulli(key, 1.0 - self.rate, h.shape)
+            h = jnp.where(keep, h / (1.0 - self.rate), 0.0)
+        h = (h @ self.lora_a[...].T) @ self.lora_b[...].T  # [..., r] -> [..., out]
+        return (y.astype(jnp.float32) + (self.scaling * self.lora_on[...]) * h).astype(y.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraGroup:
+    """The targets sharing one kernel: a plain Linear, or the targeted layers of one stack."""
+
+    module: tuple  # nnx state path of the Linear (its kernel path without "kernel")
+    names: tuple  # official module name per layer (None: that layer is not a target)
+    stacked: bool  # a layer stack (variables with the leading L axis)
+
+
+def lora_groups(targets: Sequence[Target], state: nnx.State) -> tuple[LoraGroup, ...]:
+    """targets grouped by kernel (one LoraLinear each), in target order."""
+    flat = dict(nnx.to_flat_state(state))
+    groups: dict[tuple, list] = {}
+    for t in targets:
+        if t.path not in groups:
+            shape = flat[t.path].get_value().shape
+            groups[t.path] = [None] * shape[0] if t.layer is not None else [None]
+        groups[t.path][t.layer or 0] = t.name
+    stacked = {t.path: t.layer is not None for t in targets}
+    return tuple(LoraGroup(p[:-1], tuple(n), stacked[p]) for p, n in groups.items())
+
+
+def _key_shape() -> tuple[int, ...]:
+    return jax.random.key_data(jax.random.key(0)).shape
+
+
+def lora_graph(
+    graphdef,
+    states: Sequence[nnx.State],
+    groups: Sequence[LoraGroup],
+    r: int,
+    *,
+    rate: float,
+    scaling: float,
+):
+    """The graphdef of the module (graphdef + states) with every group's Linear wrapped in a
+    LoraLinear of rank r, dropout `rate` and `scaling` (static: one graphdef per setting)."""
+    module = nnx.merge(graphdef, *states)  # shares the arrays: only the graph is new
+    flat = {p: v for state in states for p, v in nnx.to_flat_state(state)}
+    for g in groups:
+        parent = module
+        for p in g.module[:-1]:
+            parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+        base = getattr(parent, g.module[-1])
+        kshape = flat[g.module + ("kernel",)].get_value().shape
+        lead = kshape[:-2]  # (L,) in a stack
+        d_in, d_out = kshape[-2:]
+        wrapped = LoraLinear(
+            base,
+            jnp.zeros(lead + (r, d_in), jnp.float32),
+            jnp.zeros(lead + (d_out, r), jnp.float32),
+            jnp.zeros(lead, jnp.float32),
+            jnp.zeros(lead + _key_shape(), jnp.uint32),
+            rate=rate,
+            scaling=scaling,
+        )
+        setattr(parent, g.module[-1], wrapped)
+    return nnx.graphdef(module)
+
+
+def lora_module(
+    lora_graphdef,
+    states: Sequence[nnx.State],
+    groups: Sequence[LoraGroup],
+    lora: Mapping[str, Mapping[str, jax.Array]],
+    key: jax.Array | None = None,
+):
+    """The LoraLinear-wrapped module of `lora_graph` (traceable).
+
+    states: the model's states in its own layout (trainable, frozen), re-keyed under each
+    wrapper's `base`; lora: {module name: {"A", "B"}}; key: the step's dropout key (None:
+    no dropout needed, e.g. rate 0 or evaluation). Each group and layer gets its own mask key.
+    """
+    prefixes = {g.module: g for g in groups}
+    flat = []
+    for state in states:
+        for path, var in nnx.to_flat_state(state):
+            for n in range(len(path) - 1, 0, -1):
+                if path[:n] in prefixes:
+                    path = path[:n] + ("base",) + path[n:]
+                    break
+            flat.append((path, var))
+    for i, g in enumerate(groups):
+        any_name = next(n for n in g.names if n is not None)
+        r, d_in = lora[any_name]["A"].shape
+        d_out = lora[any_name]["B"].shape[0]
+        a = [lora[n]["A"] if n else jnp.zeros((r, d_in), jnp.float32) for n in g.names]
+        b = [lora[n]["B"] if n else jnp.zeros((d_out, r), jnp.float32) for n in g.names]
+        on = jnp.asarray([n is not None for n in g.names], jnp.float32)
+        if key is None:
+            keys = jnp.zeros((len(g.names),) + _key_shape(), jnp.uint32)
+        else:
+            keys = jax.random.key_data(jax.random.split(jax.random.fold_in(key, i), len(g.names)))
+        stacked = (jnp.stack(a), jnp.stack(b), on, keys)
+        if not g.stacked:
+            stacked = tuple(x[0] for x in stacked)
+        for field, x in zip(("lora_a", "lora_b", "lora_on", "lora_key"), stacked, strict=True):
+            flat.append((g.module + (field,), LoraWeight(x)))
+    return nnx.merge(lora_graphdef, nnx.from_flat_state(flat))
 
 
 # ---------------------------------------------------------------------------------------------

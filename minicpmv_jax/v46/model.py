@@ -25,6 +25,7 @@ from flax import nnx
 from minicpmv_jax import quant as quantization
 from minicpmv_jax import sampling as smp
 from minicpmv_jax import versions
+from minicpmv_jax.chat import _TextStream
 from minicpmv_jax.errors import CheckpointError, MiniCPMVError
 from minicpmv_jax.model import AbstractRngs
 from minicpmv_jax.settings import GenerationSettings
@@ -263,7 +264,8 @@ def _beam_jit(
 
 @functools.partial(jax.jit, static_argnames=("mode", "terminators"))
 def _stream_select(st, logits, params, mode, terminators):
-    return smp.sample_step(st, logits, mode, params, terminators)
+    st = smp.sample_step(st, logits, mode, params, terminators)
+    return st, st.last_tokens()
 
 
 def _bucket(n: int) -> int:
@@ -703,19 +705,26 @@ class MiniCPMV46:
         terms = tuple(self.eos_ids())
         st = smp.SampleState.init(1, max_new, logits.shape[-1], key)
         pos = jnp.asarray(lengths)
-        sent = ""
+        # linear in the answer: each token decodes a short window (chat._TextStream), with
+        # _decode's rules (end-of-turn ids dropped, special tokens skipped, stripped)
+        tokenizer = self.processor.tokenizer
+        text = _TextStream.with_rules(
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True), terms
+        )
         for _ in range(max_new):
             with self._precision():
-                st = _stream_select(st, logits, params, mode, terms)
-            tok = int(st.tokens[0, st.step - 1])
+                st, last = _stream_select(st, logits, params, mode, terms)
+            tok = int(last[0])  # the one host read per token
             if tok in terms:
                 break
-            text = self._decode(st.tokens[0, : st.step])
-            if text.startswith(sent) and len(text) > len(sent):
-                yield text[len(sent) :]
-                sent = text
+            piece = text.push(tok)
+            if piece:
+                yield piece
             logits, cache = self.decode_step(cache, [tok], pos)
             pos = pos + 1
+        tail = text.flush()
+        if tail:
+            yield tail
 
     def eos_ids(self) -> list[int]:
         return list(self.config.eos_ids)

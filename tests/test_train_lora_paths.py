@@ -1,0 +1,184 @@
+"""LoRA on the layer input path (dropout, int8 base), frozen weights in bfloat16.
+
+LoraLinear against a numpy computation with the same mask; its expectation over masks against
+the undropped branch; the input path against the weight delta on the fixture batch (1e-5); the
+train step with dropout reproducible for a seed; QLoRA-style training on the int8 base (loss near
+the float base's, it learns, the adapter exports in PEFT's layout); frozen bfloat16 storage.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+from test_train_loop import VERSION, qa_examples, small_model
+from train_helpers import batch_rows, load_train_model, train_checkpoint
+
+from minicpmv_jax import MiniCPMV, MiniCPMVProcessor, train
+from minicpmv_jax.errors import MiniCPMVError
+from minicpmv_jax.train import lora as L
+from minicpmv_jax.train.loss import device_arrays, prepare_batch, train_logits
+
+
+def test_lora_linear_matches_numpy_with_its_mask():
+    """One forward with rate 0.3: base + s * (x * keep / 0.7) A^T B^T, the mask being the
+    bernoulli draw of the layer's key; the mean over 4000 masks is the undropped branch."""
+    rng = np.random.default_rng(0)
+    d_in, d_out, r, s, p = 6, 5, 3, 2.5, 0.3
+    base = nnx.Linear(d_in, d_out, rngs=nnx.Rngs(0))
+    a = rng.normal(size=(r, d_in)).astype(np.float32)
+    b = rng.normal(size=(d_out, r)).astype(np.float32)
+    x = rng.normal(size=(2, 4, d_in)).astype(np.float32)
+    key = jax.random.key(7)
+
+    def forward(key_data, rate):
+        layer = L.LoraLinear(
+            base, jnp.asarray(a), jnp.asarray(b), jnp.float32(1), key_data, rate=rate, scaling=s
+        )
+        return layer(jnp.asarray(x))
+
+    got = np.asarray(forward(jax.random.key_data(key), p))
+    keep = np.asarray(jax.random.bernoulli(key, 1 - p, x.shape))
+    w, bias = np.asarray(base.kernel[...]), np.asarray(base.bias[...])
+    want = x @ w + bias + s * ((x * keep / (1 - p)) @ a.T) @ b.T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert 0 < (~keep).sum() < keep.size  # the mask drops some inputs, not all
+
+    keys = jax.random.key_data(jax.random.split(jax.random.key(1), 4000))
+    mean = np.asarray(jax.jit(jax.vmap(lambda k: forward(k, p)))(keys)).mean(0)
+    undropped = np.asarray(forward(jax.random.key_data(key), 0.0))
+    # per-element std of one sample is ~ s*|branch| * sqrt(p/(1-p)); 4000 samples: / 63
+    np.testing.assert_allclose(mean, undropped, atol=0.25)
+    np.testing.assert_allclose(undropped, x @ w + bias + s * (x @ a.T) @ b.T, rtol=1e-5, atol=1e-5)
+
+
+def test_input_path_equals_weight_delta():
+    """rate 0: the LoraLinear graph gives the weight-delta logits on the fixture batch (1e-5)."""
+    model = load_train_model(VERSION)
+    prepared = prepare_batch(model, train.collate(batch_rows(VERSION, model)))
+    arrays, num_groups = device_arrays(prepared), prepared["num_groups"]
+    cfg = L.LoraConfig(r=4, alpha=8)
+    state, graphdef = model.state, model.graphdef
+    targets = L.lora_targets(state, cfg)
+    lora = L.init_lora(state, cfg, seed=1)
+    for i, ab in enumerate(lora.values()):  # a trained-looking B (fresh LoRA has B = 0)
+        ab["B"] = 0.1 * jax.random.normal(jax.random.key(i), ab["B"].shape)
+    groups = L.lora_groups(targets, state)
+    graph = L.lora_graph(graphdef, [state], groups, cfg.r, rate=0.0, scaling=cfg.scaling)
+
+    @jax.jit
+    def both(state, lora):
+        delta = nnx.merge(graphdef, L.apply_lora(state, targets, lora, cfg.scaling))
+        wrapped = L.lora_module(graph, [state], groups, lora)
+        return train_logits(delta, arrays, num_groups), train_logits(wrapped, arrays, num_groups)
+
+    want, got = both(state, lora)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def run_steps(model, steps=2, **kw):
+    """A LoRA run (r 4 on the LLM's q/k/v only) on the four QA samples; (trainer, metrics)."""
+    lora = {"r": 4, "alpha": 8, "modules_to_save": (), **kw.pop("lora", {})}
+    cfg = train.TrainConfig(
+        mode=kw.pop("mode", "lora"),
+        steps=steps,
+        learning_rate=kw.pop("learning_rate", 1e-2),
+        batch_size=4,
+        token_buckets=(128,),
+        lora=train.LoraConfig(**lora),
+        **kw,
+    )
+    trainer = train.Trainer(model, qa_examples(model), cfg)
+    return trainer, trainer.run(progress=False)
+
+
+@functools.cache
+def plain_run():
+    """The float base, no dropout: the reference of the runs below (compiled once)."""
+    return run_steps(small_model())
+
+
+def test_dropout_steps_are_reproducible():
+    """dropout 0.5: the same seed gives the same losses and gradient norms; the first loss is
+    the undropped one (B = 0 makes the branch zero) while its gradient differs; eval (no
+    dropout) of the trained adapter equals the weight-delta forward of the same adapter."""
+    model = small_model()
+    _, a = run_steps(model, lora={"dropout": 0.5})
+    trainer, b = run_steps(model, lora={"dropout": 0.5})
+    _, plain = plain_run()
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+    np.testing.assert_allclose(a[0]["loss"], plain[0]["loss"], rtol=1e-6)
+    assert abs(a[0]["grad_norm"] - plain[0]["grad_norm"]) > 1e-2 * plain[0]["grad_norm"]
+    assert abs(a[1]["loss"] - plain[1]["loss"]) > 1e-5
+
+
+@functools.cache
+def int8_model():
+    folder = train_checkpoint(VERSION)
+    model = MiniCPMV.from_pretrained(folder, dtype="float32", quant="int8", progress=False)
+    model.processor = MiniCPMVProcessor.from_pretrained(folder, scale_resolution=112)
+    return model
+
+
+def test_qlora_trains_on_int8_base_and_exports(tmp_path):
+    """LoRA on the int8 base: frozen int8 kernels, float32 adapters; the first loss is within
+    2% of the float base's, 10 steps take it below 65% of its start, and the adapter is written
+    in PEFT's layout (the float run's tensor names and shapes, the trained B)."""
+    model = int8_model()
+    trainer, history = run_steps(model, steps=10, learning_rate=5e-2, weight_decay=0.0)
+    kernels = dict(nnx.to_flat_state(trainer.frozen))
+    q = kernels[("llm", "model", "layers", "self_attn", "q_proj", "kernel")].get_value()
+    assert q.dtype == jnp.int8
+    assert {x.dtype for x in jax.tree.leaves(trainer.state["lora"])} == {jnp.dtype("float32")}
+    float_trainer, float_run = plain_run()
+    np.testing.assert_allclose(history[0]["loss"], float_run[0]["loss"], rtol=2e-2)
+    losses = [r["loss"] for r in history]
+    assert losses[-1] < 0.65 * losses[0], losses
+    trained = trainer.trained_model()
+    got_dir = train.export_adapter(trained, tmp_path / "q")
+    got = load_file(str(got_dir / "adapter_model.safetensors"))
+    want_dir = train.export_adapter(float_trainer.trained_model(), tmp_path / "f")
+    want = load_file(str(want_dir / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    name = "base_model.model.llm.model.layers.1.self_attn.v_proj.lora_B.weight"
+    b = trainer.state["lora"]["llm.model.layers.1.self_attn.v_proj"]["B"]
+    np.testing.assert_array_equal(got[name], np.asarray(b))
+    assert np.abs(got[name]).max() > 0
+    with pytest.raises(MiniCPMVError, match="int8"):
+        run_steps(model, mode="full")
+
+
+def test_frozen_bfloat16():
+    """frozen_dtype bfloat16: frozen matrices stored bf16, trainable weights and AdamW moments
+    float32; the first loss within 1e-2 of the float32 run's."""
+    trainer, history = run_steps(small_model(), frozen_dtype="bfloat16")
+    frozen = jax.tree.leaves(trainer.frozen)
+    assert {x.dtype for x in frozen if x.ndim >= 2} == {jnp.dtype("bfloat16")}
+    trained = jax.tree.leaves((trainer.state["params"], trainer.state["opt"]))
+    assert {x.dtype for x in trained if jnp.issubdtype(x.dtype, jnp.floating)} == {
+        jnp.dtype("float32")
+    }
+    np.testing.assert_allclose(history[0]["loss"], plain_run()[1][0]["loss"], rtol=1e-2)
+
+
+def test_peft_adapter_onto_int8_base():
+    """from_pretrained(quant="int8", adapter=...): the adapter is merged by dequantizing,
+    adding and quantizing again; the batch logits are the fixture's float LoRA logits within the
+    int8 base's own quantization error (x1.5), the adapter moving them 10x further."""
+    from train_helpers import fixture_logits, train_dir
+
+    folder = train_checkpoint(VERSION)
+    kw = {"dtype": "float32", "quant": "int8", "progress": False}
+    adapter = train_dir(VERSION) / "batch" / "lora" / "adapter"
+    merged = MiniCPMV.from_pretrained(folder, adapter=adapter, **kw)
+    base = MiniCPMV.from_pretrained(folder, **kw)
+    batch = train.collate(batch_rows(VERSION, base))
+    want = fixture_logits(VERSION, "lora/logits.npz")
+    float_base = fixture_logits(VERSION, "full/logits.npz")
+    quant_error = np.abs(train.forward_logits(base, batch) - float_base).max()
+    error = np.abs(train.forward_logits(merged, batch) - want).max()
+    shift = np.abs(want - float_base).max()
+    assert error < 1.5 * quant_error and error < 0.15 * shift, (error, quant_error, shift)
