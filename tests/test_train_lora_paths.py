@@ -125,10 +125,10 @@ def int8_model():
 
 def test_qlora_trains_on_int8_base_and_exports(tmp_path):
     """LoRA on the int8 base: frozen int8 kernels, float32 adapters; the first loss is within
-    2% of the float base's, 30 steps take it below 60% of its start, and the adapter is written
+    2% of the float base's, 10 steps take it below 65% of its start, and the adapter is written
     in PEFT's layout (the float run's tensor names and shapes, the trained B)."""
     model = int8_model()
-    trainer, history = run_steps(model, steps=30, learning_rate=5e-2, weight_decay=0.0)
+    trainer, history = run_steps(model, steps=10, learning_rate=5e-2, weight_decay=0.0)
     kernels = dict(nnx.to_flat_state(trainer.frozen))
     q = kernels[("llm", "model", "layers", "self_attn", "q_proj", "kernel")].get_value()
     assert q.dtype == jnp.int8
@@ -136,7 +136,7 @@ def test_qlora_trains_on_int8_base_and_exports(tmp_path):
     float_trainer, float_run = plain_run()
     np.testing.assert_allclose(history[0]["loss"], float_run[0]["loss"], rtol=2e-2)
     losses = [r["loss"] for r in history]
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert losses[-1] < 0.65 * losses[0], losses
     trained = trainer.trained_model()
     got_dir = train.export_adapter(trained, tmp_path / "q")
     got = load_file(str(got_dir / "adapter_model.safetensors"))
