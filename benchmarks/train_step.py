@@ -2,12 +2,17 @@
 
     python -m benchmarks.train_step --preset 2.6 --layers 1 --vocab 8192 --seq 256 --batch 1
     python -m benchmarks.train_step --preset 2.6 --layers 1 --steps full lora --remat none full
+    python -m benchmarks.train_step --preset 2.6 --layers 1 --batch 2 --steps dpo dpo_lora
 
 Real layer widths (hidden, heads, MLP of the preset), truncated depth, random weights, a
 text-only batch of `--batch` rows x `--seq` tokens with every label trained. Each step kind is a
 function `jax_<kind>(bench, batch, remat)` / `torch_<kind>(bench, batch, remat)` registered in
 STEP_KINDS: "full" (every LLM weight, AdamW) and "lora" (LoRA r 64 / alpha 64 on the LLM's
-q/k/v, AdamW on the adapters only). A new kind (e.g. a preference-loss step) adds its pair.
+q/k/v, AdamW on the adapters only), "dpo" / "dpo_lora" (the same weights trained with RLAIF-V's
+DPO loss: the batch's first half of rows are the chosen answers, the second half the rejected
+ones of the same pairs, one forward + backward over all rows, summed label log-probs per row,
+-logsigmoid(beta * margin) against fixed reference log-probs; `--batch` must be even). A new kind
+adds its pair.
 
 Ours: `train.Trainer`'s jitted, donated step (loss, gradients, clipping, AdamW update). The peer:
 the transformers model of the same LLM (`benchmarks.torch_peer.build_torch_llm`, our weights)
@@ -86,7 +91,7 @@ def step_flops(cfg, batch: Batch, kind: str) -> float:
     params = c.num_layers * per_layer + d * c.vocab_size
     b, t = batch.ids.shape
     attention = c.num_layers * 4 * b * t * t * n * h
-    passes = {"full": 3, "lora": 2}[kind]
+    passes = {"full": 3, "lora": 2, "dpo": 3, "dpo_lora": 2}[kind]
     return passes * (2 * params * b * t + attention)
 
 
@@ -151,6 +156,64 @@ def jax_lora(bench, batch: Batch, remat: str) -> Callable:
     return _jax_trainer_step(bench, batch, remat, {"mode": "lora", "lora": lora})
 
 
+DPO_BETA = 0.1
+
+
+def _reference_logps(batch: Batch) -> np.ndarray:
+    """Fixed reference log-probs [B] of the rows (a precomputed pass in a real run): any values
+    give the same step cost; these make the first losses differ from log 2."""
+    return -np.linspace(1.0, 2.0, batch.ids.shape[0]).astype(np.float32) * batch.ids.shape[1]
+
+
+def _jax_dpo_step(bench, batch: Batch, remat: str, config: dict) -> Callable:
+    """One of `train.DpoTrainer`'s steps (state donated) on the batch's rows as pairs."""
+    from minicpmv_jax import train
+
+    b, t = batch.ids.shape
+    if b % 2:
+        raise SystemExit(f"dpo steps need an even --batch (chosen + rejected rows), got {b}")
+    rows = _examples(batch)
+    p = b // 2
+    pairs = [{"id": str(i), "chosen": rows[i], "rejected": rows[p + i]} for i in range(p)]
+    ref_logps = _reference_logps(batch)
+    reference = train.ReferenceLogps(
+        ref_logps[:p], ref_logps[p:], np.full(p, t), np.full(p, t), key="benchmark"
+    )
+    cfg = train.TrainConfig(
+        steps=10**6,
+        batch_size=p,
+        max_length=t + 1,
+        token_buckets=(t,),
+        slice_buckets=None,  # text-only: no vision program
+        remat=remat,
+        **config,
+    )
+    trainer = train.DpoTrainer(bench.model, pairs, cfg, train.DpoConfig(beta=DPO_BETA), reference)
+    arrays, groups = trainer._device_batch(trainer.micro_batch(0))
+    args = (trainer.frozen, trainer.loaded, arrays)
+    compiled = trainer._step.lower(trainer.state, *args, num_groups=groups).compile()
+    memory = compiled.memory_analysis()
+    info = {"temp_bytes": int(memory.temp_size_in_bytes)} if memory is not None else {}
+
+    def step():
+        trainer.state, metrics = compiled(trainer.state, *args)
+        return float(metrics["loss"])
+
+    step.info = info
+    return step
+
+
+def jax_dpo(bench, batch: Batch, remat: str) -> Callable:
+    return _jax_dpo_step(bench, batch, remat, {"mode": "full"})
+
+
+def jax_dpo_lora(bench, batch: Batch, remat: str) -> Callable:
+    from minicpmv_jax import train
+
+    lora = train.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, modules_to_save=())
+    return _jax_dpo_step(bench, batch, remat, {"mode": "lora", "lora": lora})
+
+
 # ---------------------------------------------------------------------------------------------
 # The PyTorch peer's steps
 # ---------------------------------------------------------------------------------------------
@@ -169,18 +232,40 @@ def _torch_model(bench, remat: str):
     return ref, torch
 
 
-def _torch_step(ref, torch, batch: Batch, params) -> Callable:
+def _xent_loss(torch, logits, labels):
+    # official CPMTrainer.compute_loss: no shift (labels are shifted by the dataset)
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def _dpo_loss(torch, logits, labels, ref_logps):
+    """RLAIF-V: get_batch_logps_minicpm (drop the last position, log_softmax, gather, sum over
+    label tokens) on the concatenated [chosen; rejected] rows, then dpo_loss(...).mean()."""
+    labels = labels[:, :-1].clone()
+    logits = logits[:, :-1, :].float()
+    mask = labels != -100
+    labels[labels == -100] = 0
+    per_token = torch.gather(logits.log_softmax(-1), dim=2, index=labels.unsqueeze(2)).squeeze(2)
+    logps = (per_token * mask).sum(-1)
+    p = logps.shape[0] // 2
+    margin = (logps[:p] - logps[p:]) - (ref_logps[:p] - ref_logps[p:])
+    return -torch.nn.functional.logsigmoid(DPO_BETA * margin).mean()
+
+
+def _torch_step(ref, torch, batch: Batch, params, objective: str = "xent") -> Callable:
     device = ref.device
     ids = torch.from_numpy(batch.ids.astype(np.int64)).to(device)
     labels = torch.from_numpy(batch.labels.astype(np.int64)).to(device)
+    ref_logps = torch.from_numpy(_reference_logps(batch)).to(device)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1)
 
     def step():
         logits = ref(input_ids=ids).logits
-        # official CPMTrainer.compute_loss: no shift (labels are shifted by the dataset)
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-        )
+        if objective == "dpo":
+            loss = _dpo_loss(torch, logits, labels, ref_logps)
+        else:
+            loss = _xent_loss(torch, logits, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -192,12 +277,12 @@ def _torch_step(ref, torch, batch: Batch, params) -> Callable:
     return step
 
 
-def torch_full(bench, batch: Batch, remat: str) -> Callable:
+def torch_full(bench, batch: Batch, remat: str, objective: str = "xent") -> Callable:
     ref, torch = _torch_model(bench, remat)
-    return _torch_step(ref, torch, batch, [p for p in ref.parameters()])
+    return _torch_step(ref, torch, batch, [p for p in ref.parameters()], objective)
 
 
-def torch_lora(bench, batch: Batch, remat: str) -> Callable:
+def torch_lora(bench, batch: Batch, remat: str, objective: str = "xent") -> Callable:
     ref, torch = _torch_model(bench, remat)
 
     class LoraLinear(torch.nn.Module):  # peft's LoRA Linear forward (dropout 0)
@@ -222,12 +307,22 @@ def torch_lora(bench, batch: Batch, remat: str) -> Callable:
     if remat != "none":
         ref.enable_input_require_grads()  # checkpointing needs a grad path from the inputs
     params = [p for p in ref.parameters() if p.requires_grad]
-    return _torch_step(ref, torch, batch, params)
+    return _torch_step(ref, torch, batch, params, objective)
+
+
+def torch_dpo(bench, batch: Batch, remat: str) -> Callable:
+    return torch_full(bench, batch, remat, "dpo")
+
+
+def torch_dpo_lora(bench, batch: Batch, remat: str) -> Callable:
+    return torch_lora(bench, batch, remat, "dpo")
 
 
 STEP_KINDS: dict[str, tuple[Callable, Callable]] = {
     "full": (jax_full, torch_full),
     "lora": (jax_lora, torch_lora),
+    "dpo": (jax_dpo, torch_dpo),
+    "dpo_lora": (jax_dpo_lora, torch_dpo_lora),
 }
 
 
@@ -303,7 +398,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 }
                 report["steps"].append(row)
                 print(
-                    f"{impl:5s} {kind:4s} remat={remat:4s} {t.median:8.3f} s "
+                    f"{impl:5s} {kind:8s} remat={remat:4s} {t.median:8.3f} s "
                     f"{batch.tokens / t.median:8.1f} tok/s MFU {row['mfu']:.1%} "
                     f"loss {r['first_loss']:.5f}",
                     flush=True,
@@ -359,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (CPU) or bfloat16")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", nargs="+", default=list(STEP_KINDS), choices=list(STEP_KINDS))
+    p.add_argument("--steps", nargs="+", default=["full", "lora"], choices=list(STEP_KINDS))
     p.add_argument("--remat", nargs="+", default=["none", "full"], choices=("none", "full"))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--matmul-n", type=int, default=2048)

@@ -195,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "dpo",
+        help="DPO on RLAIF-V preference pairs (see `dpo --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "bench",
         help="run the benchmark suite, benchmarks/run.py (see `bench --help`)",
         add_help=False,
@@ -521,10 +526,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(processor_cli.main(argv[1:]) or 0)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
-    if argv and argv[0] == "finetune":
+    if argv and argv[0] in ("finetune", "dpo"):
         from minicpmv_jax.train import cli as train_cli
 
-        return train_cli.main(_mesh_value_joined(argv[1:]))
+        return train_cli.main(_mesh_value_joined(argv[1:]), command=argv[0])
     args = build_parser().parse_args(_mesh_value_joined(argv))
     if args.command == "serve":
         return _serve(args)

@@ -18,9 +18,11 @@ from train_helpers import (
     dpo_dir,
     load_reference_model,
     load_train_model,
+    processor,
 )
 
 from minicpmv_jax import train
+from minicpmv_jax.errors import DataError
 
 
 def fixture(version):
@@ -121,3 +123,255 @@ def test_dpo_loss_matches_official(version, beta):
     np.testing.assert_allclose(
         np.asarray(train.dpo_loss(*avg, float(beta))), want["losses_dpo_use_average"], atol=1e-6
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference data: formats and bad records
+# ---------------------------------------------------------------------------------------------
+
+
+def records(version="minicpm-v-2_6"):
+    return json.loads((dpo_dir(version) / "data.json").read_text())
+
+
+def test_jsonl_and_image_bytes_give_the_same_pairs(tmp_path):
+    """JSONL records, and images given as Parquet-style {"bytes", "path"} dicts, build the same
+    pairs as the JSON file with image paths; RLAIF-V's extra fields are ignored."""
+    version = "minicpm-v-2_6"
+    proc = processor(version)
+    want, _ = train.load_preferences(proc, dpo_dir(version) / "data.json")
+    lines = []
+    for r in records(version):
+        data = (dpo_dir(version) / r["image"]).read_bytes()
+        extra = {"ds_name": "RLAIF-V", "origin_dataset": "x", "origin_split": "{}", "idx": 7}
+        lines.append(json.dumps({**r, **extra, "image": r["image"]}))
+        r = {**r, "image": {"bytes": data, "path": None}}
+        got = train.preference_pair(proc, r)
+        pair = want[len(lines) - 1]
+        for side in ("chosen", "rejected"):
+            for key in ("input_ids", "labels", "image_bound", "tgt_sizes"):
+                np.testing.assert_array_equal(got[side][key], pair[side][key])
+            for a, b in zip(got[side]["pixel_values"], pair[side]["pixel_values"], strict=True):
+                np.testing.assert_array_equal(a, b)
+    (tmp_path / "images").symlink_to(dpo_dir(version) / "images")
+    (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
+    got, _ = train.load_preferences(proc, tmp_path / "prefs.jsonl")
+    assert [p["id"] for p in got] == ["0", "1", "2"]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a["rejected"]["input_ids"], b["rejected"]["input_ids"])
+
+
+def test_parquet_needs_pyarrow(tmp_path):
+    path = tmp_path / "prefs.parquet"
+    path.write_bytes(b"PAR1")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match="reading Parquet needs pyarrow"):
+            train.read_preferences(path)
+    else:
+        with pytest.raises(DataError, match="cannot read the Parquet file"):
+            train.read_preferences(path)
+
+
+def bad_records():
+    good = records()
+    long_answer = " ".join(["stripes"] * 80)
+    return [
+        good[0],
+        {**good[1], "id": "e1", "chosen": "  "},
+        {**good[1], "id": "e2", "rejected": ""},
+        {**good[1], "id": "s1", "rejected": good[1]["chosen"]},
+        {**good[1], "id": "m1", "image": "images/does_not_exist.png"},
+        {**good[2], "id": "l1", "rejected": long_answer},
+        good[2],
+    ]
+
+
+WANT_ERRORS = [
+    ("e1", "chosen", "empty answer"),
+    ("e2", "rejected", "empty answer"),
+    ("s1", "rejected", "identical to chosen"),
+    ("m1", "image", "does_not_exist.png"),
+    ("l1", "rejected", "longer than max_length=120"),
+]
+
+
+def test_bad_pairs_are_named_or_skipped():
+    proc = processor("minicpm-v-2_6")
+    root = dpo_dir("minicpm-v-2_6")
+    for record, (sid, field, message) in zip(bad_records()[1:-1], WANT_ERRORS, strict=True):
+        with pytest.raises(DataError, match=message) as e:
+            train.load_preferences(proc, [record], image_root=root, max_length=120)
+        assert (e.value.sample_id, e.value.field) == (sid, field)
+        assert f"sample {sid!r}, field {field!r}" in str(e.value)
+    pairs, skipped = train.load_preferences(
+        proc, bad_records(), image_root=root, max_length=120, skip_bad_samples=True
+    )
+    assert [p["id"] for p in pairs] == ["0", "2"]
+    assert [(e.sample_id, e.field) for e in skipped] == [(s, f) for s, f, _ in WANT_ERRORS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: it learns, reference cache, LoRA reference, the command line
+# ---------------------------------------------------------------------------------------------
+
+VERSION = "minicpm-v-2_6"
+# LoRA on every LLM Linear, nothing trained in full: the step never differentiates the vision
+# tower (a cheap program on CPU)
+ALL_LLM = r"llm\..*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+LEARN = train.TrainConfig(
+    mode="lora",
+    steps=40,
+    learning_rate=2e-2,
+    batch_size=3,
+    weight_decay=0.0,
+    token_buckets=(96,),
+    lora=train.LoraConfig(r=8, alpha=16, target_modules=ALL_LLM, modules_to_save=()),
+)
+
+
+@functools.cache
+def small_model():
+    """The fixture policy whose processor resizes images to 112 px, unsliced (one 64-patch slice
+    per image): cheap steps."""
+    from train_helpers import train_checkpoint
+
+    from minicpmv_jax import MiniCPMV, MiniCPMVProcessor
+
+    folder = train_checkpoint(VERSION)
+    model = MiniCPMV.from_pretrained(folder, dtype="float32", progress=False)
+    model.processor = MiniCPMVProcessor.from_pretrained(
+        folder, scale_resolution=112, max_slice_nums=1, patch_buckets=(64,)
+    )
+    return model
+
+
+@functools.cache
+def small_pairs():
+    pairs, _ = train.load_preferences(small_model(), dpo_dir(VERSION) / "data.json")
+    return pairs
+
+
+def greedy_answer(model, record, max_new_tokens):
+    from PIL import Image
+
+    with Image.open(dpo_dir(VERSION) / record["image"]) as im:
+        content = [im.convert("RGB"), record["question"].removeprefix("<image>\n")]
+    msgs = [{"role": "user", "content": content}]
+    return model.chat(msgs, max_new_tokens=max_new_tokens, sampling=False, num_beams=1)
+
+
+def test_dpo_learns():
+    """40 DPO steps (beta 0.1, RLAIF-V's SFT term at weight 1) on the fixture pairs: the first
+    step's loss is log 2 with zero rewards (reference = the starting policy, LoRA B = 0); the
+    reward accuracy reaches 1.0, every pair's chosen-minus-rejected log-prob margin grows by more
+    than 50 nats (their mean by more than 10x), and greedy chat starts with the chosen answer."""
+    model, pairs = small_model(), small_pairs()
+    # log-probs before / after by the reference pass (the run's own program: one compilation)
+    ref = train.reference_logps(model, pairs, LEARN)
+    before = np.r_[ref.chosen, ref.rejected]
+    dpo = train.DpoConfig(beta=0.1, sft_weight=1.0)
+    trained, history = train.dpo_finetune(model, pairs, LEARN, dpo, progress=False)
+    first, last = history[0], history[-1]
+    dpo_part = first["loss"] + dpo.sft_weight * first["logps/chosen"]
+    np.testing.assert_allclose(dpo_part, np.log(2), rtol=1e-4)
+    assert abs(first["rewards/margins"]) < 1e-4 and abs(first["rewards/chosen"]) < 1e-4
+    assert last["rewards/accuracies"] == 1.0, [h["rewards/accuracies"] for h in history]
+    assert last["rewards/margins"] > 1.0
+    ref = train.reference_logps(trained, pairs, LEARN)
+    after = np.r_[ref.chosen, ref.rejected]
+    p = len(pairs)
+    margin_before, margin_after = before[:p] - before[p:], after[:p] - after[p:]
+    assert np.all(margin_after - margin_before > 50), (margin_before, margin_after)
+    assert margin_after.mean() > 10 * abs(margin_before.mean()), (margin_before, margin_after)
+    for record in records(VERSION):
+        answer = greedy_answer(trained, record, 4)
+        assert answer and record["chosen"].startswith(answer), (answer, record["chosen"])
+        assert not record["rejected"].startswith(answer)
+
+
+def test_reference_cache_reuse_and_invalidation(tmp_path):
+    """The reference log-probs equal sequence_logps of the reference; a rerun reads them back
+    (no forward pass); a changed dataset or another reference recomputes them."""
+    from train_helpers import reference_checkpoint
+
+    from minicpmv_jax.train.loss import TRACE_COUNTS
+
+    model, pairs = small_model(), small_pairs()
+    batch = train.collate_pairs(pairs)
+    cache = tmp_path / "reference_logps.npz"
+    first = train.reference_logps(model, pairs, LEARN, cache=cache)
+    assert not first.from_cache and cache.is_file()
+    per, mask = train.token_logps(model, batch)
+    np.testing.assert_allclose(np.r_[first.chosen, first.rejected], per.sum(-1), rtol=1e-5)
+    assert np.r_[first.chosen_tokens, first.rejected_tokens].tolist() == mask.sum(-1).tolist()
+    traces = TRACE_COUNTS["logps"]
+    again = train.reference_logps(model, pairs, LEARN, cache=cache)
+    assert again.from_cache and again.key == first.key
+    np.testing.assert_array_equal(again.rejected, first.rejected)
+    changed = [dict(records()[0], rejected="Another answer entirely."), *records()[1:]]
+    changed, _ = train.load_preferences(model, changed, image_root=dpo_dir(VERSION))
+    third = train.reference_logps(model, changed, LEARN, cache=cache)
+    assert not third.from_cache and third.key != first.key
+    np.testing.assert_allclose(third.chosen, first.chosen, rtol=1e-6)
+    assert third.rejected[0] != first.rejected[0]
+    folder = reference_checkpoint(VERSION)
+    ref = train.reference_logps(model, pairs, LEARN, reference=folder, cache=cache)
+    assert not ref.from_cache
+    want = train.sequence_logps(load_reference_model(VERSION), batch)
+    np.testing.assert_allclose(np.r_[ref.chosen, ref.rejected], want, rtol=1e-5)
+    assert train.reference_logps(model, pairs, LEARN, reference=folder, cache=cache).from_cache
+    assert TRACE_COUNTS["logps"] == traces  # every pass above reused one compiled program
+
+
+def test_lora_reference_is_the_adapter_disabled_base():
+    """With LoRA the reference is the base model with the adapter disabled: for the fixture's
+    PEFT adapter (loaded and merged) the reference log-probs are the base checkpoint's, not the
+    adapted policy's."""
+    from train_helpers import adapter_model
+
+    policy = adapter_model(VERSION)
+    pairs = fixture_pairs(VERSION)
+    cfg = train.TrainConfig(mode="lora", batch_size=3, token_buckets=(96,))
+    ref = train.reference_logps(policy, pairs, cfg, disable_adapter=True)
+    base = logps(VERSION, "policy")[0].sum(-1)
+    np.testing.assert_allclose(np.r_[ref.chosen, ref.rejected], base, rtol=1e-5)
+    adapted = train.sequence_logps(policy, train.collate_pairs(pairs))
+    assert np.abs(adapted - base).max() > 1e-2  # the adapter does change the policy
+
+
+def test_dpo_cli_trains_resumes_and_skips(tmp_path, capsys, monkeypatch):
+    """`minicpmv-jax dpo` (text-only pairs: cheap programs): a bad pair stops the run naming it;
+    with --skip-bad-samples it is counted; the run writes the metrics, the cached reference
+    log-probs of --reference and the adapter; the rerun resumes and reuses the cache."""
+    from train_helpers import reference_checkpoint, train_checkpoint
+
+    from minicpmv_jax.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    good = [dict(r, image={}, question=r["question"].removeprefix("<image>\n")) for r in records()]
+    lines = [good[0], good[1], dict(good[2], id="same", rejected=good[2]["chosen"])]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    argv = ["dpo", "--model", str(train_checkpoint(VERSION)), "--data", "prefs.jsonl"]
+    argv += ["--output", "run", "--lora", "--lora-r", "4", "--lora-alpha", "8", "--beta", "0.5"]
+    argv += ["--learning-rate", "1e-3", "--save-every", "1", "--no-progress", "--max-length", "96"]
+    assert main([*argv, "--steps", "2"]) == 2
+    assert "sample 'same', field 'rejected': identical to chosen" in capsys.readouterr().err
+    argv += ["--skip-bad-samples", "--reference", str(reference_checkpoint(VERSION))]
+    assert main([*argv, "--steps", "2"]) == 0
+    cache = tmp_path / "run" / "reference_logps.npz"
+    written = cache.stat().st_mtime_ns
+    assert main([*argv, "--steps", "3"]) == 0  # resumes at step 2
+    assert cache.stat().st_mtime_ns == written  # reused
+    out = capsys.readouterr().out
+    assert "done: step 3" in out and "reward accuracy" in out
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    for key in keys:
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert all(r["skipped_samples"] == 1 for r in rows)
+    # the reference is the other checkpoint: the first step's rewards are not zero
+    assert abs(rows[0]["rewards/chosen"]) > 1e-3
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

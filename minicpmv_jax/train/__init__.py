@@ -2,9 +2,10 @@
 
 Public surface (held stable): `training_example`, `collate`, `forward_logits`, `loss_and_grads`
 and the loop in `minicpmv_jax.train.loop`; preference alignment (RLAIF-V): `sequence_logps`,
-`token_logps`, `dpo_loss`, `dpo_rewards`, `load_preferences`, `collate_pairs`. Modules: `data`
-(official dataset / collator), `loss` (training forward, loss, trainable sets), `lora` (LoRA on
-any regex, PEFT names and files), `dpo` (preference data, log-probs, DPO loss).
+`token_logps`, `dpo_loss`, `dpo_rewards`, `load_preferences`, `collate_pairs`, `dpo_finetune`.
+Modules: `data` (official dataset / collator), `loss` (training forward, loss, trainable sets),
+`lora` (LoRA on any regex, PEFT names and files), `loop` (the optimizer loop, pluggable
+objective), `dpo` (preference data, log-probs, DPO loss, reference cache, DPO trainer).
 """
 
 from minicpmv_jax.train.data import (
@@ -15,12 +16,17 @@ from minicpmv_jax.train.data import (
     training_example,
 )
 from minicpmv_jax.train.dpo import (
+    DpoConfig,
+    DpoTrainer,
+    ReferenceLogps,
     collate_pairs,
     dpo_loss,
+    dpo_finetune,
     dpo_rewards,
     load_preferences,
     preference_pair,
     read_preferences,
+    reference_logps,
     sequence_logps,
     token_logps,
 )
@@ -29,12 +35,16 @@ from minicpmv_jax.train.loop import TrainConfig, Trainer, finetune
 from minicpmv_jax.train.loss import forward_logits, loss_and_grads, prepare_batch
 
 __all__ = [
+    "DpoConfig",
+    "DpoTrainer",
     "IGNORE_INDEX",
     "LoraConfig",
+    "ReferenceLogps",
     "TrainConfig",
     "Trainer",
     "collate",
     "collate_pairs",
+    "dpo_finetune",
     "dpo_loss",
     "dpo_rewards",
     "export_adapter",
@@ -47,6 +57,7 @@ __all__ = [
     "prepare_batch",
     "read_preferences",
     "read_samples",
+    "reference_logps",
     "save_merged",
     "sequence_logps",
     "token_logps",

@@ -156,8 +156,35 @@ def step_module(graphdef, params, frozen, lora, loaded, *, targets, scaling, lor
     return lora_module(lora_path[0], (params, frozen), lora_path[1], lora, key)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenXent:
+    """The fine-tuning objective (official CPMTrainer.compute_loss): the mean cross-entropy over
+    the batch's label tokens.
+
+    An objective is a hashable callable `(module, arrays, num_groups) -> (loss, metrics)`, traced
+    inside the train step: `metrics` is a dict of scalars (its `tokens` entry is the micro-batch's
+    label count; any other entry is averaged over the step's micro-batches into the metrics row).
+    """
+
+    def __call__(self, module, arrays, num_groups):
+        logits = train_logits(module, arrays, num_groups)
+        total, count = masked_xent(logits, arrays["labels"])
+        return total / jnp.maximum(count, 1), {"tokens": count}
+
+
 def _train_step(
-    state, frozen, loaded, arrays, *, graphdef, targets, scaling, lora_path, tx, num_groups
+    state,
+    frozen,
+    loaded,
+    arrays,
+    *,
+    graphdef,
+    targets,
+    scaling,
+    lora_path,
+    tx,
+    objective,
+    num_groups,
 ):
     """One micro-batch: loss, gradients, optimizer update (the state is donated)."""
     TRACE_COUNTS["train_step"] += 1
@@ -176,15 +203,13 @@ def _train_step(
             lora_path=lora_path,
             key=dropout_key,
         )
-        logits = train_logits(module, arrays, num_groups)
-        total, count = masked_xent(logits, arrays["labels"])
-        return total / jnp.maximum(count, 1), count
+        return objective(module, arrays, num_groups)
 
     trainable = (state["params"], state["lora"])
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     updates, opt = tx.update(grads, state["opt"], trainable)
     params, lora = optax.apply_updates(trainable, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     rng = jax.random.key_data(key)
     return {"params": params, "lora": lora, "opt": opt, "rng": rng}, metrics
 
@@ -210,10 +235,12 @@ def _eval_step(
 
 
 @functools.cache
-def _step_program(tx, graphdef, targets, scaling, lora_path, treedef, shardings) -> Callable:
-    """The jitted train step of one run's settings, its state kept in its own shardings (the
-    optimizer moments follow the parameters' FSDP / tensor sharding). Cached: runs with equal
-    settings (a resumed run) share its compiled programs."""
+def _step_program(
+    tx, graphdef, targets, scaling, lora_path, treedef, shardings, objective
+) -> Callable:
+    """The jitted train step of one run's settings and objective, its state kept in its own
+    shardings (the optimizer moments follow the parameters' FSDP / tensor sharding). Cached:
+    runs with equal settings (a resumed run) share its compiled programs."""
     state_shardings = jax.tree.unflatten(treedef, shardings)
     step = functools.partial(
         _train_step,
@@ -222,6 +249,7 @@ def _step_program(tx, graphdef, targets, scaling, lora_path, treedef, shardings)
         targets=targets,
         scaling=scaling,
         lora_path=lora_path,
+        objective=objective,
     )
     return jax.jit(
         step,
@@ -261,7 +289,12 @@ class Trainer:
       eval_examples: held-out examples for the eval loss.
       output_dir: where metrics.jsonl and checkpoints/ go (None: nothing is written).
       skipped: bad samples skipped while loading (counted in the metrics).
+      objective: the traced loss (default `TokenXent()`, the official fine-tuning loss); see
+        TokenXent for the contract. Subclasses change what a batch holds (`_device_batch`).
     """
+
+    empty_row: Mapping[str, Any] = _EMPTY_ROW  # pads a short last micro-batch
+    desc = "finetune"  # progress bar label
 
     def __init__(
         self,
@@ -272,6 +305,7 @@ class Trainer:
         eval_examples: Sequence[Mapping[str, Any]] = (),
         output_dir: str | os.PathLike | None = None,
         skipped: int = 0,
+        objective: Callable | None = None,
     ):
         if not examples:
             raise MiniCPMVError("no training examples")
@@ -346,12 +380,14 @@ class Trainer:
         }
         self._eval_path = eval_path
         leaves, treedef = jax.tree.flatten(self.state)
+        self.objective = objective if objective is not None else TokenXent()
         self._step = _step_program(
             self.tx,
             **self._statics,
             lora_path=train_path,
             treedef=treedef,
             shardings=tuple(x.sharding for x in leaves),
+            objective=self.objective,
         )
         self.step, self.micro = 0, 0  # optimizer steps done, micro-batches consumed
 
@@ -366,29 +402,10 @@ class Trainer:
         per_epoch = math.ceil(len(self.examples) / b)
         epoch, j = divmod(index, per_epoch)
         rows = [self.examples[i] for i in self._order(epoch)[j * b : (j + 1) * b]]
-        return rows + [_EMPTY_ROW] * (b - len(rows))
+        return rows + [self.empty_row] * (b - len(rows))
 
     def _device_batch(self, rows) -> tuple[dict, int]:
-        model = self.model
-        prepared = prepare_batch(
-            model,
-            collate(rows, self.config.max_length),
-            token_buckets=self.config.token_buckets,
-            slice_buckets=self.config.slice_buckets,
-            patch_buckets=model.processor.patch_buckets,
-        )
-        arrays = device_arrays(prepared)
-        mesh = model.mesh
-        placed = {}
-        for k, a in arrays.items():
-            rows_first = k in ("input_ids", "labels", "positions", "image_slot")
-            sharding = (
-                batch_sharding(mesh, a.shape)
-                if rows_first
-                else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            )
-            placed[k] = jax.device_put(a, sharding)
-        return placed, prepared["num_groups"]
+        return device_batch(self.model, collate(rows, self.config.max_length), self.config)
 
     # -------------------------------------------------------------------- state files
     def _leaves(self) -> dict[str, Any]:
@@ -440,7 +457,7 @@ class Trainer:
         with self.model._precision():
             for i in range(0, len(self.eval_examples), b):
                 rows = self.eval_examples[i : i + b]
-                arrays, groups = self._device_batch(rows + [_EMPTY_ROW] * (b - len(rows)))
+                arrays, groups = self._device_batch(rows + [self.empty_row] * (b - len(rows)))
                 s, c = _eval_step(
                     self.state,
                     self.frozen,
@@ -462,11 +479,12 @@ class Trainer:
             metrics_file = open(self.output_dir / "metrics.jsonl", "a")  # noqa: SIM115
         history = []
         schedule = cfg.schedule()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="finetune")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc=self.desc)
         try:
             with self.model._precision():
                 while self.step < cfg.steps:
                     start, losses, norms, tokens = time.perf_counter(), [], [], 0
+                    extra: dict[str, list] = {}
                     for _ in range(cfg.grad_accum):
                         arrays, groups = self._device_batch(self.micro_batch(self.micro))
                         self.state, m = self._step(
@@ -476,6 +494,9 @@ class Trainer:
                         losses.append(m["loss"])
                         norms.append(m["grad_norm"])
                         tokens += int(m["tokens"])
+                        for k, v in m.items():
+                            if k not in ("loss", "grad_norm", "tokens"):
+                                extra.setdefault(k, []).append(v)
                     self.step += 1
                     row = {
                         "step": self.step,
@@ -485,6 +506,8 @@ class Trainer:
                         "tokens_per_s": tokens / (time.perf_counter() - start),
                         "skipped_samples": self.skipped,
                     }
+                    for k, v in extra.items():
+                        row[k] = float(np.mean([float(x) for x in v]))
                     last = self.step == cfg.steps
                     if self.eval_examples and (
                         last or (cfg.eval_every and self.step % cfg.eval_every == 0)
@@ -497,7 +520,7 @@ class Trainer:
                         metrics_file.write(json.dumps(row) + "\n")
                         metrics_file.flush()
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    bar.set_postfix(self.postfix(row))
                     if on_step is not None:
                         on_step(row)
         finally:
@@ -505,6 +528,10 @@ class Trainer:
             if metrics_file is not None:
                 metrics_file.close()
         return history
+
+    def postfix(self, row: Mapping[str, Any]) -> dict[str, str]:
+        """What the progress bar shows of a metrics row."""
+        return {"loss": f"{row['loss']:.4f}"}
 
     def trained_model(self):
         """A MiniCPMV with the trained weights (LoRA merged in; `.adapter` keeps it)."""
@@ -517,6 +544,29 @@ class Trainer:
             return new
         new.adapter = self.model.adapter  # merged already: merge_lora subtracts it
         return merge_lora(new, Adapter(self.lora_config, self.state["lora"]))
+
+
+def device_batch(model, batch: Mapping[str, Any], config: TrainConfig) -> tuple[dict, int]:
+    """A collated batch padded to the config's buckets and placed on the model's mesh (rows over
+    the data axis, vision slices replicated): (device arrays, num_groups)."""
+    prepared = prepare_batch(
+        model,
+        batch,
+        token_buckets=config.token_buckets,
+        slice_buckets=config.slice_buckets,
+        patch_buckets=model.processor.patch_buckets,
+    )
+    mesh = model.mesh
+    placed = {}
+    for k, a in device_arrays(prepared).items():
+        rows_first = k in ("input_ids", "labels", "positions", "image_slot")
+        sharding = (
+            batch_sharding(mesh, a.shape)
+            if rows_first
+            else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        )
+        placed[k] = jax.device_put(a, sharding)
+    return placed, prepared["num_groups"]
 
 
 def finetune(
