@@ -9,6 +9,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json
 import pathlib
+import shutil
+import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -56,6 +59,33 @@ def case_pil_messages(case_dir, case_json) -> list[dict]:
                 content.append(item["text"])
         msgs.append({"role": m["role"], "content": content})
     return msgs
+
+
+# One persistent compilation cache per test run, made by the first pytest process and inherited
+# by the xdist workers, notebook kernels and CLI subprocesses: a program that another process of
+# the same run has compiled is loaded instead of compiled again (most tests share the tiny fixture
+# models). Created empty for each run and removed at its end, so every run compiles from scratch.
+_RUN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _RUN_CACHE = tempfile.mkdtemp(prefix="minicpmv-jax-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def pytest_configure(config):
+    if "jax" in sys.modules:  # imported before this file (a plugin): the environment came late
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update(
+            "jax_persistent_cache_min_compile_time_secs",
+            float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")),
+        )
+
+
+def pytest_unconfigure(config):
+    if _RUN_CACHE is not None:
+        shutil.rmtree(_RUN_CACHE, ignore_errors=True)
 
 
 def pytest_xdist_auto_num_workers(config) -> int:

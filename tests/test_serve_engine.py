@@ -16,6 +16,7 @@ from gen_helpers import case_messages, load_model, processor_kwargs
 from PIL import Image
 
 from minicpmv_jax.chat import postprocess
+from minicpmv_jax.errors import MiniCPMVError
 from minicpmv_jax.generate import RequestShape
 from minicpmv_jax.serve.engine import Engine
 from minicpmv_jax.serve.types import (
@@ -336,5 +337,5 @@ def test_46_is_refused():
         class config:
             version = "4.6"
 
-    with pytest.raises(Exception, match="4.6"):
+    with pytest.raises(MiniCPMVError, match="4.6"):
         Engine(Model46())
