@@ -4,8 +4,12 @@ Tolerances (the issue's): per-sample summed label log-probs of the policy (the f
 checkpoint) and the reference (dpo/reference_checkpoint) within 1e-4 relative; per-token
 log-probs within 1e-4 absolute where the official loss_mask is set (the mask itself exact);
 DPO losses, rewards and reward accuracies for beta 0.5 and 0.1 within 1e-5 (from our log-probs;
-with the official log-probs as inputs, 1e-6). The collated pair batch (ids, labels, image bounds,
-slice sizes) is exact.
+with the official log-probs as inputs, 1e-6); the train step's objective on the bucketed batch
+within 2e-5. The collated pair batch (ids, labels, image bounds, slice sizes) is exact.
+
+Training checks run on the 2.6 checkpoint at 112 px (one 64-patch slice per image) with LoRA on
+the LLM only, so each step is a small program: it learns (40 steps), the reference cache, the
+LoRA reference, and `minicpmv-jax dpo` end to end (text-only pairs).
 """
 
 import functools
@@ -123,6 +127,58 @@ def test_dpo_loss_matches_official(version, beta):
     np.testing.assert_allclose(
         np.asarray(train.dpo_loss(*avg, float(beta))), want["losses_dpo_use_average"], atol=1e-6
     )
+
+
+def test_training_objective_matches_official():
+    """The objective the DPO train step differentiates, on the fixture pair batch (bucketed and
+    placed as the trainer does) with the reference's log-probs: its loss is RLAIF-V's
+    trainer loss for beta 0.5, with summed and with averaged (dpo_use_average) log-probs, and its
+    reward metrics the means of the official per-pair rewards and accuracies, within 2e-5 (the
+    bucketed, padded batch is a different float32 program from the unpadded one: ~2e-5 in the
+    summed log-probs, times beta)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from minicpmv_jax.train.dpo import DpoObjective
+    from minicpmv_jax.train.loop import device_batch
+
+    version = "minicpm-v-2_6"
+    meta, _ = fixture(version)
+    model, pairs = load_train_model(version), fixture_pairs(version)
+    per, mask = logps(version, "reference")  # ours (the official ones: test_logps_match_official)
+    total, average = per.sum(-1), per.sum(-1) / mask.sum(-1)
+    cfg = train.TrainConfig(batch_size=3, token_buckets=(96,))
+    arrays, groups = device_batch(model, train.collate_pairs(pairs), cfg)
+    settings = [(False, total[:3], total[3:]), (True, average[:3], average[3:])]
+
+    @jax.jit
+    def objectives(state, arrays):
+        module = nnx.merge(model.graphdef, state)
+        out = []
+        for average, chosen, rejected in settings:
+            extra = {
+                "ref_chosen": jnp.asarray(chosen, jnp.float32),
+                "ref_rejected": jnp.asarray(rejected, jnp.float32),
+                "pair_valid": jnp.ones(3, bool),
+            }
+            objective = DpoObjective(train.DpoConfig(beta=0.5, average=average))
+            out.append(objective(module, {**arrays, **extra}, groups))
+        return out
+
+    with model._precision():
+        (loss, metrics), (avg_loss, _) = jax.device_get(objectives(model.state, arrays))
+    want = meta["dpo"]["0.5"]
+    np.testing.assert_allclose(loss, want["loss"], atol=2e-5)
+    np.testing.assert_allclose(avg_loss, want["loss_dpo_use_average"], atol=2e-5)
+    np.testing.assert_allclose(
+        metrics["rewards/chosen"], np.mean(want["chosen_rewards"]), atol=2e-5
+    )
+    np.testing.assert_allclose(
+        metrics["rewards/rejected"], np.mean(want["rejected_rewards"]), atol=2e-5
+    )
+    assert metrics["rewards/accuracies"] == np.float32(np.mean(want["reward_accuracies"]))
+    assert int(metrics["tokens"]) == sum(meta["n_label_tokens"])
 
 
 # ---------------------------------------------------------------------------------------------
