@@ -50,15 +50,15 @@ WORKLOAD = {
         ("single_100x90", 7, {}),
         ("single_1024x768", 16, {}),  # sliced
         ("single_1024x768", 11, {}),
-        ("single_300x1200", 16, {}),  # sliced
-        ("single_1600x1200_max_slice_2", 16, {}),
+        ("single_1024x768", 6, {}),
+        ("single_1024x768", 20, {"repetition_penalty": 1.2}),
         ("multi_image", 16, {}),
         ("multi_image", 4, {}),
         ("multi_turn", 16, {}),
         ("multi_turn", 1, {}),
         ("text_only", 30, {"repetition_penalty": 1.1}),
         ("single_100x90", 8, {"repetition_penalty": 1.3}),
-        ("single_1600x1200_max_slice_2", 20, {}),
+        ("multi_turn", 9, {"repetition_penalty": 1.1}),
     ],
     "minicpm-v-4_5": [
         ("text_only", 16, {}),
