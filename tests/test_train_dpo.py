@@ -68,9 +68,7 @@ def test_logps_match_official(version, which):
     meta, want = fixture(version)
     per, mask = logps(version, which)
     np.testing.assert_array_equal(mask, want["loss_mask"])
-    np.testing.assert_allclose(
-        per[mask], want[f"{which}_per_token_logps"][mask], atol=1e-4, rtol=0
-    )
+    np.testing.assert_allclose(per[mask], want[f"{which}_per_token_logps"][mask], atol=1e-4, rtol=0)
     official = meta["logps"][which]
     p = len(meta["samples"])
     total = per.sum(-1)
@@ -217,17 +215,43 @@ def test_jsonl_and_image_bytes_give_the_same_pairs(tmp_path):
         np.testing.assert_array_equal(a["rejected"]["input_ids"], b["rejected"]["input_ids"])
 
 
-def test_parquet_needs_pyarrow(tmp_path):
+def test_parquet_file_gives_the_same_pairs(tmp_path, monkeypatch):
+    """An RLAIF-V style Parquet file (image structs with the bytes inline, the dataset's extra
+    columns) builds the same pairs as the JSON file with image paths; without pyarrow, or with
+    a broken file, a clear error names the file."""
+    import pyarrow as pa  # the test extra installs it
+    import pyarrow.parquet as pq
+
+    version = "minicpm-v-2_6"
+    proc = processor(version)
+    want, _ = train.load_preferences(proc, dpo_dir(version) / "data.json")
+    rows = [
+        {
+            **r,
+            "image": {"bytes": (dpo_dir(version) / r["image"]).read_bytes(), "path": None},
+            "ds_name": "RLAIF-V",
+            "origin_split": "{}",
+            "idx": k,
+        }
+        for k, r in enumerate(records(version))
+    ]
     path = tmp_path / "prefs.parquet"
-    path.write_bytes(b"PAR1")
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        with pytest.raises(DataError, match="reading Parquet needs pyarrow"):
-            train.read_preferences(path)
-    else:
-        with pytest.raises(DataError, match="cannot read the Parquet file"):
-            train.read_preferences(path)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    got, skipped = train.load_preferences(proc, path)
+    assert not skipped and [p["id"] for p in got] == [p["id"] for p in want]
+    for a, b in zip(got, want, strict=True):
+        for side in ("chosen", "rejected"):
+            for key in ("input_ids", "labels", "image_bound", "tgt_sizes"):
+                np.testing.assert_array_equal(a[side][key], b[side][key])
+            for x, y in zip(a[side]["pixel_values"], b[side]["pixel_values"], strict=True):
+                np.testing.assert_array_equal(x, y)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="cannot read the Parquet file"):
+        train.read_preferences(broken)
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match="reading Parquet needs pyarrow"):
+        train.read_preferences(path)
 
 
 def bad_records():
