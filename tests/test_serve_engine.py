@@ -3,19 +3,22 @@
 Every answer is checked against the same request run alone through the generation path of
 ``chat()`` (``model.generate`` for the ids, ``chat.postprocess`` for the text, which is what
 ``chat()`` returns; a few requests literally through ``model.chat``): token ids exactly equal,
-text exactly equal. One engine per checkpoint (fewer slots than requests), every program
+text exactly equal (no tolerance). One engine per checkpoint (fewer slots than requests), every program
 compiled in ``start()``; no compilation afterwards.
 """
 
+import functools
+import json
 import threading
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, load_case
+from conftest import FIXTURES
 from gen_helpers import case_messages, load_model, processor_kwargs
 from PIL import Image
 
 from minicpmv_jax.chat import postprocess
+from minicpmv_jax.errors import MiniCPMVError
 from minicpmv_jax.generate import RequestShape
 from minicpmv_jax.serve.engine import Engine
 from minicpmv_jax.serve.types import (
@@ -29,7 +32,7 @@ from minicpmv_jax.serve.types import (
 from minicpmv_jax.settings import GenerationSettings
 
 TIMEOUT = 120.0
-MAX_LEN = 320
+MAX_LEN = 256  # one token bucket (256): one insert program per engine
 
 # (case, max_tokens, extra Request fields); every case once or twice with different lengths
 WORKLOAD = {
@@ -37,25 +40,25 @@ WORKLOAD = {
         ("text_only", 16, {}),
         ("text_only", 5, {}),
         ("mask_id0_text_only", 12, {}),
+        ("mask_id0_text_only", 20, {}),
         ("greedy_rep_penalty", 24, {"repetition_penalty": 1.2}),
         ("greedy_rep_penalty", 9, {"repetition_penalty": 1.2}),
         ("single_448x448", 16, {}),
         ("single_448x448", 3, {}),
         ("single_100x90", 16, {}),
-        ("system_prompt", 16, {}),
-        ("mask_id0_image", 16, {}),
-        ("mask_id0_image", 7, {}),
+        ("text_only", 16, {"system_prompt": "Answer in one short sentence."}),
+        ("single_100x90", 7, {}),
         ("single_1024x768", 16, {}),  # sliced
         ("single_1024x768", 11, {}),
-        ("single_300x1200", 16, {}),  # sliced
-        ("single_1600x1200_max_slice_2", 16, {}),
+        ("single_1024x768", 6, {}),
+        ("single_1024x768", 20, {"repetition_penalty": 1.2}),
         ("multi_image", 16, {}),
         ("multi_image", 4, {}),
         ("multi_turn", 16, {}),
         ("multi_turn", 1, {}),
         ("text_only", 30, {"repetition_penalty": 1.1}),
         ("single_100x90", 8, {"repetition_penalty": 1.3}),
-        ("single_1600x1200_max_slice_2", 20, {}),
+        ("multi_turn", 9, {"repetition_penalty": 1.1}),
     ],
     "minicpm-v-4_5": [
         ("text_only", 16, {}),
@@ -75,25 +78,38 @@ WORKLOAD = {
 SLOTS = {"minicpm-v-2_6": 4, "minicpm-v-4_5": 3}
 
 
+@functools.cache
+def load_case(version: str, name: str) -> dict:
+    folder = FIXTURES / version / "cases" / name
+    return {"case": json.loads((folder / "case.json").read_text()), "dir": folder}
+
+
 def case_request(version: str, name: str, max_tokens: int, **fields) -> Request:
-    case = load_case(FIXTURES / version / "cases" / name)
+    case = load_case(version, name)
     pk = processor_kwargs(case)
     if "temporal_ids" in pk:
         pk["temporal_ids"] = tuple(tuple(g) for g in pk["temporal_ids"])
     fields.setdefault("temperature", 0.0)
-    return Request(messages=case_messages(case), max_tokens=max_tokens, **pk, **fields)
+    return Request(messages=case_messages(case), max_tokens=max_tokens, **{**pk, **fields})
+
+
+_OUTPUTS: dict = {}
 
 
 def processed(model, r: Request):
+    """The processor output of a request (cached: images are processed once per test run)."""
     tids = None if r.temporal_ids is None else [list(g) for g in r.temporal_ids]
-    return model.processor(
-        r.messages,
-        max_slice_nums=r.max_slice_nums,
-        use_image_id=r.use_image_id,
-        enable_thinking=r.enable_thinking,
-        system_prompt=r.system_prompt,
-        temporal_ids=tids,
-    )
+    kw = {
+        "max_slice_nums": r.max_slice_nums,
+        "use_image_id": r.use_image_id,
+        "enable_thinking": r.enable_thinking,
+        "system_prompt": r.system_prompt,
+        "temporal_ids": tids,
+    }
+    key = (id(model), repr(r.messages), repr(kw))
+    if key not in _OUTPUTS:
+        _OUTPUTS[key] = model.processor(r.messages, **kw)
+    return _OUTPUTS[key]
 
 
 def alone(model, r: Request, **kwargs) -> list[int]:
@@ -175,7 +191,7 @@ def check_workload(engine, version: str, literal_chat: tuple[str, ...]):
         assert fin.completion_tokens == len(expected)
         assert fin.prompt_tokens == np.asarray(processed(model, r)["input_ids"]).shape[-1]
         if name in literal_chat:
-            kw = processor_kwargs(load_case(FIXTURES / version / "cases" / name))
+            kw = processor_kwargs(load_case(version, name))
             got = model.chat(r.messages, sampling=False, num_beams=1, max_new_tokens=r.max_tokens,
                              repetition_penalty=r.repetition_penalty, **kw)  # fmt: skip
             assert fin.text == got, name
@@ -336,5 +352,5 @@ def test_46_is_refused():
         class config:
             version = "4.6"
 
-    with pytest.raises(Exception, match="4.6"):
+    with pytest.raises(MiniCPMVError, match="4.6"):
         Engine(Model46())

@@ -4,8 +4,12 @@ Tolerances (the issue's): per-sample summed label log-probs of the policy (the f
 checkpoint) and the reference (dpo/reference_checkpoint) within 1e-4 relative; per-token
 log-probs within 1e-4 absolute where the official loss_mask is set (the mask itself exact);
 DPO losses, rewards and reward accuracies for beta 0.5 and 0.1 within 1e-5 (from our log-probs;
-with the official log-probs as inputs, 1e-6). The collated pair batch (ids, labels, image bounds,
-slice sizes) is exact.
+with the official log-probs as inputs, 1e-6); the train step's objective on the bucketed batch
+within 2e-5. The collated pair batch (ids, labels, image bounds, slice sizes) is exact.
+
+Training checks run on the 2.6 checkpoint at 112 px (one 64-patch slice per image) with LoRA on
+the LLM only, so each step is a small program: it learns (40 steps), the reference cache, the
+LoRA reference, and `minicpmv-jax dpo` end to end (text-only pairs).
 """
 
 import functools
@@ -64,9 +68,7 @@ def test_logps_match_official(version, which):
     meta, want = fixture(version)
     per, mask = logps(version, which)
     np.testing.assert_array_equal(mask, want["loss_mask"])
-    np.testing.assert_allclose(
-        per[mask], want[f"{which}_per_token_logps"][mask], atol=1e-4, rtol=0
-    )
+    np.testing.assert_allclose(per[mask], want[f"{which}_per_token_logps"][mask], atol=1e-4, rtol=0)
     official = meta["logps"][which]
     p = len(meta["samples"])
     total = per.sum(-1)
@@ -125,6 +127,58 @@ def test_dpo_loss_matches_official(version, beta):
     )
 
 
+def test_training_objective_matches_official():
+    """The objective the DPO train step differentiates, on the fixture pair batch (bucketed and
+    placed as the trainer does) with the reference's log-probs: its loss is RLAIF-V's
+    trainer loss for beta 0.5, with summed and with averaged (dpo_use_average) log-probs, and its
+    reward metrics the means of the official per-pair rewards and accuracies, within 2e-5 (the
+    bucketed, padded batch is a different float32 program from the unpadded one: ~2e-5 in the
+    summed log-probs, times beta)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from minicpmv_jax.train.dpo import DpoObjective
+    from minicpmv_jax.train.loop import device_batch
+
+    version = "minicpm-v-2_6"
+    meta, _ = fixture(version)
+    model, pairs = load_train_model(version), fixture_pairs(version)
+    per, mask = logps(version, "reference")  # ours (the official ones: test_logps_match_official)
+    total, average = per.sum(-1), per.sum(-1) / mask.sum(-1)
+    cfg = train.TrainConfig(batch_size=3, token_buckets=(96,))
+    arrays, groups = device_batch(model, train.collate_pairs(pairs), cfg)
+    settings = [(False, total[:3], total[3:]), (True, average[:3], average[3:])]
+
+    @jax.jit
+    def objectives(state, arrays):
+        module = nnx.merge(model.graphdef, state)
+        out = []
+        for average, chosen, rejected in settings:
+            extra = {
+                "ref_chosen": jnp.asarray(chosen, jnp.float32),
+                "ref_rejected": jnp.asarray(rejected, jnp.float32),
+                "pair_valid": jnp.ones(3, bool),
+            }
+            objective = DpoObjective(train.DpoConfig(beta=0.5, average=average))
+            out.append(objective(module, {**arrays, **extra}, groups))
+        return out
+
+    with model._precision():
+        (loss, metrics), (avg_loss, _) = jax.device_get(objectives(model.state, arrays))
+    want = meta["dpo"]["0.5"]
+    np.testing.assert_allclose(loss, want["loss"], atol=2e-5)
+    np.testing.assert_allclose(avg_loss, want["loss_dpo_use_average"], atol=2e-5)
+    np.testing.assert_allclose(
+        metrics["rewards/chosen"], np.mean(want["chosen_rewards"]), atol=2e-5
+    )
+    np.testing.assert_allclose(
+        metrics["rewards/rejected"], np.mean(want["rejected_rewards"]), atol=2e-5
+    )
+    assert metrics["rewards/accuracies"] == np.float32(np.mean(want["reward_accuracies"]))
+    assert int(metrics["tokens"]) == sum(meta["n_label_tokens"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Preference data: formats and bad records
 # ---------------------------------------------------------------------------------------------
@@ -161,17 +215,43 @@ def test_jsonl_and_image_bytes_give_the_same_pairs(tmp_path):
         np.testing.assert_array_equal(a["rejected"]["input_ids"], b["rejected"]["input_ids"])
 
 
-def test_parquet_needs_pyarrow(tmp_path):
+def test_parquet_file_gives_the_same_pairs(tmp_path, monkeypatch):
+    """An RLAIF-V style Parquet file (image structs with the bytes inline, the dataset's extra
+    columns) builds the same pairs as the JSON file with image paths; without pyarrow, or with
+    a broken file, a clear error names the file."""
+    import pyarrow as pa  # the test extra installs it
+    import pyarrow.parquet as pq
+
+    version = "minicpm-v-2_6"
+    proc = processor(version)
+    want, _ = train.load_preferences(proc, dpo_dir(version) / "data.json")
+    rows = [
+        {
+            **r,
+            "image": {"bytes": (dpo_dir(version) / r["image"]).read_bytes(), "path": None},
+            "ds_name": "RLAIF-V",
+            "origin_split": "{}",
+            "idx": k,
+        }
+        for k, r in enumerate(records(version))
+    ]
     path = tmp_path / "prefs.parquet"
-    path.write_bytes(b"PAR1")
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        with pytest.raises(DataError, match="reading Parquet needs pyarrow"):
-            train.read_preferences(path)
-    else:
-        with pytest.raises(DataError, match="cannot read the Parquet file"):
-            train.read_preferences(path)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    got, skipped = train.load_preferences(proc, path)
+    assert not skipped and [p["id"] for p in got] == [p["id"] for p in want]
+    for a, b in zip(got, want, strict=True):
+        for side in ("chosen", "rejected"):
+            for key in ("input_ids", "labels", "image_bound", "tgt_sizes"):
+                np.testing.assert_array_equal(a[side][key], b[side][key])
+            for x, y in zip(a[side]["pixel_values"], b[side]["pixel_values"], strict=True):
+                np.testing.assert_array_equal(x, y)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="cannot read the Parquet file"):
+        train.read_preferences(broken)
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match="reading Parquet needs pyarrow"):
+        train.read_preferences(path)
 
 
 def bad_records():

@@ -95,19 +95,24 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _load(args):
+def _load(args, processor=None):
+    """The model of --model (with `processor` instead of loading its own, when given)."""
     from minicpmv_jax import MiniCPMV
     from minicpmv_jax.cli import _mesh
 
     if args.quant and not args.lora:
         raise MiniCPMVError("--quant int8 trains LoRA adapters on the frozen int8 base: add --lora")
-    return MiniCPMV.from_pretrained(
+    model = MiniCPMV.from_pretrained(
         args.model,
         dtype=args.dtype,
         mesh=_mesh(args.mesh),
         progress=not args.no_progress,
         quant=args.quant,
+        load_processor=processor is None,
     )
+    if processor is not None:
+        model.processor = processor
+    return model
 
 
 def _train_config(args):
@@ -176,16 +181,21 @@ def run(args) -> None:
 
 def run_dpo(args) -> None:
     from minicpmv_jax import train
+    from minicpmv_jax.model import resolve_checkpoint
+    from minicpmv_jax.processor import MiniCPMVProcessor
 
-    model = _load(args)
+    # the data is checked with the processor alone: a bad pair stops the run before the weights
+    # load
+    processor = MiniCPMVProcessor.from_pretrained(resolve_checkpoint(args.model))
     pairs, skipped = train.load_preferences(
-        model, args.data, max_length=args.max_length, skip_bad_samples=args.skip_bad_samples
+        processor, args.data, max_length=args.max_length, skip_bad_samples=args.skip_bad_samples
     )
     for e in skipped:
         logging.getLogger(__name__).warning("skipped: %s", e)
     if not pairs:
         raise MiniCPMVError(f"{args.data}: no usable preference pair ({len(skipped)} skipped)")
     config = _train_config(args)
+    model = _load(args, processor)
     dpo = train.DpoConfig(beta=args.beta, sft_weight=args.sft_weight, average=args.dpo_use_average)
     trained, history = train.dpo_finetune(
         model,
