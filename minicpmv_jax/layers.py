@@ -8,6 +8,33 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# XLA:CPU runs a bf16 x bf16 matmul on its fast kernels only when the result is float32
+# (`python -m benchmarks.cpu_dot`, 2.6's MLP up-projection at 256 rows on 2 cores: 217 GFLOP/s
+# with a float32 result, 64 GFLOP/s with a bf16 one; float32 weights: 92 GFLOP/s). Read at trace
+# time; False restores the plain dot (for A/B measurements).
+CPU_FAST_BF16 = True
+
+
+def cpu_aware_dot(
+    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None
+):
+    """``lax.dot_general`` of a dense layer. On the CPU backend a bf16 x bf16 product is taken
+    with a float32 result, rounded back to the requested dtype (the same values up to summation
+    order; prefill of a bf16 model 1.6x faster on this CPU, decode unchanged). Other backends and
+    dtypes: the plain dot."""
+    fast = (
+        CPU_FAST_BF16 and jax.default_backend() == "cpu" and lhs.dtype == rhs.dtype == jnp.bfloat16
+    )
+    y = jax.lax.dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision,
+        preferred_element_type=jnp.float32 if fast else preferred_element_type,
+        out_sharding=out_sharding,
+    )
+    return y.astype(preferred_element_type or lhs.dtype) if fast else y
+
 
 def dense(
     din: int,
@@ -28,6 +55,7 @@ def dense(
         param_dtype=param_dtype,
         kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
+        dot_general=cpu_aware_dot,
         rngs=rngs,
     )
 

@@ -158,3 +158,25 @@ def test_splash_under_a_mesh_matches_xla(mesh_shape):
         got, want = splash(q, k, v, mask), xla(q, k, v, mask)
     rows = np.asarray(mask).any(-1)[:, 0]  # [B, T]: queries with at least one key
     np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_bf16_dense_takes_a_float32_result():
+    """On the CPU backend a bf16 dense layer multiplies with a float32 result (the form XLA:CPU
+    runs on its fast bf16 kernels, see benchmarks/cpu_dot.py) and rounds it back to bf16: the
+    float32 product of the same bf16 values, rounded once (1 bf16 ulp), never a bf16 accumulator."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from minicpmv_jax.layers import cpu_aware_dot
+
+    # what layers.dense builds (without the logical-axis annotations)
+    layer = nnx.Linear(96, 80, use_bias=False, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                       dot_general=cpu_aware_dot, rngs=nnx.Rngs(0))  # fmt: skip
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 96)), jnp.bfloat16)
+    y = layer(x)
+    ref = np.asarray(x, np.float32) @ np.asarray(layer.kernel[...], np.float32)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2**-8, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(layer)(x))
+    on_cpu = jax.default_backend() == "cpu"
+    assert ("preferred_element_type=float32" in jaxpr) == on_cpu, jaxpr
