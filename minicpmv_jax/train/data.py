@@ -258,7 +258,7 @@ def training_example(
     if not isinstance(sample, Mapping):
         raise DataError(sid, "sample", f"must be a dict, got {type(sample).__name__}")
     if "image" not in sample:  # the official dataset reads sample["image"] unconditionally
-        raise DataError(sid, "image", "missing (use \"image\": {} for a text-only sample)")
+        raise DataError(sid, "image", 'missing (use "image": {} for a text-only sample)')
     turns = _check_conversations(sid, sample.get("conversations"))
     images = _load_images(sid, sample["image"], pathlib.Path(image_root))
     texts, pieces = _placeholders(processor, images, version)
@@ -346,22 +346,31 @@ def collate(examples: Sequence[Mapping[str, Any]], max_length: int = DEFAULT_MAX
     }
 
 
-def read_samples(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The samples of an official JSON file (a list of sample dicts), with clear errors."""
-    path = pathlib.Path(path)
+def read_text(path: pathlib.Path) -> str:
+    """A data file's UTF-8 text; a DataError naming the file when it cannot be read."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8")
     except OSError as e:
         raise DataError("-", str(path), f"cannot read the file ({e})") from None
     except UnicodeDecodeError as e:
         raise DataError("-", str(path), f"not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def read_json_list(path: pathlib.Path, text: str, what: str) -> list:
+    """The JSON list in ``text`` (of file ``path``); a DataError naming the file otherwise."""
     try:
-        samples = json.loads(text)
+        items = json.loads(text)
     except ValueError as e:
         raise DataError("-", str(path), f"not valid JSON ({e})") from None
-    if not isinstance(samples, list):
-        raise DataError("-", str(path), "must hold a JSON list of samples")
-    return samples
+    if not isinstance(items, list):
+        raise DataError("-", str(path), f"must hold a JSON list of {what}")
+    return items
+
+
+def read_samples(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The samples of an official JSON file (a list of sample dicts), with clear errors."""
+    path = pathlib.Path(path)
+    return read_json_list(path, read_text(path), "samples")
 
 
 def load_examples(
@@ -384,9 +393,7 @@ def load_examples(
     for sample in samples:
         try:
             examples.append(
-                training_example(
-                    model, sample, image_root=image_root or ".", max_length=max_length
-                )
+                training_example(model, sample, image_root=image_root or ".", max_length=max_length)
             )
         except DataError as e:
             if not skip_bad_samples:

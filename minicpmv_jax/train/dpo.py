@@ -37,9 +37,16 @@ import numpy as np
 from flax import nnx
 
 from minicpmv_jax.errors import DataError, MiniCPMVError
-from minicpmv_jax.train.data import DEFAULT_MAX_LENGTH, IGNORE_INDEX, collate, training_example
-from minicpmv_jax.train.lora import apply_lora, lora_targets
+from minicpmv_jax.train.data import (
+    DEFAULT_MAX_LENGTH,
+    IGNORE_INDEX,
+    collate,
+    read_json_list,
+    read_text,
+    training_example,
+)
 from minicpmv_jax.train.loop import _EMPTY_ROW, TrainConfig, Trainer, device_batch
+from minicpmv_jax.train.lora import apply_lora, lora_targets
 from minicpmv_jax.train.loss import TRACE_COUNTS, device_arrays, prepare_batch, train_logits
 
 log = logging.getLogger(__name__)
@@ -166,12 +173,7 @@ def read_preferences(path: str | os.PathLike) -> list[dict[str, Any]]:
             return pq.read_table(path).to_pylist()
         except (OSError, ValueError) as e:
             raise DataError("-", str(path), f"cannot read the Parquet file ({e})") from None
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise DataError("-", str(path), f"cannot read the file ({e})") from None
-    except UnicodeDecodeError as e:
-        raise DataError("-", str(path), f"not UTF-8 text (byte {e.start}: {e.reason})") from None
+    text = read_text(path)
     if path.suffix == ".jsonl":
         records = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -182,13 +184,7 @@ def read_preferences(path: str | os.PathLike) -> list[dict[str, Any]]:
             except ValueError as e:
                 raise DataError("-", f"{path}:{n}", f"not valid JSON ({e})") from None
         return records
-    try:
-        records = json.loads(text)
-    except ValueError as e:
-        raise DataError("-", str(path), f"not valid JSON ({e})") from None
-    if not isinstance(records, list):
-        raise DataError("-", str(path), "must hold a JSON list of preference records")
-    return records
+    return read_json_list(path, text, "preference records")
 
 
 def preference_pair(
