@@ -239,7 +239,7 @@ def run_op(side, op: str, kw: dict) -> dict[str, Any]:
             if op == "ttft"
             else text_request(kw["tokens"])
         )
-        stats, logits = timed(lambda: side.first_logits(req), kw["repeats"])
+        stats, logits = timed(lambda: side.first_logits(req), kw["repeats"], kw.get("warmup", 1))
         _save(kw.get("logits"), logits)
         return {"tokens": len(req["input_ids"]), "seconds": stats}
     if op == "vision":
@@ -332,13 +332,57 @@ def write_checkpoint(folder: pathlib.Path) -> None:
 
 
 def checkpoint_folder(args) -> pathlib.Path:
-    if args.preset == "tiny":
-        return TINY
-    folder = args.checkpoint or pathlib.Path(tempfile.gettempdir()) / "minicpmv46-release-random"
-    if not (folder / "model.safetensors").exists():
-        # in a child process: the writer's copy of the weights is gone before the sides load
-        cmd = [sys.executable, "-m", "benchmarks.bench_v46", "--write-checkpoint", str(folder)]
-        subprocess.run(cmd, check=True, cwd=ROOT)
+    full = TINY
+    if args.preset == "release":
+        full = args.checkpoint or pathlib.Path(tempfile.gettempdir()) / "minicpmv46-release-random"
+        if not (full / "model.safetensors").exists():
+            # in a child process: the writer's copy of the weights is gone before the sides load
+            cmd = [sys.executable, "-m", "benchmarks.bench_v46", "--write-checkpoint", str(full)]
+            subprocess.run(cmd, check=True, cwd=ROOT)
+    if args.vision_layers is None:
+        return full
+    # the first `vision_layers` SigLIP2 layers: the same tensors minus the deeper layers',
+    # copied in 1 GB shards (the loaders reject tensors the config does not name)
+    from safetensors import safe_open
+    from safetensors.flax import save_file  # bfloat16-safe (numpy has no bfloat16)
+
+    hf = json.loads((full / "config.json").read_text())
+    if not hf["insert_layer_id"] < args.vision_layers <= hf["vision_config"]["num_hidden_layers"]:
+        raise SystemExit(f"--vision-layers must lie in ({hf['insert_layer_id']}, full depth]")
+    hf["vision_config"]["num_hidden_layers"] = args.vision_layers
+    folder = (
+        pathlib.Path(tempfile.gettempdir()) / f"minicpmv46-{args.preset}-vision{args.vision_layers}"
+    )
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    folder.mkdir(exist_ok=True)
+    prefix = "model.vision_tower.encoder.layers."
+    weight_map, shard, size = {}, {}, 0
+
+    def flush():
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(folder / name))
+        weight_map.update(dict.fromkeys(shard, name))
+        shard.clear()
+
+    with safe_open(str(full / "model.safetensors"), framework="flax") as f:
+        names = f.keys()
+        for key in names:
+            if (
+                key.startswith(prefix)
+                and int(key[len(prefix) :].split(".")[0]) >= args.vision_layers
+            ):
+                continue
+            shard[key] = f.get_tensor(key)
+            size += shard[key].nbytes
+            if size >= 1 << 30:
+                flush()
+                size = 0
+    if shard:
+        flush()
+    (folder / "config.json").write_text(json.dumps(hf, indent=1))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     return folder
 
 
@@ -370,6 +414,25 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="instead of the peer: our side again, minicpmv_jax imported from this folder",
     )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="keep both sides loaded and alternate them section by section (default: one side "
+        "after the other, so that their memory never adds up)",
+    )
+    p.add_argument(
+        "--peer-warmup",
+        type=int,
+        default=None,
+        help="warm-up calls of the peer before timed TTFT / prefill calls (default 1; eager "
+        "PyTorch compiles nothing)",
+    )
+    p.add_argument(
+        "--vision-layers",
+        type=int,
+        default=None,
+        help="run only the first N SigLIP2 layers (memory; default: all)",
+    )
     p.add_argument("--checkpoint", type=pathlib.Path, default=None, help="release weights folder")
     p.add_argument("--out", type=pathlib.Path, default=None)
     p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
@@ -396,39 +459,65 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer and args.baseline:
         raise SystemExit("--peer and --baseline are two different second sides: pick one")
     other = "peer" if args.peer else "baseline" if args.baseline else None
-    sides = {"ours": Remote("ours", folder, args.dtype) if other else Local(folder, args.dtype)}
-    if other == "peer":
-        sides["peer"] = Remote("peer", folder, args.dtype)
-    elif other == "baseline":
-        sides["baseline"] = Remote("ours", folder, args.dtype, package=str(args.baseline))
-    names = list(sides)
-    res: dict[str, dict[str, Any]] = {n: {"info": sides[n].call("info")} for n in names}
+    names = ["ours"] + ([other] if other else [])
+    res: dict[str, dict[str, Any]] = {n: {} for n in names}
     tmp = tempfile.mkdtemp(prefix="bench_v46_")
-
-    def each(key: str, op: str, **kw):
-        """Run one section on every side in turn (A/B interleaved section by section)."""
-        for n in names:
-            path = os.path.join(tmp, f"{n}-{key}.npy")
-            res[n].setdefault(key, sides[n].call(op, logits=path, **kw))
-
+    plan = []  # (key, op, kwargs) in order
     if "ttft" in sections:
-        for mode in MODES:
-            each(f"ttft_{mode}", "ttft", mode=mode, repeats=ttft_repeats)
+        plan += [(f"ttft_{m}", "ttft", {"mode": m, "repeats": ttft_repeats}) for m in MODES]
     if "vision" in sections:
-        for mode in MODES:
-            warm = 0 if "ttft" in sections else 1
-            each(f"vision_{mode}", "vision", mode=mode, repeats=ttft_repeats, warmup=warm)
+        warm = 0 if "ttft" in sections else 1  # compiled by the TTFT section when it ran
+        plan += [
+            (f"vision_{m}", "vision", {"mode": m, "repeats": ttft_repeats, "warmup": warm})
+            for m in MODES
+        ]
     prefill_tokens = (
         [int(x) for x in args.prefill_tokens.split(",")] if "prefill" in sections else []
     )
-    for n_tok in prefill_tokens:
-        each(f"prefill_{n_tok}", "prefill", tokens=n_tok, repeats=args.repeats)
+    plan += [
+        (f"prefill_{n}", "prefill", {"tokens": n, "repeats": args.repeats}) for n in prefill_tokens
+    ]
     if "decode" in sections:
-        for b in batch_sizes:
-            each(f"decode_b{b}", "decode", batch=b, steps=args.decode_steps, repeats=args.repeats)
-    for n in names:
-        res[n]["memory"] = sides[n].call("memory")
-        sides[n].close()
+        plan += [
+            (f"decode_b{b}", "decode", {"batch": b, "steps": args.decode_steps,
+                                        "repeats": args.repeats})
+            for b in batch_sizes
+        ]  # fmt: skip
+
+    def start(n: str):
+        if not other:
+            return Local(folder, args.dtype)
+        kind = "peer" if n == "peer" else "ours"
+        package = str(args.baseline) if n == "baseline" else None
+        return Remote(kind, folder, args.dtype, package=package)
+
+    def run(n: str, side, key: str, op: str, kw: dict):
+        path = os.path.join(tmp, f"{n}-{key}.npy")
+        if n == "peer" and op in ("ttft", "prefill") and args.peer_warmup is not None:
+            kw = {**kw, "warmup": args.peer_warmup}
+        res[n][key] = side.call(op, logits=path, **kw)
+        print(f"{n} {key}: {json.dumps(res[n][key], default=float)}", file=sys.stderr)
+        if args.out:  # a partial report after every section
+            args.out.write_text(json.dumps({**rep, "sides": res}, indent=1, default=str))
+
+    if args.interleave:  # both sides resident, sections alternate (twice the memory)
+        sides = {n: start(n) for n in names}
+        for n in names:
+            res[n]["info"] = sides[n].call("info")
+        for key, op, kw in plan:
+            for n in names:
+                run(n, sides[n], key, op, kw)
+        for n in names:
+            res[n]["memory"] = sides[n].call("memory")
+            sides[n].close()
+    else:  # one side at a time: each worker's peak memory is its own, and they never add up
+        for n in names:
+            side = start(n)
+            res[n]["info"] = side.call("info")
+            for key, op, kw in plan:
+                run(n, side, key, op, kw)
+            res[n]["memory"] = side.call("memory")
+            side.close()
     rep["load_end"] = load_average()
 
     ours = res["ours"]
