@@ -237,3 +237,18 @@ def test_streaming_and_batched_chat_equal_the_greedy_answer(model, monkeypatch):
     assert max(decoded) <= 8, decoded  # windows, not the whole answer per token
     answers = model.chat([conv, text], max_new_tokens=12, sampling=False)
     assert answers[0] == want and answers[1] == model.chat(text, max_new_tokens=12, sampling=False)
+
+
+def test_decode_step_reads_the_tied_table_in_place(model):
+    """At batch 1 the LM head reads the [V, D] embedding table as stored: no transposed copy of
+    it in the compiled decode step (written as `h @ table.T`, XLA:CPU copies the whole table on
+    every step, 1 GB in float32 at the released size)."""
+    from minicpmv_jax.v46 import model as m46
+
+    llm = model.config.llm
+    ids = jnp.zeros((1,), jnp.int32)
+    with model._precision():
+        step = m46._step_jit.lower(model.graphdef, model.state, ids, ids, model.init_cache(1, 8))
+        hlo = step.compile().as_text()
+    assert f"f32[{llm.vocab_size},{llm.hidden_size}]" in hlo  # the table itself is read
+    assert f"f32[{llm.hidden_size},{llm.vocab_size}]" not in hlo  # and never transposed

@@ -116,14 +116,11 @@ class MiniCPMV46Module(nnx.Module):
 
 
 def encode_units(module: MiniCPMV46Module, v: dict, mode: str, intermediates: bool = False):
-    """Vision tower + projector for padded units (traceable). Returns [U, M/4, D] (and the
-    tower's intermediates)."""
+    """Vision tower + projector for packed units (traceable). Returns [M/4, D], each unit's
+    tokens back to back (and the tower's intermediates)."""
     m = module.model
-    win = v["window_index"] if mode == "16x" else None
-    feats, inter = m.vision_tower(
-        v["patches"], v["position_ids"], v["valid"], win, intermediates=True
-    )
-    out = m.merger(feats, v["merge_index"])
+    feats, inter = m.vision_tower(v, mode == "16x", intermediates=True)
+    out = m.merger(feats[None], v["merge_perm"][None])[0]  # groups never straddle units
     if intermediates:
         return out, {**inter, "last_hidden_state": feats}
     return out
@@ -384,14 +381,16 @@ class MiniCPMV46:
         return units, sizes
 
     def _vision(self, batch):
-        """Run the vision stages of one request on device: (projector output [U, M/4, D],
-        tower intermediates, tokens per real unit, grids [U, 2], mode), or None without media."""
+        """Run the vision stages of one request on device: (projector output [M/4, D], units
+        back to back, tower intermediates, tokens per real unit, grids [U, 2], mode), or None
+        without media."""
         mode = self._mode(batch)
         units, sizes = self._units(batch)
         if not units:
             return None
         v = vision_inputs.layout(units, sizes, mode, self.config.vision.patches_per_side)
-        keys = ("patches", "position_ids", "valid", "window_index", "merge_index")
+        keys = ("patches", "position_ids", "rows", "slots", "valid", "merge_perm")
+        keys += ("window_perm", "rows2", "slots2", "valid2")
         with self._precision():
             feats, inter = _encode_jit(
                 self.graphdef, self.state, {k: v[k] for k in keys if k in v}, mode
@@ -406,33 +405,32 @@ class MiniCPMV46:
         if run is None:
             return {"output": np.zeros((0, self.config.llm.hidden_size), np.float32)}
         feats, inter, tokens, sizes, mode = run
-        hw = sizes[:, 0] * sizes[:, 1]
-        down = hw // 4 if mode == "16x" else hw
+        n = int((sizes[:, 0] * sizes[:, 1]).sum())  # the packed rows are the real ones first
 
-        def rows(a, counts):
-            a = np.asarray(a, np.float32)
-            return np.concatenate([a[i, :n] for i, n in enumerate(counts)])
+        def rows(a, count):
+            return np.asarray(a[:count], np.float32)
 
-        out = {k: rows(inter[k], hw) for k in ("embeddings", "layer_insert_output")}
+        out = {k: rows(inter[k], n) for k in ("embeddings", "layer_insert_output")}
         if mode == "16x":
-            out["vit_merger_output"] = rows(inter["vit_merger_output"], down)
-        out["last_hidden_state"] = rows(inter["last_hidden_state"], down)
-        out["output"] = rows(feats, tokens)
+            out["vit_merger_output"] = rows(inter["vit_merger_output"], n // 4)
+        out["last_hidden_state"] = rows(inter["last_hidden_state"], n // 4 if mode == "16x" else n)
+        out["output"] = rows(feats, int(tokens.sum()))
         out["tokens_per_unit"] = tokens
         return out
 
-    def _feature_rows(self, ids: np.ndarray, tokens: np.ndarray, rows_per_unit: int, n_images: int):
-        """int [n_pads]: row of the flattened [U * rows_per_unit, D] features for each pad token
-        in prompt order (image pads take the image units, video pads the video units)."""
+    def _feature_rows(self, ids: np.ndarray, tokens: np.ndarray, n_images: int):
+        """int [n_pads]: row of the features (each unit's `tokens` rows back to back) for each
+        pad token in prompt order (image pads take the image units, video pads the video units)."""
         cfg = self.config
         rows = np.zeros(ids.shape, np.int64)
+        starts = np.cumsum(tokens) - tokens
         kinds = (
             (cfg.image_token_id, range(n_images)),
             (cfg.video_token_id, range(n_images, len(tokens))),
         )
         for token_id, units in kinds:
             pos = np.flatnonzero(ids == token_id)
-            want = [u * rows_per_unit + np.arange(tokens[u]) for u in units]
+            want = [starts[u] + np.arange(tokens[u]) for u in units]
             want = np.concatenate(want) if want else np.zeros(0, np.int64)
             if len(pos) != len(want):
                 kind = "image" if token_id == cfg.image_token_id else "video"
@@ -462,15 +460,15 @@ class MiniCPMV46:
             if batch.get(pv) is not None
         ]
         hw = np.concatenate(grids).prod(-1) if grids else np.zeros(0, np.int64)
-        self._feature_rows(ids, hw // (16 if self._mode(batch) == "16x" else 4), 0, n_img)
+        self._feature_rows(ids, hw // (16 if self._mode(batch) == "16x" else 4), n_img)
         run = self._vision(batch)
         d = self.config.llm.hidden_size
         if run is not None:
             f, _, tokens, _, _ = run
-            rows, pads = self._feature_rows(ids, tokens, f.shape[1], n_img)
-            feats = f.reshape(-1, d)[jnp.asarray(rows)]
+            rows, pads = self._feature_rows(ids, tokens, n_img)
+            feats = f[jnp.asarray(rows)]
         else:
-            rows, pads = self._feature_rows(ids, np.zeros(0, np.int32), 0, 0)
+            rows, pads = self._feature_rows(ids, np.zeros(0, np.int32), 0)
             feats = np.zeros((0, d), np.float32)
         slot = np.full(ids.shape, -1, np.int32)
         slot[pads] = np.arange(pads.sum())

@@ -146,8 +146,13 @@ class Qwen35TextModel(nnx.Module):
         return self.embed_tokens(ids.astype(jnp.int32))
 
     def logits(self, h: jax.Array) -> jax.Array:
-        """h [B, T, D] -> float32 [B, T, V] through the tied embedding."""
-        return self.embed_tokens.attend(h).astype(jnp.float32)
+        """h [B, T, D] -> float32 [B, T, V] through the tied embedding.
+
+        The [V, D] table is the dot's left operand as stored: written as `h @ table.T`
+        (`Embed.attend`), XLA:CPU copies the whole transposed table (1 GB in float32 at the
+        released size) on every call at batch 1, i.e. every decode step."""
+        e = self.embed_tokens.embedding[...].astype(self.cfg.dtype)
+        return jnp.einsum("vd,btd->btv", e, h.astype(self.cfg.dtype)).astype(jnp.float32)
 
     def hidden(self, x, positions, cache: HybridCache | None = None, token_valid=None):
         """Final-norm hidden states [B, T, D] and the updated cache.

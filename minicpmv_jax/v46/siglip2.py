@@ -1,10 +1,12 @@
 """SigLIP2 vision tower of MiniCPM-V 4.6 with the intra-ViT window-attention merger.
 
-Layout: one row per visual unit (source image, slice, video frame or composite), padded to a
-patch bucket P: `patches` [U, P, 588] in raster order of the unit's (h, w) patch grid, so the
-official block-diagonal attention (each unit attends only to itself) is attention inside a row
-with padded keys masked. Host-side index arrays (processor46.vision_inputs) carry everything that
-depends on the grid sizes, so the tower compiles once per (U, P) bucket.
+Layout (vision_inputs.layout): the patches of all visual units (source image, slices, video
+frames, composites) stay packed, units back to back in raster order of their (h, w) patch grids,
+padded only at the end to a bucket N, so every per-token stage (projections, MLPs, norms: nearly
+all the FLOPs) runs on real patches only. The official block-diagonal attention (each unit
+attends only to itself) gathers one padded row per unit, [U, P] with padded keys masked, and
+scatters the result back. Host-side index arrays carry everything that depends on the grid sizes,
+so the tower compiles once per (N, U, P) bucket.
 """
 
 from __future__ import annotations
@@ -13,9 +15,33 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minicpmv_jax.layers import LayerNorm, dense, embed, param
+from minicpmv_jax.layers import LayerNorm, attend, dense, embed, param
 from minicpmv_jax.v46.config import Siglip2Config
 from minicpmv_jax.vision import VisionAttention, VisionLayer
+
+
+def unit_attention(attn: VisionAttention, x, rows, slots, valid) -> jax.Array:
+    """Attention of packed tokens restricted to their unit.
+
+    Args:
+      x: [N, Dv] packed tokens; rows: int [U, P] packed row of each slot of a unit's padded row;
+      slots: int [N] slot of each packed row in the flattened [U * P]; valid: bool [U, P].
+    Returns: [N, Dv] (`attn`'s output projection included).
+    """
+    c, (u, p), d = attn.cfg, rows.shape, x.shape[-1]
+
+    def heads(proj):  # per-token projection on the packed rows, then one gather per unit
+        return proj(x)[rows].reshape(u, p, c.num_heads, c.head_dim)  # [U, P, N, H]
+
+    q, k, v = heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj)
+    out = attend(q, k, v, valid[:, None, None, :])  # [U, P, N, H]
+    return attn.out_proj(out.reshape(u * p, d)[slots])  # [N, Dv]
+
+
+def packed_layer(layer: VisionLayer, x, rows, slots, valid) -> jax.Array:
+    """`VisionLayer` on packed tokens x [N, Dv] (the attention as in `unit_attention`)."""
+    x = x + unit_attention(layer.self_attn, layer.layer_norm1(x), rows, slots, valid)
+    return x + layer.mlp(layer.layer_norm2(x))
 
 
 class PatchEmbedding(nnx.Module):
@@ -33,7 +59,7 @@ class PatchEmbedding(nnx.Module):
         self.dtype = cfg.dtype
 
     def __call__(self, patches: jax.Array) -> jax.Array:
-        """patches [U, P, 3*p*p] with inner order (c, ky, kx) -> [U, P, Dv]."""
+        """patches [..., 3*p*p] with inner order (c, ky, kx) -> [..., Dv]."""
         w = self.weight[...]
         w = w.reshape(w.shape[0], -1).astype(self.dtype)  # [Dv, 588], same (c, ky, kx) order
         return patches.astype(self.dtype) @ w.T + self.bias[...].astype(self.dtype)
@@ -48,7 +74,7 @@ class Siglip2Embeddings(nnx.Module):
         )
 
     def __call__(self, patches, position_ids):
-        """patches [U, P, 588], position_ids int [U, P] -> [U, P, Dv]."""
+        """patches [N, 588], position_ids int [N] -> [N, Dv]."""
         return self.patch_embedding(patches) + self.position_embedding(
             position_ids.astype(jnp.int32)
         )
@@ -103,35 +129,29 @@ class Siglip2Tower(nnx.Module):
         )
         self.cfg = cfg
 
-    def __call__(
-        self,
-        patches: jax.Array,
-        position_ids: jax.Array,
-        valid: jax.Array,
-        window_index: jax.Array | None,
-        *,
-        intermediates: bool = False,
-    ):
-        """Vision features of every unit.
+    def __call__(self, v: dict[str, jax.Array], merge: bool, *, intermediates: bool = False):
+        """Vision features of every unit, packed.
 
         Args:
-          patches: float [U, P, 588]; position_ids: int [U, P]; valid: bool [U, P] (patch < h*w).
-          window_index: int [U, P] (16x: the ViT merger's window order) or None (4x: no merger).
+          v: the arrays of `vision_inputs.layout`: patches float [N, 588], position_ids int [N],
+            rows / slots / valid (the attention layout); with merge also window_perm [N] and the
+            merged tokens' rows2 / slots2 / valid2.
+          merge: run the ViT merger after layer `insert_layer_id` (16x; 4x skips it).
           intermediates: also return {"embeddings", "layer_insert_output", "vit_merger_output"}.
-        Returns: [U, P/4 (16x) or P (4x), Dv] after post_layernorm (padded rows not meaningful).
+        Returns: [N/4 (16x) or N, Dv] after post_layernorm, units back to back in raster order
+          of their (halved in 16x) grids; rows past the real tokens are not meaningful.
         """
-        x = self.embeddings(patches, position_ids).astype(self.cfg.dtype)
+        x = self.embeddings(v["patches"], v["position_ids"]).astype(self.cfg.dtype)
         inter = {"embeddings": x}
-        mask = valid[:, None, None, :]
+        attn = (v["rows"], v["slots"], v["valid"])
         for i, layer in enumerate(self.encoder.layers):
-            x = layer(x, mask)
+            x = packed_layer(layer, x, *attn)
             if i == self.cfg.insert_layer_id:
                 inter["layer_insert_output"] = x
-                if window_index is not None:
-                    x = self.vit_merger(x, window_index)
+                if merge:
+                    # windows are 4 consecutive rows after window_perm and never straddle units
+                    x = self.vit_merger(x[None], v["window_perm"][None])[0]  # [N/4, Dv]
                     inter["vit_merger_output"] = x
-                    # the halved grids are raster-ordered: unit u keeps rows < h*w/4
-                    mask = jnp.take_along_axis(valid, window_index, axis=1)[:, ::4]
-                    mask = mask[:, None, None, :]
+                    attn = (v["rows2"], v["slots2"], v["valid2"])
         out = self.post_layernorm(x)
         return (out, inter) if intermediates else out

@@ -1,15 +1,16 @@
-"""Host-side (numpy) layout of 4.6 vision inputs: packed strip -> one padded row per unit.
+"""Host-side (numpy) layout of 4.6 vision inputs: packed patches + a per-unit attention layout.
 
-The processor's `pixel_values` [1, 3, 14, 14*N] packs every unit's patches side by side; here each
-unit (h, w) becomes one row of a [U, P, 588] array (raster order, zero rows past h*w) with its
-bucketed position ids, validity and the window / 2x2-group orders the merger stages gather with.
+The processor's `pixel_values` [1, 3, 14, 14*N] packs every unit's patches side by side; here they
+stay packed (units back to back, raster order, padded at the end to a bucket) with their bucketed
+position ids, the per-unit attention layout and the window / 2x2-group orders the merger stages
+gather with.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-PATCH_BUCKET = 256  # P is a multiple of this (keeps the tower's compilations few)
+PATCH_BUCKET = 256  # N and P are multiples of this (keeps the tower's compilations few)
 UNIT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -60,38 +61,67 @@ def unit_patches(pixel_values: np.ndarray, target_sizes: np.ndarray) -> list[np.
 def layout(
     units: list[np.ndarray], target_sizes: np.ndarray, mode: str, side: int
 ) -> dict[str, np.ndarray]:
-    """Padded per-unit arrays for the tower, ViT merger and projector.
+    """Packed arrays for the tower, ViT merger and projector.
 
-    Returns: patches f32 [U, P, 588], position_ids i32 [U, P], valid bool [U, P],
-      window_index i32 [U, P] (16x only), merge_index i32 [U, M] (M = P/4 in 16x, P in 4x),
-      tokens i32 [U] (output rows per unit), num_units (real U).
+    Every per-token stage (patch embedding, projections, MLPs, norms) runs on the packed real
+    patches, units back to back, each in raster order of its grid, padded only at the end to a
+    multiple of PATCH_BUCKET (N); only the attention reads one padded row per unit ([U, P], the
+    official block-diagonal attention). A unit of h*w patches is a multiple of 4 in both modes
+    (grids are even; 16x: multiples of 4), so the 2x2 windows and groups never straddle units.
+
+    Returns: patches f32 [N, 588], position_ids i32 [N]; the attention layout `rows` i32 [U, P]
+      (packed row of each slot), `valid` bool [U, P] (slot < h*w), `slots` i32 [N] (slot of each
+      packed row in the flattened [U*P]); in 16x `window_perm` i32 [N] (rows in the ViT merger's
+      window order) and the same attention layout of the merged tokens (`rows2` [U, P/4],
+      `valid2`, `slots2` [N/4]); `merge_perm` i32 [M] (M = N/4 in 16x, N in 4x: rows of the
+      final tokens in the projector's 2x2-group order); tokens i32 [U] (output rows per unit,
+      back to back), num_units (real U).
     """
     sizes = np.asarray(target_sizes, np.int64).reshape(-1, 2)
     u = len(units)
     ub = _bucket(max(u, 1), UNIT_BUCKETS)
-    p = max(
-        PATCH_BUCKET, -(-max((x.shape[0] for x in units), default=1) // PATCH_BUCKET) * PATCH_BUCKET
-    )
+    counts = [x.shape[0] for x in units]
+    p = max(PATCH_BUCKET, -(-max(counts, default=1) // PATCH_BUCKET) * PATCH_BUCKET)
+    n = max(PATCH_BUCKET, -(-sum(counts) // PATCH_BUCKET) * PATCH_BUCKET)
     dim = units[0].shape[1] if units else 588
+    merged = mode == "16x"
+    nf = n // 4 if merged else n
     out = {
-        "patches": np.zeros((ub, p, dim), np.float32),
-        "position_ids": np.zeros((ub, p), np.int32),
-        "valid": np.zeros((ub, p), bool),
-        "merge_index": np.tile(np.arange(p // 4 if mode == "16x" else p, dtype=np.int32), (ub, 1)),
+        "patches": np.zeros((n, dim), np.float32),
+        "position_ids": np.zeros((n,), np.int32),
+        "merge_perm": np.arange(nf, dtype=np.int32),
         "tokens": np.zeros((ub,), np.int32),
         "num_units": u,
     }
-    if mode == "16x":
-        out["window_index"] = np.tile(np.arange(p, dtype=np.int32), (ub, 1))
-    out["valid"][u:, 0] = True  # padding units: one valid key keeps their softmax finite
-    for i, (x, (h, w)) in enumerate(zip(units, sizes)):
-        h, w = int(h), int(w)
-        out["patches"][i, : h * w] = x
-        out["position_ids"][i, : h * w] = position_ids(h, w, side)
-        out["valid"][i, : h * w] = True
-        if mode == "16x":
-            out["window_index"][i] = window_order(h, w, p)
+
+    def attention_layout(grids, size, total, key=""):
+        rows = np.zeros((ub, size), np.int32)
+        valid = np.zeros((ub, size), bool)
+        valid[u:, 0] = True  # padding units: one valid key keeps their softmax finite
+        slots = np.zeros((total,), np.int32)
+        start = 0
+        for i, (h, w) in enumerate(grids):
+            c = h * w
+            rows[i, :c] = start + np.arange(c)
+            valid[i, :c] = True
+            slots[start : start + c] = i * size + np.arange(c)
+            start += c
+        out.update({"rows" + key: rows, "valid" + key: valid, "slots" + key: slots})
+
+    grids = [(int(h), int(w)) for h, w in sizes]
+    attention_layout(grids, p, n)
+    if merged:
+        out["window_perm"] = np.arange(n, dtype=np.int32)
+        attention_layout([(h // 2, w // 2) for h, w in grids], p // 4, n // 4, "2")
+    start = start_f = 0
+    for i, (x, (h, w)) in enumerate(zip(units, grids)):
+        c = h * w
+        out["patches"][start : start + c] = x
+        out["position_ids"][start : start + c] = position_ids(h, w, side)
+        if merged:
+            out["window_perm"][start : start + c] = start + window_order(h, w, c)
             h, w = h // 2, w // 2
-        out["merge_index"][i] = window_order(h, w, out["merge_index"].shape[1])
+        out["merge_perm"][start_f : start_f + h * w] = start_f + window_order(h, w, h * w)
         out["tokens"][i] = h * w // 4
+        start, start_f = start + c, start_f + h * w
     return out
