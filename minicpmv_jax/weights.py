@@ -22,7 +22,9 @@ checkpoint tensor. On the CPU backend `jax.device_put` takes such a buffer witho
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -302,17 +304,34 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
+PARALLEL_BYTES = 1 << 22  # tensors from this size on are copied by several threads
+
+
+@functools.cache
+def _copy_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1))
+
+
 def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     """`dst[...] = src` (with dtype conversion); a transposed matrix is copied in blocks.
 
     numpy copies a transposed view (`a.T` of a C-ordered checkpoint tensor) element by element
-    with a large stride, about 10x slower than copying `BLOCK` source rows at a time.
+    with a large stride, about 10x slower than copying `BLOCK` source rows at a time. Large
+    tensors are split into pieces copied by a thread pool (numpy releases the GIL while it
+    copies; the first writes to fresh memory, page faults included, then run on every core).
     """
     if src.ndim == 2 and not src.flags.c_contiguous and src.T.flags.c_contiguous:
-        for j in range(0, src.shape[1], BLOCK):
-            dst[:, j : j + BLOCK] = src[:, j : j + BLOCK]  # = rows j.. of the source, transposed
+        pieces = [np.s_[:, j : j + BLOCK] for j in range(0, src.shape[1], BLOCK)]  # source rows
+    elif src.ndim >= 1 and len(src) > 1:
+        rows = max(1, PARALLEL_BYTES // 4 // max(1, dst[0].nbytes))
+        pieces = [np.s_[i : i + rows] for i in range(0, len(src), rows)]
     else:
-        dst[...] = src
+        pieces = [...]
+    if dst.nbytes < PARALLEL_BYTES or len(pieces) == 1:
+        for piece in pieces:
+            dst[piece] = src[piece]
+        return
+    list(_copy_pool().map(lambda piece: dst.__setitem__(piece, src[piece]), pieces))
 
 
 def load_safetensors(
