@@ -134,7 +134,9 @@ def test_dropout_steps_are_reproducible():
 def int8_model():
     folder = train_checkpoint(VERSION)
     model = MiniCPMV.from_pretrained(folder, dtype="float32", quant="int8", progress=False)
-    model.processor = MiniCPMVProcessor.from_pretrained(folder, scale_resolution=112)
+    model.processor = MiniCPMVProcessor.from_pretrained(
+        folder, scale_resolution=112, max_slice_nums=1, patch_buckets=(64,)
+    )
     return model
 
 
