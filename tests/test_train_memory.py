@@ -53,14 +53,22 @@ def test_step_remat_and_plan(mode):
     within 25% of the compiled step's memory (the model's weights + the train state + the batch
     + the step's temporaries) either way. LoRA keeps the official modules_to_save: the tower and
     resampler train in both modes."""
+    import copy
+
     import jax
     import numpy as np
     from test_train_cli import TEXT
-    from test_train_loop import qa_examples, small_model
+    from test_train_loop import VERSION, qa_examples, small_model
+    from train_helpers import train_checkpoint
 
-    from minicpmv_jax import train
+    from minicpmv_jax import MiniCPMVProcessor, train
 
-    model = small_model()
+    # the fixture model with a processor that slices the 112 px images (7 slices each, padded
+    # to the smallest default patch bucket, 256): the vision side weighs as much as the decoder
+    model = copy.copy(small_model())
+    model.processor = MiniCPMVProcessor.from_pretrained(
+        train_checkpoint(VERSION), scale_resolution=112
+    )
     qa = qa_examples(model)
     text, _ = train.load_examples(model, TEXT)
     examples = [qa[0], qa[3], *text]  # the image row first: micro-batch 0 holds every row
