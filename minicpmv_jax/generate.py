@@ -49,7 +49,7 @@ from minicpmv_jax.kv_cache import KVCache
 from minicpmv_jax.model import encode_images, merge_embeds
 from minicpmv_jax.sampling import DecodeMode, SamplingParams
 from minicpmv_jax.settings import GenerationError, GenerationSettings
-from minicpmv_jax.sharding import cache_shardings, constrain_cache, make_mesh
+from minicpmv_jax.sharding import cache_shardings, constrain_cache, make_mesh, path_name
 
 log = logging.getLogger(__name__)
 
@@ -404,6 +404,42 @@ class CachePool:
         return list(self._free)
 
 
+# the weights a compiled program uses inside a loop (layers.PACKED_BF16)
+PACKED_STACKS = ("llm.model.layers.", "vpm.encoder.layers.")
+PACKED_TABLES = ("llm.model.embed_tokens.embedding", "llm.lm_head.kernel")
+
+
+def pack_weights(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
+    """CPU backend: the layer stacks, embedding table and lm_head of a bf16 model as uint16
+    views of the same memory (`layers.PACKED_BF16`); returns (state, the arrays now viewed).
+
+    XLA:CPU converts each bf16 operand of a loop to a float32 copy before the loop; the packed
+    weights are reinterpreted slice by slice inside it instead (`layers.scan_layers`,
+    `llm.Llm.embed` / `logits`), so a bf16 model's programs no longer hold float32 copies of
+    it. Only single-device arrays whose view aliases their memory are packed (no copy, same
+    bytes); other backends, dtypes and shardings are left as they are.
+    """
+    if jax.default_backend() != "cpu":
+        return state, []
+    leaves, sources = [], []
+    for path, var in nnx.to_flat_state(state):
+        x = var.get_value()
+        name = path_name(path)
+        if (
+            isinstance(x, jax.Array)
+            and x.dtype == jnp.bfloat16
+            and len(x.sharding.device_set) == 1
+            and (name.startswith(PACKED_STACKS) or name in PACKED_TABLES)
+        ):
+            bits = jax.device_put(np.asarray(x).view(np.uint16), x.sharding)
+            if bits.unsafe_buffer_pointer() == x.unsafe_buffer_pointer():  # a view, not a copy
+                leaves.append((path, var.replace(bits)))
+                sources.append(x)
+                continue
+        leaves.append((path, var))
+    return nnx.from_flat_state(leaves), sources
+
+
 class Sampler:
     """Compiled prompt / prefill / decode programs of one model, with their shape buckets.
 
@@ -430,7 +466,8 @@ class Sampler:
         self.terminators = None
         if processor is not None:
             self.terminators = tuple(int(t) for t in processor.terminators)
-        self.graphdef, self.state = nnx.split(model.module)
+        self.graphdef, state = nnx.split(model.module)
+        self._state, self._packed_from = pack_weights(state)
         self.pool = CachePool(cache_pool)
         # Shardings live on these top-level jits only (the traced functions nest no jit).
         # Host-read outputs are replicated over the model's mesh: a multi-host process can only
@@ -472,6 +509,16 @@ class Sampler:
             donate_argnums=2,
             out_shardings=(rep, cache_out, rep, rep),  # state, cache, tokens, stop
         )
+
+    @property
+    def state(self) -> nnx.State:
+        """The model's parameters as the programs take them (see `pack_weights`)."""
+        if any(x.is_deleted() for x in self._packed_from):
+            raise GenerationError(
+                "the model's weights were deleted after its programs were built (donated to a "
+                "training step?); call model.configure_generation() to rebuild them"
+            )
+        return self._state
 
     def context(self) -> contextlib.ExitStack:
         """The context every program runs (and is compiled) under: the model's mesh, and true

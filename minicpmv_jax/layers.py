@@ -15,6 +15,26 @@ from flax import nnx
 CPU_FAST_BF16 = True
 
 
+# XLA:CPU keeps no bf16 value in a loop: each bf16 operand of a while loop (a scanned layer
+# stack; in the decode loop, every weight) and of some gathers becomes a float32 copy made before
+# the loop, so a bf16 model's compiled programs held float32 copies of nearly all its weights.
+# On that backend the samplers pass the large bf16 weights as their uint16 bit patterns
+# (`generate.pack_weights`, no copy) and the model reinterprets each slice it uses inside the
+# loop: one layer's (or one lm_head tile's) float32 copy exists at a time.
+PACKED_BF16 = jnp.uint16
+
+
+def unpack_bf16(x: jax.Array) -> jax.Array:
+    """uint16 bit patterns of bf16 weights -> those bf16 weights (bit-exact); others unchanged."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == PACKED_BF16 else x
+
+
+def unpack_module(module: nnx.Module) -> nnx.Module:
+    """`module` with every packed bf16 parameter reinterpreted as bf16 (inside a trace)."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(unpack_bf16, state))
+
+
 def cpu_aware_dot(
     lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None
 ):
@@ -106,6 +126,11 @@ def scan_layers(step, carry, layers: nnx.Module, remat: str = "none"):
         )
     # graph=False (tree mode): the layers are a plain pytree of stacked arrays, so the scan also
     # runs where the module came from an enclosing trace (the decode while_loop's body).
+    inner = step
+
+    def step(carry, layer):  # a packed stack is sliced by the scan, then reinterpreted
+        return inner(carry, unpack_module(layer))
+
     if REMAT_POLICIES[remat] is not None:
         # prevent_cse=False: inside a scan the loop already keeps XLA from merging recomputation
         step = nnx.remat(step, policy=REMAT_POLICIES[remat], prevent_cse=False, graph=False)

@@ -15,7 +15,18 @@ from flax import nnx
 
 from minicpmv_jax.config import LlmConfig
 from minicpmv_jax.kv_cache import KVCache
-from minicpmv_jax.layers import RMSNorm, attend, dense, embed, rope, scan_layers, stack_layers
+from minicpmv_jax.layers import (
+    PACKED_BF16,
+    RMSNorm,
+    attend,
+    cpu_aware_dot,
+    dense,
+    embed,
+    rope,
+    scan_layers,
+    stack_layers,
+    unpack_bf16,
+)
 from minicpmv_jax.sharding import ACT_AXES, constrain, constrain_cache
 
 
@@ -95,6 +106,34 @@ class LlmModel(nnx.Module):
         )
 
 
+LOGITS_TILE = 1 << 20  # lm_head weights per tile of a packed (CPU bf16) lm_head
+
+
+def _tiled_logits(h: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+    """h [..., D] @ packed bf16 lm_head kernel uint16 [D, V] -> [..., V], in tiles.
+
+    The product of `nnx.Linear` (`cpu_aware_dot`) taken `LOGITS_TILE` weights at a time by a
+    `lax.map` whose index makes each slice loop-variant, so that inside the decode loop only one
+    tile is reinterpreted (and widened by XLA:CPU) at a time; the columns after the last whole
+    tile are taken directly.
+    """
+    d, v = kernel.shape
+    cols = max(1, min(v, LOGITS_TILE // d))
+    n = v // cols
+    dims = (((h.ndim - 1,), (0,)), ((), ()))
+
+    def tile(j):  # [..., cols]
+        w = unpack_bf16(jax.lax.dynamic_slice_in_dim(kernel, j * cols, cols, axis=1))
+        return cpu_aware_dot(h, w.astype(dtype), dims)
+
+    y = jnp.moveaxis(jax.lax.map(tile, jnp.arange(n)), 0, -2)  # [..., n, cols]
+    y = y.reshape(*h.shape[:-1], n * cols)
+    if n * cols < v:
+        rest = unpack_bf16(kernel[:, n * cols :]).astype(dtype)
+        y = jnp.concatenate([y, cpu_aware_dot(h, rest, dims)], axis=-1)
+    return y
+
+
 class Llm(nnx.Module):
     """`llm`: a *ForCausalLM (model + untied lm_head)."""
 
@@ -113,10 +152,18 @@ class Llm(nnx.Module):
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """ids: int [B, T] -> [B, T, D] in the compute dtype (no scaling for Llama/Qwen)."""
+        table = self.model.embed_tokens.embedding[...]
+        if table.dtype == PACKED_BF16:  # gather the rows' bit patterns, then reinterpret them
+            rows = unpack_bf16(jnp.take(table, ids.astype(jnp.int32), axis=0))
+            return rows.astype(self.model.embed_tokens.dtype or rows.dtype)  # as nnx.Embed
         return self.model.embed_tokens(ids.astype(jnp.int32))
 
     def logits(self, h: jax.Array) -> jax.Array:
         """h: [B, T, D] final hidden (after norm) -> float32 [B, T, V] (HF casts logits to fp32)."""
+        kernel = self.lm_head.kernel[...]
+        if kernel.dtype == PACKED_BF16:
+            dtype = self.lm_head.dtype or jnp.bfloat16  # nnx.Linear's compute dtype
+            return _tiled_logits(h.astype(dtype), kernel, dtype).astype(jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
     def hidden(

@@ -153,6 +153,45 @@ def test_bf16_params_are_bf16():
     assert dtypes == {np.dtype(jax.numpy.bfloat16)}
 
 
+def test_cpu_bf16_weights_enter_the_programs_packed(monkeypatch):
+    """CPU backend, bf16: the sampler passes the layer stacks, the embedding table and lm_head
+    as uint16 views of their memory (`generate.pack_weights`). The prompt logits are
+    bit-identical to those of the unpacked weights, and the compiled decode program no longer
+    holds float32 copies of them (XLA:CPU widens every bf16 loop operand before the loop)."""
+    from flax import nnx
+
+    from minicpmv_jax import generate
+    from minicpmv_jax.sharding import path_name
+
+    folder = VERSIONS[1]
+    model = model_for(folder, "bfloat16")
+    _, batch = batch_for(folder, next(c for _, c in all_cases((folder,))))
+    packed = generate.Sampler(model, buckets=model.sampler.buckets)
+    monkeypatch.setattr(generate, "pack_weights", lambda state: (state, []))
+    plain = generate.Sampler(model, buckets=model.sampler.buckets)
+    views = {
+        path_name(p): v.get_value()
+        for p, v in nnx.to_flat_state(packed.state)
+        if v.get_value().dtype == np.uint16
+    }
+    if jax.default_backend() != "cpu":  # bf16-native backends take the weights as they are
+        assert not views
+        return
+    assert set(generate.PACKED_TABLES) <= views.keys()
+    assert all(n.startswith(generate.PACKED_STACKS + generate.PACKED_TABLES) for n in views)
+    np.testing.assert_array_equal(
+        np.asarray(packed.prompt_logits(batch, False)),
+        np.asarray(plain.prompt_logits(batch, False)),
+    )
+    packed_bytes = sum(x.nbytes for x in views.values())
+    temp = {
+        name: s.memory_report(batch=1, prompt_len=32, max_new_tokens=8)["decode"]["temp_bytes"]
+        for name, s in (("packed", packed), ("plain", plain))
+    }
+    # the float32 copies (2x the packed bytes) are gone, save one tile of lm_head at a time
+    assert temp["plain"] - temp["packed"] > 1.5 * packed_bytes, (temp, packed_bytes)
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_processor_output_equals_fixture_inputs(case):
     """The processor feeds the model exactly the arrays the fixtures imply (isolates failures)."""

@@ -342,6 +342,10 @@ def greedy_answer(model, record, max_new_tokens):
     return model.chat(msgs, max_new_tokens=max_new_tokens, sampling=False, num_beams=1)
 
 
+# End to end (40 steps, then chat): marked slow. The default suite checks its parts against the
+# official RLAIF-V code: log-probs, losses, rewards and the training objective (tests above), the
+# reference cache, the LoRA reference and the CLI's resume (tests below).
+@pytest.mark.slow
 def test_dpo_learns():
     """40 DPO steps (beta 0.1, RLAIF-V's SFT term at weight 1) on the fixture pairs: the first
     step's loss is log 2 with zero rewards (reference = the starting policy, LoRA B = 0); the

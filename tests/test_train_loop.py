@@ -44,10 +44,13 @@ def qa_samples():
 
 @functools.cache
 def small_model():
-    """The fixture model whose processor slices at 112 px (64-patch images)."""
+    """The fixture model whose processor sends each image as one 112 px slice (at most 64
+    patches: a 64-patch bucket rather than the default smallest, 256)."""
     folder = train_checkpoint(VERSION)
     model = MiniCPMV.from_pretrained(folder, dtype="float32", progress=False)
-    model.processor = MiniCPMVProcessor.from_pretrained(folder, scale_resolution=112)
+    model.processor = MiniCPMVProcessor.from_pretrained(
+        folder, scale_resolution=112, max_slice_nums=1, patch_buckets=(64,)
+    )
     return model
 
 
@@ -67,6 +70,10 @@ def chat_answer(model, image, question):
     return model.chat([{"role": "user", "content": content}], max_new_tokens=16)
 
 
+# End to end (60 steps, then chat): marked slow. Its parts run in the default suite: the loss and
+# gradients against the official trainer (test_train_loss.py), the loop's update, save and resume
+# (test_resume_gives_same_losses_and_no_new_programs), LoRA paths (test_train_lora_paths.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,lr", [("lora", 2e-2), ("full", 3e-3)])
 def test_it_learns(mode, lr):
     """60 steps on four samples: the loss falls below 10% of its start and greedy chat then
@@ -156,6 +163,11 @@ def test_train_config_errors():
         train.TrainConfig(frozen_dtype="int4")
 
 
+# Slow: compiles the full fine-tuning step partitioned over 8 simulated devices. The default
+# suite checks the loss and every gradient on the (1, 8, 1) and (2, 2, 2) meshes against the
+# official trainer (test_train_loss.py::test_mesh_matches_single_device); this adds the optimizer
+# update with sharded moments.
+@pytest.mark.slow
 def test_train_step_on_mesh_matches_single_device():
     """Two steps on a (2, 2, 2) mesh (batch over data, parameters and moments sharded) give the
     single-device losses within 1e-5 and gradient norms within 1e-4 (relative)."""

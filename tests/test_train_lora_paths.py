@@ -1,8 +1,8 @@
 """LoRA on the layer input path (dropout, int8 base), frozen weights in bfloat16.
 
 LoraLinear against a numpy computation with the same mask; its expectation over masks against
-the undropped branch; the input path against the weight delta on the fixture batch (1e-5); the
-train step with dropout reproducible for a seed; QLoRA-style training on the int8 base (loss near
+the undropped branch; the input path against the weight delta on the fixture batch (1e-5) and
+over two train steps (1e-5); the train step with dropout reproducible for a seed; QLoRA-style training on the int8 base (loss near
 the float base's, it learns, the adapter exports in PEFT's layout); frozen bfloat16 storage.
 """
 
@@ -97,8 +97,23 @@ def run_steps(model, steps=2, **kw):
 
 @functools.cache
 def plain_run():
-    """The float base, no dropout: the reference of the runs below (compiled once)."""
+    """The float base, no dropout (LoRA on the input path, the default): the reference of the
+    runs below (compiled once)."""
     return run_steps(small_model())
+
+
+def test_weight_delta_steps_equal_input_path():
+    """TrainConfig(lora_path="delta") (the step differentiates W + s (B A)^T) gives the default
+    input path's losses and gradient norms over two steps (1e-5 relative); it refuses dropout."""
+    _, delta = run_steps(small_model(), lora_path="delta")
+    _, plain = plain_run()
+    for a, b in zip(delta, plain, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+    with pytest.raises(MiniCPMVError, match="dropout 0.05"):
+        run_steps(small_model(), lora_path="delta", lora={"dropout": 0.05})
+    with pytest.raises(MiniCPMVError, match="lora_path"):
+        train.TrainConfig(lora_path="merged")
 
 
 def test_dropout_steps_are_reproducible():
@@ -119,7 +134,9 @@ def test_dropout_steps_are_reproducible():
 def int8_model():
     folder = train_checkpoint(VERSION)
     model = MiniCPMV.from_pretrained(folder, dtype="float32", quant="int8", progress=False)
-    model.processor = MiniCPMVProcessor.from_pretrained(folder, scale_resolution=112)
+    model.processor = MiniCPMVProcessor.from_pretrained(
+        folder, scale_resolution=112, max_slice_nums=1, patch_buckets=(64,)
+    )
     return model
 
 

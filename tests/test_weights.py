@@ -18,7 +18,15 @@ from safetensors.numpy import load_file, save_file
 
 from minicpmv_jax.errors import CheckpointError
 from minicpmv_jax.model import MiniCPMV
-from minicpmv_jax.weights import path_name, to_hf_state_dict
+from minicpmv_jax.weights import (
+    ALIGN,
+    BLOCK,
+    PARALLEL_BYTES,
+    aligned_empty,
+    copy_into,
+    path_name,
+    to_hf_state_dict,
+)
 
 SRC = FIXTURES / "minicpm-v-2_6" / "checkpoint"  # bf16 storage
 
@@ -77,6 +85,26 @@ def test_load_bf16_params_from_bf16_storage():
     m = _load(SRC, "bfloat16")
     leaves = [v.get_value() for _, v in nnx.to_flat_state(m.state)]
     assert {x.dtype for x in leaves} == {np.dtype(ml_dtypes.bfloat16)}
+
+
+def test_blocked_transposed_copy_into_an_aligned_buffer():
+    # a transposed bf16 checkpoint tensor crossing block boundaries (2.5 blocks of rows), large
+    # enough to be copied by the thread pool as float32 (PARALLEL_BYTES), and a small one
+    for cols in (PARALLEL_BYTES // 4 // (BLOCK * 2) + 1, 7):
+        src = np.random.default_rng(0).standard_normal((BLOCK * 5 // 2, cols), np.float32)
+        src = src.astype(ml_dtypes.bfloat16)
+        dst = aligned_empty((cols, src.shape[0]), np.float32)
+        assert dst.ctypes.data % ALIGN == 0
+        copy_into(dst, src.T)
+        np.testing.assert_array_equal(dst, src.T.astype(np.float32))
+        stacked = aligned_empty((2, cols, src.shape[0]), ml_dtypes.bfloat16)
+        copy_into(stacked[1], src.T)  # one layer of a stacked parameter
+        np.testing.assert_array_equal(stacked[1], src.T)
+        rows = aligned_empty(src.shape, np.float32)  # untransposed: split into row pieces
+        copy_into(rows, src)
+        np.testing.assert_array_equal(rows, src.astype(np.float32))
+    if jax.default_backend() == "cpu":  # the loader relies on this: no second copy of a weight
+        assert jax.device_put(dst).unsafe_buffer_pointer() == dst.ctypes.data
 
 
 def test_one_error_lists_missing_unexpected_and_mismatched(tmp_path):

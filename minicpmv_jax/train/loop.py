@@ -8,8 +8,9 @@ Trainer's scaled sum), clipping runs on that mean, then AdamW with decay on matr
 
 Trainable weights and the optimizer state are float32 whatever the model dtype; frozen weights
 stay as loaded (bf16 / int8), or are stored in `frozen_dtype` (bfloat16: half the bytes of a
-float32 model, computed in the model's dtype). LoRA on an int8 base (`quant="int8"`, QLoRA-style)
-and LoRA dropout run LoRA on the layer input path (lora.py). Decoder and vision layers are
+float32 model, computed in the model's dtype). LoRA trains on the layer input path (lora.py;
+also on an int8 base, `quant="int8"`, QLoRA-style, and with dropout); `lora_path="delta"`
+trains it as a weight delta (float base, no dropout). Decoder and vision layers are
 rematerialised per layer as `remat` / `vision_remat` say. Parameters are sharded by the model's
 rule table and the batch over the mesh's data axis.
 
@@ -68,7 +69,6 @@ from minicpmv_jax.train.loss import (
 log = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Settings of a fine-tuning run (defaults follow the official finetune_lora.sh where set).
@@ -96,6 +96,10 @@ class TrainConfig:
     remat: str = "none"  # decoder layers: "none" | "full" | "dots" (layers.REMAT_POLICIES)
     vision_remat: str | None = None  # vision tower layers; None: as `remat`
     frozen_dtype: str | None = None  # store frozen float weights in it ("bfloat16"); None: as is
+    # LoRA in the train step: "input" = PEFT's x A^T B^T beside the frozen layer (LoraLinear);
+    # "delta" = W + s (B A)^T (float base, no dropout only; the same function, more work: the
+    # backward forms each target kernel's full weight gradient, then contracts it to A and B)
+    lora_path: str = "input"
 
     def __post_init__(self):
         trainable_filter(self.mode, self.lora)  # validates the mode
@@ -113,6 +117,8 @@ class TrainConfig:
                 raise MiniCPMVError(
                     f"{name} must be one of {sorted(REMAT_POLICIES)}, got {value!r}"
                 )
+        if self.lora_path not in ("input", "delta"):
+            raise MiniCPMVError(f"lora_path must be 'input' or 'delta', got {self.lora_path!r}")
         if self.frozen_dtype not in (None, "float32", "bfloat16", "float16"):
             raise MiniCPMVError(
                 f"frozen_dtype must be float32, bfloat16 or float16, got {self.frozen_dtype!r}"
@@ -215,9 +221,7 @@ def _train_step(
 
 
 @functools.partial(jax.jit, static_argnames=STATICS)
-def _eval_step(
-    state, frozen, loaded, arrays, *, graphdef, targets, scaling, lora_path, num_groups
-):
+def _eval_step(state, frozen, loaded, arrays, *, graphdef, targets, scaling, lora_path, num_groups):
     """(sum of token losses, label count) of one batch (no dropout)."""
     TRACE_COUNTS["eval_step"] += 1
     module = step_module(
@@ -339,7 +343,7 @@ class Trainer:
             self.graphdef, params, self.frozen, config.remat, config.vision_remat
         )
         self.targets, lora, self.loaded = (), {}, None
-        train_path = eval_path = None  # LoRA as a weight delta
+        train_path = eval_path = None  # None: LoRA as a weight delta
         if config.mode == "lora":
             self.targets = lora_targets(self.frozen, lora_cfg)
             if adapter is not None:
@@ -353,7 +357,13 @@ class Trainer:
                     "LoRA training on an int8 base needs the base without a merged adapter "
                     "(load it with adapter=None; resume from the run's checkpoints instead)"
                 )
-            if int8_base or lora_cfg.dropout > 0:
+            if config.lora_path == "delta" and (int8_base or lora_cfg.dropout > 0):
+                raise MiniCPMVError(
+                    "lora_path='delta' needs a float base and LoRA dropout 0 (got "
+                    f"{'an int8 base' if int8_base else f'dropout {lora_cfg.dropout}'}): "
+                    "use lora_path='input'"
+                )
+            if config.lora_path == "input":
                 groups = lora_groups(self.targets, self.frozen)
                 kw = {"scaling": lora_cfg.scaling}
                 state = (params, self.frozen)

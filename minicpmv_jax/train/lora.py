@@ -5,20 +5,23 @@ module name matches `target_modules` (a regex, fully matched; or a list of name 
 `x W^T + (alpha / r) * x A^T B^T`; full trainable copies of the `modules_to_save` modules
 (embed_tokens, resampler, and vpm when the vision tower is tuned); everything else frozen.
 
-Here LoRA is applied as a weight delta inside the traced training step: the kernel (in, out) the
-model sees is `W + s * (B A)^T` (the same function of x, A and B, so the same loss and gradients),
-which needs no change to the model's modules and works for any layer layout that the weights.py
-name mapping covers. The model's own weights already hold an adapter loaded with
-`MiniCPMV.from_pretrained(..., adapter=...)` merged in (so inference sees it), and the step
-subtracts that loaded delta: `W + s * (B A - B0 A0)^T`.
+The train step applies LoRA on the input path, as PEFT does: each target Linear becomes a
+`LoraLinear` (`base(x) + s * dropout(x) A^T B^T`) in a training copy of the module graph
+(`lora_graph`), with one dropout mask per target and layer drawn from the train state's RNG
+(LoRA dropout, official default 0.05, acts on the layer input). Its backward needs only the
+rank-r products for A and B and the input gradient through the frozen kernel.
 
-LoRA dropout (official default 0.05) acts on the layer input, which a weight delta cannot
-express, and an int8 base kernel (QLoRA-style training, quant.py) cannot take a float delta. Those
-runs apply LoRA on the input path instead, as PEFT does: each target Linear becomes a `LoraLinear`
-(`base(x) + s * dropout(x) A^T B^T`) in a training copy of the module graph (`lora_graph`), with
-one dropout mask per target and layer drawn from the train state's RNG. With dropout 0 and a float
-base both paths are the same function (tested); the weight delta stays the default there (it is
-what the fixtures were checked with). Evaluation never drops.
+LoRA as a weight delta (`apply_lora`: the kernel (in, out) the model sees is `W + s * (B A)^T`,
+the same function of x, A and B) needs no change to the model's modules and serves evaluation,
+`loss_and_grads` (what the fixtures were checked with) and `TrainConfig(lora_path="delta")`;
+differentiated, it forms each target kernel's full weight gradient [in, out] and contracts it to
+A and B: more work than the input path (compiled 2.6-width step: about 5% more FLOPs, 16% more
+bytes). It needs a float base and no dropout: an int8 kernel (QLoRA-style training, quant.py)
+cannot take a float delta. The model's own weights already hold an adapter loaded with
+`MiniCPMV.from_pretrained(..., adapter=...)` merged in (so inference sees it); the step
+subtracts that loaded delta (`W + s * (B A - B0 A0)^T`; on the input path from the base
+kernel). With dropout 0 and a float base both paths are the same function (tested).
+Evaluation never drops.
 """
 
 from __future__ import annotations

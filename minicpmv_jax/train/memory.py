@@ -3,17 +3,20 @@
 Per device, as `Trainer` holds them: the model's weights as loaded (frozen and trainable alike,
 in `param_dtype`; int8 LLM projections with `quant="int8"`), float32 master copies of the
 trainable weights, their float32 gradients and AdamW's two float32 moments (plus the accumulated
-gradients with `grad_accum > 1`), and the activations the backward pass keeps, per decoder /
-vision layer as the rematerialisation policy says (`TrainConfig.remat` / `vision_remat`):
-"none" keeps every layer's activations, "full" only each layer's input plus one layer's
-activations while it is recomputed, "dots" each layer's projection outputs plus one layer's
-rest. The vision tower keeps activations only when its weights train (full, or LoRA with vpm in
-modules_to_save). Estimates: XLA fuses some of these and adds temporaries. On the tiny
-checkpoint's text-only train step the total is within 25% of XLA's compiled memory (weights +
-train state + the step's temporaries) for full and LoRA, with and without remat
-(tests/test_train_memory.py); the vision part is not checked that way (the tiny tower's
-attention over padded 256-patch slices, chunked by `vision.batch_size`, needs up to ~3x what
-the per-layer count gives, so the vision terms are a lower bound).
+gradients with `grad_accum > 1`), the batch, and the activations the backward pass keeps. Those
+are counted per decoder / vision-tower layer from what the compiled train step keeps (the
+stacked residuals of its scanned layers in the HLO) under the rematerialisation policy
+(`TrainConfig.remat` / `vision_remat`): "none" keeps every layer's activations, "full" only
+each layer's input, "dots" its projection outputs; the layer being differentiated adds its own
+activations and score gradients. The vision tower and the resampler keep activations when
+gradients flow through them (full, or LoRA with vpm / resampler in modules_to_save); a frozen
+tower runs forward only, before the decoder (inference's peak, minicpmv_jax.memory). Tower and
+resampler run `batch_size` slices at a time, as the step does (see `_with_vision`).
+
+On the tiny checkpoint's float32 train step over a batch with an image (8 slices of 256
+patches, 4 x 256 tokens) the total is within 25% of XLA's compiled memory (weights + train
+state + batch + the step's temporaries) for full and LoRA, with and without remat
+(tests/test_train_memory.py). Estimates: XLA fuses, reuses and adds temporaries.
 
     python -m minicpmv_jax.train.memory      # the README table
 """
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,39 +123,125 @@ def plan(
     master = grads = trainable * F32
     optimizer = trainable * F32 * (2 + (grad_accum > 1))
 
-    llm, vis, cdt = config.llm, config.vision, jnp.dtype(config.llm.dtype)
+    llm, cdt = config.llm, jnp.dtype(config.llm.dtype)
     b = -(-batch // shape.get("data", 1))
     t, d, h, f = seq_len, llm.hidden_size, llm.head_dim, llm.intermediate_size
     n, k = llm.num_heads, llm.num_kv_heads
-    # kept per decoder layer: 4 [B, T, D] (inputs, norms), q / k / v, attention output, 4 MLP
-    # [B, T, F] (gate, up, activation, product) in the compute dtype; float32 probabilities.
+    # kept per decoder layer (the scanned stack's residuals in the compiled step's HLO): 7
+    # [B, T, D] (input, norms, attention output, residual sums), q / k / v, 6 [B, T, F] (gate,
+    # up, SiLU terms, product) in the compute dtype; the masked scores and probabilities
+    # [B, N, T, T] in float32, and a float32 + a bool [B, K, T, T] (the grouped-query mask).
     # "dots" keeps the projection outputs (q, k, v, o, gate, up, down), "full" the input only.
     cs = cdt.itemsize
-    per_layer = b * t * (4 * d + (2 * n + 2 * k) * h + 4 * f) * cs + b * n * t * t * F32
+    scores = b * n * t * t * F32
+    per_layer = b * t * (7 * d + (n + 2 * k) * h + 6 * f) * cs + 2 * scores
+    per_layer += b * k * t * t * (F32 + 1)
     kept = {
         "none": per_layer,
         "dots": b * t * (3 * d + (n + 2 * k) * h + 2 * f) * cs,
         "full": b * t * d * cs,
     }
-    act = _stack_activations(llm.num_layers, per_layer, kept[remat])
+    act = _stack_activations(llm.num_layers, per_layer, kept[remat], 2 * scores)
     act += 2 * b * t * llm.vocab_size * F32  # float32 logits + their gradient
-    if num_slices and _trainable("vpm.", mode, lora):  # a frozen tower keeps nothing
-        i, p, dv, fv = num_slices, patch_bucket, vis.hidden_size, vis.intermediate_size
-        vis_layer = i * p * (8 * dv + 2 * fv) * cs + i * vis.num_heads * p * p * F32
-        vis_kept = {
-            "none": vis_layer,
-            "dots": i * p * (6 * dv + fv) * cs,  # q, k, v, out, fc1, fc2, input
-            "full": i * p * dv * cs,
-        }
-        act += _stack_activations(vis.num_layers, vis_layer, vis_kept[vision_remat])
+    act += b * t * 4 * 4  # the batch's int32 ids, labels, positions and image slots
+    if num_slices:
+        act = _with_vision(config, mesh, mode, lora, num_slices, patch_bucket, vision_remat, act)
     return TrainingPlan(weights, master, grads, optimizer, act, elements)
 
 
-def _stack_activations(layers: int, per_layer: int, kept: int) -> int:
-    """Peak bytes of a scanned stack's backward pass: `kept` per layer, one layer's full
-    activations while it is recomputed (when remat keeps less than everything), and that
-    layer's activation gradients (about its activations again)."""
-    return layers * kept + (per_layer if kept < per_layer else 0) + per_layer
+def _trains(config: MiniCPMVConfig, prefix: str, mode: str, lora: LoraConfig) -> bool:
+    """Whether any weight under `prefix` ("vpm.") trains: in full, or as a LoRA target."""
+    for name, pshape, _, _ in param_inventory(config):
+        if not name.startswith(prefix):
+            continue
+        if _trainable(name, mode, lora):
+            return True
+        if mode == "lora" and name.endswith(".kernel") and name not in EXCEPTIONS:
+            layers = unstack(name, pshape[0] if stack_of(name) else 0)
+            if any(lora.targets(layer.rpartition(".")[0]) for _, layer in layers):
+                return True
+    return False
+
+
+def _with_vision(
+    config: MiniCPMVConfig,
+    mesh: Any,
+    mode: str,
+    lora: LoraConfig,
+    num_slices: int,
+    patch_bucket: int,
+    remat: str,
+    decoder: int,
+) -> int:
+    """Peak activation bytes of a train step whose batch has `num_slices` image slices of
+    `patch_bucket` patches, given the decoder's (`decoder`: its stack and logits).
+
+    The step runs tower -> resampler -> decoder forward, then backward in reverse order, so
+    the peak is the largest of: the decoder's backward (over what the tower and resampler
+    keep for theirs), the resampler's backward (over the tower's kept activations) and the
+    tower's backward. Tower and resampler keep activations only when gradients flow through
+    them (their weights train, or the resampler sits above a training tower); a frozen tower
+    runs forward only, before the decoder, and its peak is inference's (memory.plan).
+
+    Both run `batch_size` slices at a time (layers.map_chunks, a lax.map). Reverse-mode AD of
+    that map stacks every chunk's residuals: the kept activations are those of all slices (the
+    last chunk padded), plus one chunk's stacked copy when there are several chunks; the
+    backward working set is one chunk's. Per slice and tower layer XLA keeps (the scanned
+    tower's compiled HLO): the masked scores and the probabilities [N, P, P] in float32, 12
+    [P, Dv] (input, norms and their statistics, q / k / v, attention output, residual sums)
+    and 6 [P, Fv] (fc1, GELU terms, fc2 input); remat "dots" keeps q, k, v, out_proj, fc2
+    [P, Dv] and fc1 [P, Fv], "full" the layer input. The backward of one layer holds its
+    residuals (recomputed under remat) and the two float32 score gradients. The resampler
+    keeps 6 [P, D] per slice (kv, its norm, keys with position terms, k, v and v in float32)
+    and needs 5 more per slice of a chunk in its backward.
+    """
+    vis, res = config.vision, config.resampler
+    i, p, dv, fv = num_slices, patch_bucket, vis.hidden_size, vis.intermediate_size
+    cs = jnp.dtype(vis.dtype).itemsize
+    train_vpm = _trains(config, "vpm.", mode, lora)
+    train_res = train_vpm or _trains(config, "resampler.", mode, lora)
+
+    def chunks(size: int) -> tuple[int, int]:
+        """(slices of one chunk, slices the stacked residuals hold: all, padded, + a copy)."""
+        chunk = min(i, size)
+        padded = -(-i // chunk) * chunk
+        return chunk, padded + (chunk if padded > chunk else 0)
+
+    # patches float32, position ids int32, key mask and patch_valid (bool), tgt_sizes
+    inputs = i * p * (vis.patch_dim * F32 + 4 + 2) + i * 2 * 4
+    res_kept = res_work = 0
+    if train_res:
+        chunk, held = chunks(res.batch_size)
+        row = p * res.embed_dim * jnp.dtype(res.dtype).itemsize  # one slice's [P, D]
+        res_kept, res_work = 6 * row * held, 5 * row * chunk
+    upper = res_kept + max(res_work, decoder)  # resampler and decoder phases
+    if not train_vpm:
+        from minicpmv_jax.memory import plan as inference_plan
+
+        forward = inference_plan(
+            config,
+            mesh,
+            cache_len=1,
+            num_slices=i,
+            patch_bucket=p,
+            dtype=vis.dtype,
+        ).detail["vision_activations"]  # counts the inputs
+        return max(inputs + upper, forward)
+    chunk, held = chunks(vis.batch_size)
+    scores = vis.num_heads * p * p * F32  # one slice's [N, P, P]
+    per_layer = 2 * scores + p * (12 * dv + 6 * fv) * cs
+    kept = {"none": per_layer, "dots": p * (5 * dv + fv) * cs, "full": p * dv * cs}[remat]
+    tower_kept = held * vis.num_layers * kept
+    tower_work = chunk * _stack_activations(0, per_layer, 0, 2 * scores)
+    return inputs + tower_kept + max(tower_work, upper)
+
+
+def _stack_activations(layers: int, per_layer: int, kept: int, score_grads: int) -> int:
+    """Peak bytes of a scanned stack's backward pass: `kept` per layer, plus the layer being
+    differentiated: its activations (recomputed under remat, read back from the stacked
+    residuals without) and its float32 score gradients (`score_grads`: d probabilities and d
+    scores, the largest gradient buffers of an attention layer)."""
+    return layers * kept + per_layer + score_grads
 
 
 # (label, plan arguments) of the README table's rows per model
@@ -177,8 +265,10 @@ def markdown_table(
 ) -> str:
     """Markdown table of `plan` for every preset x setup on one device of `hbm` bytes."""
     rows = [
-        "| model | setup | trainable | weights | master + grads + AdamW | activations "
-        "| total | fits 16 GiB (90%) |",
+        (
+            "| model | setup | trainable | weights | master + grads + AdamW | activations "
+            "| total | fits 16 GiB (90%) |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for pname, cfg in presets.items():
