@@ -103,6 +103,10 @@ def test_compile_time_report(tmp_path):
     assert "| 1 |" in compile_time.markdown(rep)
 
 
+# Slow: the benchmark workload end to end (build, warm-up, 8 mixed requests). The default suite
+# checks the same promise on the generation path itself
+# (test_generate.py::test_warmup_compiles_what_requests_then_run, test_warmup_covers_streaming).
+@pytest.mark.slow
 def test_workload_warmed_up_from_declared_shapes_compiles_nothing():
     """A small mixed workload: Sampler.warmup on the requests' RequestShapes (sizes only)
     compiles every program the requests then run."""
