@@ -31,9 +31,9 @@ default configuration is 1.05 B (the tower alone is 0.4 B; the LLM 0.63 B with i
 151,666 x 896 embedding and lm_head).
 
 Both sides read the same processor output (input ids, image bound, pixels), written by the
-parent process to an .npz; the peer does not import jax. Run (under the bench lock):
+parent process to an .npz; the peer does not import jax. Run, on an otherwise idle machine:
 
-    flock /tmp/bench.lock python -m benchmarks.chat_memory \
+    python -m benchmarks.chat_memory \
         --json benchmarks/results/chat-memory-2.6-cpu.json
 """
 
