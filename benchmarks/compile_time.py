@@ -5,10 +5,13 @@ full-depth 2.6 / 4.5 compiles on any machine; nothing runs. For each LLM depth i
 compiles the prefill of one image (10 slices, 768-token bucket) and the batch-1 greedy decode
 loop, the two programs a first chat() request waits for. The decoder and vision layers run under
 `nnx.scan` (one traced layer body per stack), so the time barely grows with the depth; the table
-shows by how much.
+shows by how much. Exception: on CPU a float32 decoder runs unrolled over per-layer weight
+arrays (`generate.split_layers`), whose compile time grows with the depth; `--stacked-layers`
+compiles it scanned, for the A/B.
 
     python -m benchmarks.compile_time --preset 2.6 --layers 1,7,14,28
     python -m benchmarks.compile_time --preset 4.5 --out benchmarks/results/compile-4.5-cpu.json
+    python -m benchmarks.compile_time --preset 2.6 --dtype float32 --stacked-layers
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import pathlib
 import sys
 import time
@@ -26,6 +30,7 @@ from flax import nnx
 
 from benchmarks import measure
 from benchmarks.models import preset_processor
+from minicpmv_jax import generate
 from minicpmv_jax.batching import Buckets
 from minicpmv_jax.config import PRESETS
 from minicpmv_jax.model import MiniCPMV
@@ -54,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--out", type=pathlib.Path, default=None)
+    p.add_argument(
+        "--stacked-layers",
+        action="store_true",
+        help="keep the decoder stacked and scanned on CPU too (generate.SPLIT_LAYERS = False)",
+    )
     args = p.parse_args(argv)
+    generate.SPLIT_LAYERS = not args.stacked_layers
+    load_start = os.getloadavg()
 
     base = PRESETS[args.preset].with_dtype(args.dtype)
     depths = [int(x) for x in args.layers.split(",")] if args.layers else [base.llm.num_layers]
@@ -85,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         "vision_layers": base.vision.num_layers,
         "prompt_tokens": args.prompt_tokens,
         "slices": args.slices,
+        "decoder_layers": "stacked" if args.stacked_layers else "split on CPU float32",
+        "load_average": {"start": load_start, "end": os.getloadavg()},
         "rows": rows,
     }
     print(markdown(report))

@@ -31,6 +31,7 @@ import numpy as np
 
 from benchmarks import measure, models
 from benchmarks.measure import CompileCounter, Timing, time_repeats
+from minicpmv_jax import generate
 from minicpmv_jax.batching import Buckets
 from minicpmv_jax.generate import encode_vision
 from minicpmv_jax.settings import GenerationSettings
@@ -384,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--torch-compile", default=None, metavar="MODE",
         help="peer: torch.compile the transformers forward (e.g. reduce-overhead on GPU)",
     )  # fmt: skip
+    p.add_argument(
+        "--stacked-layers", action="store_true",
+        help="CPU: keep the decoder stacked and scanned (generate.SPLIT_LAYERS = False; A/B)",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="smallest sizes (smoke test)")
     p.add_argument("--out", type=pathlib.Path, default=None, help="JSON report path")
     return p
@@ -411,6 +416,7 @@ def _defaults(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     CompileCounter.install()
     _defaults(args)
+    generate.SPLIT_LAYERS = not args.stacked_layers
     sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(sections) - set(ALL_SECTIONS))
     if unknown:

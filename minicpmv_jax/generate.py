@@ -46,6 +46,7 @@ from minicpmv_jax import sampling
 from minicpmv_jax.batching import Buckets, PreparedBatch, VisionBatch, prepare_batch
 from minicpmv_jax.errors import PromptTooLongError
 from minicpmv_jax.kv_cache import KVCache
+from minicpmv_jax.layers import LayerParts
 from minicpmv_jax.model import encode_images, merge_embeds
 from minicpmv_jax.sampling import DecodeMode, SamplingParams
 from minicpmv_jax.settings import GenerationError, GenerationSettings
@@ -440,6 +441,69 @@ def pack_weights(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
     return nnx.from_flat_state(leaves), sources
 
 
+# the decoder stack whose layers a CPU program reads as separate arrays (layers.LayerParts)
+SPLIT_STACKS = ("llm.model.layers.",)
+# Read when a Sampler is built; False keeps the stack whole and scanned on CPU as elsewhere (A/B
+# measurements; compile time flat in depth: full-depth 2.6 float32 prefill + decode compile
+# 2.8 s scanned, 11 s unrolled, BENCHMARKS.md "Compile time at full depth").
+SPLIT_LAYERS = True
+
+
+def _layer_view(x: jax.Array, host: np.ndarray, i: int) -> jax.Array | None:
+    """Layer i of the stacked single-device array `x` (`host` = its numpy view) as an array
+    aliasing x's memory, or None where the runtime would copy it (an unaligned slice)."""
+    sharding = x.sharding
+    if isinstance(sharding, NamedSharding):  # drop the "layers" axis of the spec
+        spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+        sharding = NamedSharding(sharding.mesh, PS(*spec[1:]))
+    part = jax.device_put(host[i], sharding)
+    offset = i * host[0].nbytes
+    return part if part.unsafe_buffer_pointer() == x.unsafe_buffer_pointer() + offset else None
+
+
+def split_layers(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
+    """CPU backend: each decoder-stack parameter [L, ...] as its L layer slices, views of the
+    same memory (`layers.LayerParts`); returns (state, the arrays now viewed).
+
+    XLA:CPU copies a dot's weight operand that is a slice of a stack before the dot, so a
+    scanned batch-1 decode step reads each layer weight three times; with the parts the
+    programs run the decoder as an unrolled loop whose dots read the weights in place
+    (`layers.scan_layers`). Only a float32 stack is split, and only single-device arrays whose
+    every slice aliases the stack's memory (no copy: the model's memory is unchanged); abstract
+    arrays (compile-only models) are split into abstract parts.
+
+    Left stacked: a stack holding other dtypes (bf16, packed or not; int8 kernels). Their layers
+    convert the weights to float32 before the dots anyway, a copy into which XLA:CPU fuses the
+    scan's slice, so the parts save nothing there; and unrolled, those conversions no longer
+    depend on the loop, so XLA:CPU hoists every layer's float32 copy ahead of the layers (a
+    4-layer bf16 decode program planned 4x one layer's float32 weights as temporaries).
+    Other backends are left as they are: their compilers slice a stack in place, and a scan
+    keeps compile time flat in depth.
+    """
+    if not SPLIT_LAYERS or jax.default_backend() != "cpu":
+        return state, []
+    flat = nnx.to_flat_state(state)
+    stack = [var.get_value() for path, var in flat if path_name(path).startswith(SPLIT_STACKS)]
+    if not stack or any(getattr(x, "dtype", None) != jnp.float32 for x in stack):
+        return state, []
+    leaves, sources = [], []
+    for path, var in flat:
+        x = var.get_value()
+        parts = None
+        if path_name(path).startswith(SPLIT_STACKS) and getattr(x, "ndim", 0) >= 1:
+            if isinstance(x, jax.ShapeDtypeStruct):
+                parts = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype)] * x.shape[0]
+            elif isinstance(x, jax.Array) and len(x.sharding.device_set) == 1:
+                host = np.asarray(x)
+                parts = [_layer_view(x, host, i) for i in range(x.shape[0])]
+                if any(p is None for p in parts):
+                    parts = None
+                else:
+                    sources.append(x)
+        leaves.append((path, var.replace(LayerParts(parts)) if parts else var))
+    return nnx.from_flat_state(leaves), sources
+
+
 class Sampler:
     """Compiled prompt / prefill / decode programs of one model, with their shape buckets.
 
@@ -467,7 +531,9 @@ class Sampler:
         if processor is not None:
             self.terminators = tuple(int(t) for t in processor.terminators)
         self.graphdef, state = nnx.split(model.module)
-        self._state, self._packed_from = pack_weights(state)
+        state, packed_from = pack_weights(state)
+        self._state, split_from = split_layers(state)
+        self._packed_from = packed_from + split_from
         self.pool = CachePool(cache_pool)
         # Shardings live on these top-level jits only (the traced functions nest no jit).
         # Host-read outputs are replicated over the model's mesh: a multi-host process can only

@@ -1,6 +1,7 @@
 """Shared building blocks: dense(), RMSNorm, LayerNorm, RoPE, the attention switch attend() and
-the layer stack (stack_layers / scan_layers: stacked parameters under nnx.scan, optional remat)
-and map_chunks (bounded-memory batches of independent rows)."""
+the layer stack (stack_layers / scan_layers: stacked parameters under nnx.scan, optional remat;
+LayerParts: the same stack as per-layer arrays, run unrolled) and map_chunks (bounded-memory
+batches of independent rows)."""
 
 from __future__ import annotations
 
@@ -113,17 +114,66 @@ def stack_layers(make, num: int, rngs) -> nnx.Module:
                     transform_metadata=meta)()  # fmt: skip
 
 
+@jax.tree_util.register_pytree_node_class
+class LayerParts:
+    """The value of a stacked layer parameter given as its L layer slices, separate arrays.
+
+    XLA:CPU copies the weight operand of a dot when it is a slice of a larger array (the dynamic
+    slice of a scanned stack, and a static `w[i]` as well) before multiplying: a batch-1 decode
+    step then reads every layer weight three times (read, write the copy, read it). Given as
+    separate arrays (on CPU, zero-copy views of the stacked buffer, `generate.split_layers`),
+    each layer's dots read their weights in place, and `scan_layers` runs the stack as an
+    unrolled loop over the parts. A pytree node: a jit flattens it into its L arrays.
+    """
+
+    def __init__(self, parts):
+        self.parts = tuple(parts)
+
+    def tree_flatten(self):
+        return self.parts, None
+
+    @classmethod
+    def tree_unflatten(cls, _, parts):
+        return cls(parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+
+def _is_parts(x) -> bool:
+    return isinstance(x, LayerParts)
+
+
+def layer_parts_count(layers: nnx.Module) -> int:
+    """L when the stack's parameters are given as `LayerParts`, else 0 (stacked arrays)."""
+    values = jax.tree.leaves(nnx.state(layers), is_leaf=_is_parts)
+    return next((len(v) for v in values if _is_parts(v)), 0)
+
+
 def scan_layers(step, carry, layers: nnx.Module, remat: str = "none"):
     """Run `carry = step(carry, layer)` over a `stack_layers` stack with one traced layer body.
 
     One `nnx.scan` (jax.lax.scan) instead of an unrolled loop: the program holds one copy of the
     layer whatever the depth, so trace and compile time stay flat in depth. `remat` names a
     policy of `REMAT_POLICIES` applied per layer (training); "none" for inference.
+
+    A stack whose parameters are `LayerParts` (the CPU samplers' decoder, see
+    `generate.split_layers`) runs as a Python loop over its layers instead, each layer reading
+    its own arrays; a parameter left stacked there is sliced per layer. Trace and compile time
+    then grow with the depth.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(
             f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}"
         )
+    num = layer_parts_count(layers)
+    if num:  # only the samplers pass parts: no backward pass, so `remat` has nothing to do
+        graphdef, state = nnx.split(layers)
+        for i in range(num):
+            part = jax.tree.map(lambda v, i=i: v.parts[i] if _is_parts(v) else v[i], state,
+                                is_leaf=_is_parts)  # fmt: skip
+            carry = step(carry, unpack_module(nnx.merge(graphdef, part)))
+        return carry
     # graph=False (tree mode): the layers are a plain pytree of stacked arrays, so the scan also
     # runs where the module came from an enclosing trace (the decode while_loop's body).
     inner = step

@@ -4,7 +4,9 @@ Attribute paths are the checkpoint keys below `llm.`: `model.embed_tokens`, `mod
 self_attn.q_proj`, ..., `model.norm`, `lm_head`. The decoder layers are one stack: every layer
 parameter has a leading L axis (`model.layers.self_attn.q_proj.kernel` [L, D, N*H]; slice i is the
 checkpoint's `model.layers.i.self_attn.q_proj.weight` transposed, see weights.py) and the layers
-run under one `nnx.scan`, optionally rematerialised (`LlmConfig.remat`).
+run under one `nnx.scan`, optionally rematerialised (`LlmConfig.remat`). The CPU samplers of a
+float32 model pass the stack as per-layer views instead (`layers.LayerParts`,
+`generate.split_layers`), and the same code then runs the layers as an unrolled loop.
 """
 
 from __future__ import annotations
