@@ -501,6 +501,9 @@ def split_layers(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
                 else:
                     sources.append(x)
         leaves.append((path, var.replace(LayerParts(parts)) if parts else var))
+    split = sum(isinstance(v.get_value(), LayerParts) for _, v in leaves)
+    if split < len(stack):  # the rest is sliced per layer (a copy before each dot)
+        log.info("decoder stack: %d of %d parameters as per-layer views", split, len(stack))
     return nnx.from_flat_state(leaves), sources
 
 
