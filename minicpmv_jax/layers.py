@@ -157,33 +157,39 @@ def scan_layers(step, carry, layers: nnx.Module, remat: str = "none"):
     layer whatever the depth, so trace and compile time stay flat in depth. `remat` names a
     policy of `REMAT_POLICIES` applied per layer (training); "none" for inference.
 
-    A stack whose parameters are `LayerParts` (the CPU samplers' decoder, see
-    `generate.split_layers`) runs as a Python loop over its layers instead, each layer reading
-    its own arrays; a parameter left stacked there is sliced per layer. Trace and compile time
-    then grow with the depth.
+    A stack whose parameters are `LayerParts` (the CPU samplers' decoder and the CPU train step's
+    frozen decoder weights, see `generate.split_layers`) runs as a Python loop over its layers
+    instead, each layer reading its own arrays (rematerialised per layer as `remat` says); a
+    parameter left stacked there (a trainable one, LoRA tensors) is sliced per layer. Trace and
+    compile time then grow with the depth.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(
             f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}"
         )
-    num = layer_parts_count(layers)
-    if num:  # only the samplers pass parts: no backward pass, so `remat` has nothing to do
-        graphdef, state = nnx.split(layers)
-        for i in range(num):
-            part = jax.tree.map(lambda v, i=i: v.parts[i] if _is_parts(v) else v[i], state,
-                                is_leaf=_is_parts)  # fmt: skip
-            carry = step(carry, unpack_module(nnx.merge(graphdef, part)))
-        return carry
-    # graph=False (tree mode): the layers are a plain pytree of stacked arrays, so the scan also
-    # runs where the module came from an enclosing trace (the decode while_loop's body).
     inner = step
 
     def step(carry, layer):  # a packed stack is sliced by the scan, then reinterpreted
         return inner(carry, unpack_module(layer))
 
-    if REMAT_POLICIES[remat] is not None:
+    policy = REMAT_POLICIES[remat]
+    num = layer_parts_count(layers)
+    if num:
+        if policy is not None:  # training: each unrolled layer rematerialised on its own;
+            # prevent_cse: outside a loop XLA would otherwise merge the recomputation with the
+            # forward pass and keep the activations remat is meant to drop
+            step = nnx.remat(step, policy=policy, prevent_cse=True, graph=False)
+        graphdef, state = nnx.split(layers)
+        for i in range(num):
+            part = jax.tree.map(lambda v, i=i: v.parts[i] if _is_parts(v) else v[i], state,
+                                is_leaf=_is_parts)  # fmt: skip
+            carry = step(carry, nnx.merge(graphdef, part))
+        return carry
+    # graph=False (tree mode): the layers are a plain pytree of stacked arrays, so the scan also
+    # runs where the module came from an enclosing trace (the decode while_loop's body).
+    if policy is not None:
         # prevent_cse=False: inside a scan the loop already keeps XLA from merging recomputation
-        step = nnx.remat(step, policy=REMAT_POLICIES[remat], prevent_cse=False, graph=False)
+        step = nnx.remat(step, policy=policy, prevent_cse=False, graph=False)
     scan = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, graph=False)
     return scan(carry, layers)
 

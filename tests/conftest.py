@@ -88,31 +88,35 @@ def pytest_unconfigure(config):
         shutil.rmtree(_RUN_CACHE, ignore_errors=True)
 
 
-# Test files, most expensive first (CPU seconds of each file in a full run on the loaded 2-core
-# machine; the files not named here cost less and run after these in collection order).
+# Test files, most expensive first (seconds of each file in a full run on the 2-core machine:
+# CPU seconds, or wall seconds where the work runs in subprocesses; the files not named here
+# cost less and run after these in collection order).
 # pyproject.toml turns off xdist's reordering by test count, so the workers take files in this
 # order as they become free: no expensive file starts last while the other worker idles.
 EXPENSIVE_FIRST = (
-    "test_train_loop.py",  # ~300 s
-    "test_train_loss.py",  # ~160 s
-    "test_model.py",  # ~155 s
-    "test_serve_engine.py",  # ~125 s
-    "test_generate.py",  # ~110 s
-    "test_quant.py",  # ~105 s
-    "test_generate_parity.py",  # ~90 s
-    "test_bench.py",  # ~75 s
-    "test_sampling.py",  # ~70 s
-    "test_model_static.py",  # ~55 s
-    "test_sharding.py",
-    "test_v46_model.py",
-    "test_cli.py",  # ~45 s
-    "test_kernels.py",
-    "test_chat.py",
-    "test_convert.py",
-    "test_checkpoint.py",  # ~20 s
-    "test_v46_scale.py",
-    "test_train_dpo.py",
-    "test_vision_memory.py",
+    "test_model.py",  # ~135 s
+    "test_train_loss.py",  # ~130 s
+    "test_serve_engine.py",  # ~100 s
+    "test_generate.py",  # ~90 s
+    "test_quant.py",  # ~80 s
+    "test_cli.py",  # ~65 s
+    "test_generate_parity.py",  # ~65 s
+    "test_sampling.py",  # ~60 s
+    "test_train_cli.py",  # ~50 s
+    "test_v46_model.py",  # ~50 s
+    "test_train_dpo.py",  # ~50 s
+    "test_train_lora_paths.py",  # ~45 s
+    "test_train_memory.py",  # ~45 s
+    "test_model_static.py",  # ~45 s
+    "test_sharding.py",  # ~40 s
+    "test_convert.py",  # ~30 s
+    "test_kernels.py",  # ~30 s
+    "test_train_loop.py",  # ~30 s
+    "test_checkpoint.py",  # ~25 s
+    "test_bench.py",  # ~20 s
+    "test_chat.py",  # ~15 s
+    "test_v46_scale.py",  # ~15 s
+    "test_vision_memory.py",  # ~10 s
 )
 
 

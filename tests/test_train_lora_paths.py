@@ -2,7 +2,8 @@
 
 LoraLinear against a numpy computation with the same mask; its expectation over masks against
 the undropped branch; the input path against the weight delta on the fixture batch (1e-5) and
-over two train steps (1e-5); the train step with dropout reproducible for a seed; QLoRA-style training on the int8 base (loss near
+over two train steps (1e-5); on CPU the step reads the frozen decoder layers in place (no
+weight copies; the stacked step's loss); the train step with dropout reproducible for a seed; QLoRA-style training on the int8 base (loss near
 the float base's, it learns, the adapter exports in PEFT's layout); frozen bfloat16 storage.
 """
 
@@ -114,6 +115,47 @@ def test_weight_delta_steps_equal_input_path():
         run_steps(small_model(), lora_path="delta", lora={"dropout": 0.05})
     with pytest.raises(MiniCPMVError, match="lora_path"):
         train.TrainConfig(lora_path="merged")
+
+
+def test_cpu_step_reads_frozen_decoder_layers_in_place(monkeypatch):
+    """CPU, float32 base: the train step gets the frozen decoder stack as per-layer arrays
+    (layers.LayerParts) and its compiled program makes no dynamic-slice copy of a decoder layer
+    weight (the stacked, scanned step makes one per weight); the first step's loss and gradient
+    norm equal the stacked step's (1e-6 relative), and so do those of the unrolled layers
+    rematerialised (remat "full")."""
+    import re
+
+    from test_train_memory import FAST_COMPILE
+
+    from minicpmv_jax.layers import LayerParts
+    from minicpmv_jax.sharding import path_name
+    from minicpmv_jax.train import loop
+
+    trainer, plain = plain_run()
+    is_parts = lambda x: isinstance(x, LayerParts)
+    parts = [x for x in jax.tree.leaves(trainer.frozen, is_leaf=is_parts) if is_parts(x)]
+    stack = [
+        v.get_value()
+        for p, v in nnx.to_flat_state(trainer.frozen_as_loaded)
+        if path_name(p).startswith("llm.model.layers.")
+    ]
+    assert len(parts) == len(stack) > 0
+    arrays, groups = trainer._device_batch(trainer.micro_batch(0))
+    args = (trainer.state, trainer.frozen, trainer.loaded, arrays)
+    hlo = trainer._step.lower(*args, num_groups=groups).compile(FAST_COMPILE).as_text()
+    copies = set(re.findall(r"%\S*dynamic-slice\S* = f32\[([\d,]*)\]", hlo))
+    layer_shapes = {",".join(map(str, x.shape[1:])) for x in stack if x.ndim >= 3}
+    assert layer_shapes and not copies & layer_shapes, copies & layer_shapes
+
+    monkeypatch.setattr(loop, "SPLIT_FROZEN_LAYERS", False)
+    stacked_trainer, stacked = run_steps(small_model(), steps=1)
+    assert not any(is_parts(x) for x in jax.tree.leaves(stacked_trainer.frozen, is_leaf=is_parts))
+    np.testing.assert_allclose(stacked[0]["loss"], plain[0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(stacked[0]["grad_norm"], plain[0]["grad_norm"], rtol=1e-6)
+    monkeypatch.setattr(loop, "SPLIT_FROZEN_LAYERS", True)
+    _, remat = run_steps(small_model(), steps=1, remat="full")
+    np.testing.assert_allclose(remat[0]["loss"], plain[0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(remat[0]["grad_norm"], plain[0]["grad_norm"], rtol=1e-6)
 
 
 def test_dropout_steps_are_reproducible():

@@ -44,7 +44,7 @@ def _compiled_step(trainer):
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_step_remat_and_plan(mode):
+def test_step_remat_and_plan(mode, monkeypatch):
     """On the tiny checkpoint's train step over a batch with an image (a 7-slice image row and
     three text rows: 8 slices of 256 patches, 4 x 256 tokens; grad_accum 2: the first
     micro-step's gradients are read from optax.MultiSteps' accumulator), remat "full" (decoder
@@ -52,7 +52,9 @@ def test_step_remat_and_plan(mode):
     remat (1e-6) with less temporary memory (XLA's memory_analysis), and the plan's total is
     within 25% of the compiled step's memory (the model's weights + the train state + the batch
     + the step's temporaries) either way. LoRA keeps the official modules_to_save: the tower and
-    resampler train in both modes."""
+    resampler train in both modes. The plan models the scanned decoder stack (every backend
+    but CPU): the CPU step's frozen per-layer views (train.loop.SPLIT_FROZEN_LAYERS, tested in
+    test_train_lora_paths) are off here."""
     import copy
 
     import jax
@@ -62,6 +64,9 @@ def test_step_remat_and_plan(mode):
     from train_helpers import train_checkpoint
 
     from minicpmv_jax import MiniCPMVProcessor, train
+    from minicpmv_jax.train import loop
+
+    monkeypatch.setattr(loop, "SPLIT_FROZEN_LAYERS", False)
 
     # the fixture model with a processor that slices the 112 px images (7 slices each, padded
     # to the smallest default patch bucket, 256): the vision side weighs as much as the decoder

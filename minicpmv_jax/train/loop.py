@@ -12,7 +12,9 @@ float32 model, computed in the model's dtype). LoRA trains on the layer input pa
 also on an int8 base, `quant="int8"`, QLoRA-style, and with dropout); `lora_path="delta"`
 trains it as a weight delta (float base, no dropout). Decoder and vision layers are
 rematerialised per layer as `remat` / `vision_remat` say. Parameters are sharded by the model's
-rule table and the batch over the mesh's data axis.
+rule table and the batch over the mesh's data axis. On the CPU backend the frozen float32
+decoder-stack weights reach the step as per-layer arrays (`SPLIT_FROZEN_LAYERS`), so XLA:CPU
+does not copy each scanned layer's weights before its matmuls.
 
 State saved every `save_every` steps and at the end (`<output>/checkpoints/step_XXXXXXXX/`,
 atomic): trainable weights or LoRA tensors, optimizer state, step, data position and seed. The
@@ -43,9 +45,10 @@ from tqdm.auto import tqdm
 
 from minicpmv_jax.batching import Buckets
 from minicpmv_jax.errors import MiniCPMVError
+from minicpmv_jax.generate import split_layers
+from minicpmv_jax.layers import REMAT_POLICIES
 from minicpmv_jax.sharding import batch_sharding
 from minicpmv_jax.train.data import DEFAULT_MAX_LENGTH, IGNORE_INDEX, collate
-from minicpmv_jax.layers import REMAT_POLICIES
 from minicpmv_jax.train.lora import (
     Adapter,
     LoraConfig,
@@ -145,6 +148,15 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
     return optax.MultiSteps(tx, config.grad_accum) if config.grad_accum > 1 else tx
 
+
+# Read when a Trainer is built. On the CPU backend the frozen float32 decoder-stack weights (LoRA:
+# the base kernels, biases and norms of `llm.model.layers`) go to the train and eval steps as
+# their L per-layer arrays (`generate.split_layers`): XLA:CPU copies a scanned layer's weight
+# slice before each dot, forward and backward, and the step then runs the layers unrolled,
+# reading them in place. Trainable stacked weights (optimizer state, checkpoints, PEFT export)
+# keep their layout; int8 and bfloat16 stacks stay scanned; other backends scan. False: the
+# stacked, scanned step everywhere (A/B measurements).
+SPLIT_FROZEN_LAYERS = True
 
 STATICS = ("graphdef", "targets", "scaling", "lora_path", "num_groups")
 
@@ -389,6 +401,11 @@ class Trainer:
             "scaling": lora_cfg.scaling if config.mode == "lora" else 0.0,
         }
         self._eval_path = eval_path
+        # CPU, float32 decoder stack: the steps read the frozen layer weights as per-layer views
+        # (layers.LayerParts; the stacked arrays stay referenced, the views alias them)
+        self._split_from: list[jax.Array] = []
+        if SPLIT_FROZEN_LAYERS:
+            self.frozen, self._split_from = split_layers(self.frozen)
         leaves, treedef = jax.tree.flatten(self.state)
         self.objective = objective if objective is not None else TokenXent()
         self._step = _step_program(

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from minicpmv_jax.errors import CheckpointError, MiniCPMVError
+from minicpmv_jax.layers import LayerParts
 from minicpmv_jax.weights import EXCEPTIONS, stack_of, unstack
 
 # finetune.py LoraArguments: the target regex and modules_to_save of the official scripts
@@ -204,7 +205,11 @@ def apply_lora(
         if loaded is not None and t.name in loaded:
             delta = delta - loaded[t.name]["B"] @ loaded[t.name]["A"]
         delta = scaling * delta.T
-        if w.dtype == jnp.int8:
+        if isinstance(w, LayerParts):  # a float stack given as its layers (train step, CPU)
+            parts = list(w.parts)
+            parts[t.layer] = (parts[t.layer] + delta).astype(parts[t.layer].dtype)
+            w = LayerParts(parts)
+        elif w.dtype == jnp.int8:
             svar = flat[scale_path(t.path)]
             scale = svar.get_value()
             sl = slice(None) if t.layer is None else t.layer
