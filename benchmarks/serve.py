@@ -289,6 +289,7 @@ def main(argv=None) -> int:
     kinds = {}
     for it in items + low_items:  # one request per prefill shape
         kinds.setdefault(RequestShape.of([it.output], settings).slices, it)
+
     def short(it):  # a warm-up request: the same programs, two tokens
         return Item(dataclasses.replace(it.request, max_tokens=2), it.output)
 
@@ -349,8 +350,8 @@ def main(argv=None) -> int:
 
 
 def markdown(report: dict) -> str:
-    rows = ["| run | requests/s | output tokens/s | TTFT p50 / p99 (s) | per-token p50 / p99 (s) "
-            "| load avg (1 min) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [("| run | requests/s | output tokens/s | TTFT p50 / p99 (s) | per-token p50 / p99 (s) "
+             "| load avg (1 min) |"), "|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in report["runs"].items():
         rows.append(
             f"| {name} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "

@@ -442,12 +442,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     rate = report["matmul"]["flops_per_s"]["max"]
     lines = [
-        f"matmul rate {rate / 1e9:.1f} GFLOP/s ({report['matmul']['dtype']}, n "
-        f"{report['matmul']['n']}); load average {report['load_average_start']} -> "
-        f"{report['load_average_end']}",
+        (
+            f"matmul rate {rate / 1e9:.1f} GFLOP/s ({report['matmul']['dtype']}, n "
+            f"{report['matmul']['n']}); load average {report['load_average_start']} -> "
+            f"{report['load_average_end']}"
+        ),
         "",
-        "| step | remat | impl | seconds (min-max) | tokens/s | MFU | ours / torch "
-        "| temp memory | first loss |",
+        (
+            "| step | remat | impl | seconds (min-max) | tokens/s | MFU | ours / torch "
+            "| temp memory | first loss |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["steps"]:

@@ -368,9 +368,13 @@ class ChatSession:
             answer = self.model.chat(msgs, **kwargs)
             print(answer, file=out, flush=True)
         s = getattr(self.model, "last_stats", None)
-        if s is None:  # 4.6 keeps no per-call statistics: report the whole call, compilation included
-            _log(f"loading {self.load_s:.1f} s, " * self.first
-                 + f"answer in {time.perf_counter() - t0:.2f} s (compilation included)")
+        if (
+            s is None
+        ):  # 4.6 keeps no per-call statistics: report the whole call, compilation included
+            _log(
+                f"loading {self.load_s:.1f} s, " * self.first
+                + f"answer in {time.perf_counter() - t0:.2f} s (compilation included)"
+            )
             self.first = False
             self.history = [*msgs, {"role": "assistant", "content": answer}]
             return answer

@@ -106,7 +106,7 @@ def splash_attention(
       interpret: run the Pallas kernel in interpret mode (default: when not on TPU).
     Returns: [B, T, N, H] in q.dtype.
     """
-    b, t, n, h = q.shape
+    h = q.shape[-1]
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     if interpret is None:
         interpret = jax.default_backend() != "tpu"

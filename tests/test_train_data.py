@@ -21,6 +21,7 @@ from train_helpers import (
 from minicpmv_jax import train
 from minicpmv_jax.errors import DataError, MiniCPMVError
 
+
 def _example(version, index, **kw):
     sample, meta = sft_samples(version)[index]
     kw.setdefault("max_length", meta["max_length"])

@@ -182,9 +182,7 @@ def test_train_step_on_mesh_matches_single_device():
         folder, dtype="float32", mesh=make_mesh((2, 2, 2)), progress=False
     )
     sharded.processor = single.processor
-    runs = [
-        train.Trainer(m, qa_examples(m), cfg).run(progress=False) for m in (single, sharded)
-    ]
+    runs = [train.Trainer(m, qa_examples(m), cfg).run(progress=False) for m in (single, sharded)]
     for a, b in zip(*runs, strict=True):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
         np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)

@@ -164,7 +164,7 @@ def test_dropout_steps_are_reproducible():
     dropout) of the trained adapter equals the weight-delta forward of the same adapter."""
     model = small_model()
     _, a = run_steps(model, lora={"dropout": 0.5})
-    trainer, b = run_steps(model, lora={"dropout": 0.5})
+    _, b = run_steps(model, lora={"dropout": 0.5})
     _, plain = plain_run()
     assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
     np.testing.assert_allclose(a[0]["loss"], plain[0]["loss"], rtol=1e-6)

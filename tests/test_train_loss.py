@@ -77,9 +77,10 @@ def test_loss_and_grads_match_official(version, mode):
 def test_freeze_vision_set(version):
     """freeze_vision trains all but vpm.*: the full gradients of that set match the fixture's
     freeze_vision gradients (a tensor's gradient does not depend on which others train)."""
+    from flax import nnx
+
     from minicpmv_jax.train.loss import trainable_filter
     from minicpmv_jax.weights import to_hf_state_dict
-    from flax import nnx
 
     model = load_train_model(version)
     _, kept, _ = nnx.split(model.module, trainable_filter("freeze_vision"), ...)

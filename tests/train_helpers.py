@@ -118,6 +118,4 @@ def reference_checkpoint(version: str) -> pathlib.Path:
 def load_reference_model(version: str):
     from minicpmv_jax import MiniCPMV
 
-    return MiniCPMV.from_pretrained(
-        reference_checkpoint(version), dtype="float32", progress=False
-    )
+    return MiniCPMV.from_pretrained(reference_checkpoint(version), dtype="float32", progress=False)

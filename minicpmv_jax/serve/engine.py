@@ -453,7 +453,7 @@ class Engine:
                     self._admit(h, i)
                 if any(r is not None for r in self._rows):
                     self._step()
-            except Exception as e:  # noqa: BLE001 - a host-side failure ends the rows, not the loop
+            except Exception as e:
                 log.exception("the engine loop failed")
                 for i, r in enumerate(self._rows):
                     if r is not None:
@@ -478,7 +478,7 @@ class Engine:
         try:
             seed = secrets.randbits(32) if h.settings.seed is None else h.settings.seed
             tok = self._admit_arrays(h.prepared, slot, h.settings, seed)
-        except Exception as e:  # noqa: BLE001 - the request fails, the engine keeps serving
+        except Exception as e:
             log.exception("%s: prefill failed", h.request_id)
             return self._finish(slot, "error", f"prefill failed: {e}")
         h.prepared = None  # the pixels are no longer needed
@@ -535,7 +535,7 @@ class Engine:
                     s.graphdef, s.state, self._cache, self._state, terminators=self.terminators
                 )
                 tokens = np.asarray(tok)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.exception("decode step failed")
             for i, r in enumerate(self._rows):
                 if r is not None:

@@ -20,8 +20,8 @@ from minicpmv_jax.train.dpo import (
     DpoTrainer,
     ReferenceLogps,
     collate_pairs,
-    dpo_loss,
     dpo_finetune,
+    dpo_loss,
     dpo_rewards,
     load_preferences,
     preference_pair,
@@ -30,14 +30,14 @@ from minicpmv_jax.train.dpo import (
     sequence_logps,
     token_logps,
 )
-from minicpmv_jax.train.lora import LoraConfig, export_adapter, save_merged
 from minicpmv_jax.train.loop import TrainConfig, Trainer, finetune
+from minicpmv_jax.train.lora import LoraConfig, export_adapter, save_merged
 from minicpmv_jax.train.loss import forward_logits, loss_and_grads, prepare_batch
 
 __all__ = [
+    "IGNORE_INDEX",
     "DpoConfig",
     "DpoTrainer",
-    "IGNORE_INDEX",
     "LoraConfig",
     "ReferenceLogps",
     "TrainConfig",

@@ -158,7 +158,7 @@ def run(args) -> None:
     from minicpmv_jax import train
 
     model = _load(args)
-    load = dict(max_length=args.max_length, skip_bad_samples=args.skip_bad_samples)
+    load = {"max_length": args.max_length, "skip_bad_samples": args.skip_bad_samples}
     examples, skipped = train.load_examples(model, args.data, **load)
     eval_examples = ()
     if args.eval_data:

@@ -530,7 +530,7 @@ class DpoTrainer(Trainer):
       output_dir, skipped: as Trainer.
     """
 
-    empty_row = {**_EMPTY_PAIR, "ref_chosen": 0.0, "ref_rejected": 0.0}
+    empty_row: Mapping[str, Any] = {**_EMPTY_PAIR, "ref_chosen": 0.0, "ref_rejected": 0.0}
     desc = "dpo"
 
     def __init__(

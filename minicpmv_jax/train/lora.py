@@ -383,7 +383,7 @@ def peft_name(name: str, config: LoraConfig, *, saved: bool = False) -> str:
         raise ValueError(f"{name} is neither a LoRA tensor nor in modules_to_save")
     if saved:
         return PEFT_PREFIX + name
-    return f"{PEFT_PREFIX}{module}.modules_to_save.default{name[len(module):]}"
+    return f"{PEFT_PREFIX}{module}.modules_to_save.default{name[len(module) :]}"
 
 
 def save_adapter(

@@ -222,9 +222,7 @@ def _logits_jit(graphdef, state, arrays, num_groups):
     return train_logits(nnx.merge(graphdef, state), arrays, num_groups)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "num_groups", "targets", "scaling")
-)
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_groups", "targets", "scaling"))
 def _loss_grads_jit(
     graphdef, trainable, lora, frozen, loaded, arrays, num_groups, targets, scaling
 ):
