@@ -443,7 +443,7 @@ def pack_weights(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
 
 # the decoder stack whose layers a CPU program reads as separate arrays (layers.LayerParts)
 SPLIT_STACKS = ("llm.model.layers.",)
-# Read when a Sampler is built; False keeps the stack whole and scanned on CPU as elsewhere (A/B
+# Read when a Sampler is built; False keeps its stack whole and scanned on CPU as elsewhere (A/B
 # measurements; compile time flat in depth: full-depth 2.6 float32 prefill + decode compile
 # 1.8 s stacked, 7.5 s as per-layer views, BENCHMARKS.md "Compile time at full depth").
 SPLIT_LAYERS = True
@@ -480,7 +480,7 @@ def split_layers(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
     Other backends are left as they are: their compilers slice a stack in place, and a scan
     keeps compile time flat in depth.
     """
-    if not SPLIT_LAYERS or jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu":
         return state, []
     flat = nnx.to_flat_state(state)
     stack = [var.get_value() for path, var in flat if path_name(path).startswith(SPLIT_STACKS)]
@@ -535,7 +535,8 @@ class Sampler:
             self.terminators = tuple(int(t) for t in processor.terminators)
         self.graphdef, state = nnx.split(model.module)
         state, packed_from = pack_weights(state)
-        self._state, split_from = split_layers(state)
+        # SPLIT_LAYERS is this module's switch only (the train step has its own)
+        self._state, split_from = split_layers(state) if SPLIT_LAYERS else (state, [])
         self._packed_from = packed_from + split_from
         self.pool = CachePool(cache_pool)
         # Shardings live on these top-level jits only (the traced functions nest no jit).
