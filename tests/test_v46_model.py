@@ -252,3 +252,72 @@ def test_decode_step_reads_the_tied_table_in_place(model):
         hlo = step.compile().as_text()
     assert f"f32[{llm.vocab_size},{llm.hidden_size}]" in hlo  # the table itself is read
     assert f"f32[{llm.hidden_size},{llm.vocab_size}]" not in hlo  # and never transposed
+
+
+def test_vision_attention_in_query_blocks_matches_the_fixture(model, monkeypatch):
+    """A block budget below one unit's scores splits every unit's queries into blocks (80 of
+    the 1280 slots here, the padding unit skipped): the stages still match the fixture."""
+    from minicpmv_jax.v46 import model as m46
+    from minicpmv_jax.v46 import siglip2
+
+    monkeypatch.setattr(siglip2, "ATTN_BLOCK_BYTES", 2 << 20)
+    assert siglip2.attention_blocks(8, 1280, 4) == (1, 80)
+    m46._encode_jit.clear_cache()  # the budget is read while tracing
+    traces = m46.TRACE_COUNTS["encode"]
+    try:
+        batch, data = fixture_batch("sliced_1344x896_4x")
+        enc = model.encode(batch)
+    finally:
+        m46._encode_jit.clear_cache()
+    assert m46.TRACE_COUNTS["encode"] == traces + 1
+    np.testing.assert_allclose(
+        enc["last_hidden_state"], data["vision"]["last_hidden_state"], atol=1e-4
+    )
+    np.testing.assert_allclose(enc["output"], data["merger"]["output"], atol=1e-4)
+
+
+def test_vision_tower_never_holds_all_units_scores(model):
+    """The compiled tower's temporaries stay below ONE all-units float32 score buffer
+    [U, N, P, P] (8 x 4 x 1280 x 1280, 210 MB here; the all-at-once attention held three such,
+    2.5 GB of temporaries at the released size for a 1344x896 image)."""
+    from minicpmv_jax.v46 import model as m46
+    from minicpmv_jax.v46 import vision_inputs
+
+    batch, _ = fixture_batch("sliced_1344x896_4x")
+    units, sizes = model._units(batch)
+    v = vision_inputs.layout(units, sizes, "4x", model.config.vision.patches_per_side)
+    keys = ("patches", "position_ids", "rows", "slots", "valid", "unit_count", "merge_perm")
+    (u, p), heads = v["rows"].shape, model.config.vision.num_heads
+    with model._precision():
+        compiled = m46._encode_jit.lower(
+            model.graphdef, model.state, {k: v[k] for k in keys}, "4x"
+        ).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < u * heads * p * p * 4
+
+
+def test_decode_loop_updates_the_donated_cache_in_place():
+    """The donated hybrid cache aliases the decode loop's output and the DeltaNet states are
+    written back per layer: no second cache-sized buffer (without the output the loop copied the
+    whole cache; stacking new per-layer states added another: 1.4 GB at batch 32, released size).
+    Tiny model with the released 128 x 128 DeltaNet head state, under shape evaluation."""
+    import dataclasses
+
+    from minicpmv_jax.v46 import model as m46
+    from minicpmv_jax.v46.config import MiniCPMV46Config
+
+    cfg = MiniCPMV46Config.from_hf(
+        json.loads((F46 / "checkpoint" / "config.json").read_text()), dtype="float32"
+    )
+    llm = dataclasses.replace(cfg.llm, lin_key_head_dim=128, lin_value_head_dim=128)
+    graphdef, state = m46.MiniCPMV46.abstract_module(dataclasses.replace(cfg, llm=llm))
+    cache = jax.eval_shape(lambda: m46.HybridCache.init(llm, 8, 8))
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    with jax.set_mesh(m46.make_mesh()):
+        compiled = m46._sample_jit.lower(
+            graphdef, state, jax.ShapeDtypeStruct((8, llm.vocab_size), jnp.float32),
+            jax.ShapeDtypeStruct((8,), jnp.int32), cache, m46.smp.SamplingParams.create(),
+            jax.random.key(0), 4, mode=m46.smp.DecodeMode(), terminators=(-1,), steps=8,
+        ).compile()  # fmt: skip
+    mem = compiled.memory_analysis()
+    assert mem.alias_size_in_bytes == cache_bytes
+    assert mem.temp_size_in_bytes < cache.rec.size * 4

@@ -198,7 +198,9 @@ def _sample_jit(
 ):
     """Greedy / sampling loop on device (transformers `_sample`): the prefill's last logits
     `first` [B, V] give token 0; at most `limit` (traced) of `steps` (static buffer) tokens.
-    Returns (tokens int32 [B, steps], lengths int32 [B])."""
+    Returns (tokens int32 [B, steps], lengths int32 [B], the final cache). The cache is returned
+    so that the donated input buffers alias it: the loop then updates them in place (without an
+    output to alias, XLA copies the whole cache into the loop carry: 0.7 GB at batch 32)."""
     TRACE_COUNTS["decode"] += 1
     lm = nnx.merge(graphdef, state).model.language_model
     b, v = first.shape
@@ -212,8 +214,8 @@ def _sample_jit(
         logits, cache = _lm_step(lm, st.last_tokens(), pos, cache)
         return smp.sample_step(st, logits, mode, params, terminators), cache, pos + 1
 
-    st, _, _ = jax.lax.while_loop(cond, body, (st, cache, positions))
-    return st.tokens, st.length
+    st, cache, _ = jax.lax.while_loop(cond, body, (st, cache, positions))
+    return st.tokens, st.length, cache
 
 
 @functools.partial(jax.jit, static_argnames=("num_beams", "terminators", "steps", "early_stopping"))
@@ -389,7 +391,7 @@ class MiniCPMV46:
         if not units:
             return None
         v = vision_inputs.layout(units, sizes, mode, self.config.vision.patches_per_side)
-        keys = ("patches", "position_ids", "rows", "slots", "valid", "merge_perm")
+        keys = ("patches", "position_ids", "rows", "slots", "valid", "unit_count", "merge_perm")
         keys += ("window_perm", "rows2", "slots2", "valid2")
         with self._precision():
             feats, inter = _encode_jit(
@@ -624,7 +626,7 @@ class MiniCPMV46:
                     early_stopping=mode.early_stopping,
                 )
             else:
-                tokens, length = _sample_jit(
+                tokens, length, _ = _sample_jit(
                     self.graphdef,
                     self.state,
                     logits,

@@ -19,28 +19,69 @@ from minicpmv_jax.layers import LayerNorm, attend, dense, embed, param
 from minicpmv_jax.v46.config import Siglip2Config
 from minicpmv_jax.vision import VisionAttention, VisionLayer
 
+ATTN_BLOCK_BYTES = 32 << 20  # float32 scores of one attention block [g, N, q, P]
 
-def unit_attention(attn: VisionAttention, x, rows, slots, valid) -> jax.Array:
+
+def attention_blocks(units: int, p: int, heads: int) -> tuple[int, int]:
+    """(units g, queries q) per attention block: the scores of one block, g * N * q * P float32,
+    fit ATTN_BLOCK_BYTES. Small units are grouped (g a power of two dividing `units`, whole
+    rows); a unit too large for the budget is split into query blocks (q the largest divisor of
+    P that fits, at least 1)."""
+    row = heads * p * 4  # bytes of one query's scores
+    if p * row > ATTN_BLOCK_BYTES:
+        return 1, max([d for d in range(1, p + 1) if p % d == 0 and d * row <= ATTN_BLOCK_BYTES])
+    g = 1
+    while 2 * g <= units and units % (2 * g) == 0 and 2 * g * p * row <= ATTN_BLOCK_BYTES:
+        g *= 2
+    return g, p
+
+
+def unit_attention(attn: VisionAttention, x, rows, slots, valid, count) -> jax.Array:
     """Attention of packed tokens restricted to their unit.
+
+    The official block-diagonal attention, block by block: one (unit group, query block) of
+    `attention_blocks` per loop step, so the live float32 scores stay under ATTN_BLOCK_BYTES
+    (all units at once: [U, N, P, P], 0.8 GB for 8 units of 1280 patches, three such buffers
+    live), and blocks of padding units (past `count`) are skipped.
 
     Args:
       x: [N, Dv] packed tokens; rows: int [U, P] packed row of each slot of a unit's padded row;
-      slots: int [N] slot of each packed row in the flattened [U * P]; valid: bool [U, P].
+      slots: int [N] slot of each packed row in the flattened [U * P]; valid: bool [U, P];
+      count: int32 [] real units (the first `count` rows of `rows` / `valid`).
     Returns: [N, Dv] (`attn`'s output projection included).
     """
     c, (u, p), d = attn.cfg, rows.shape, x.shape[-1]
+    n, h = c.num_heads, c.head_dim
 
     def heads(proj):  # per-token projection on the packed rows, then one gather per unit
-        return proj(x)[rows].reshape(u, p, c.num_heads, c.head_dim)  # [U, P, N, H]
+        return proj(x)[rows].reshape(u, p, n, h)  # [U, P, N, H]
 
     q, k, v = heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj)
-    out = attend(q, k, v, valid[:, None, None, :])  # [U, P, N, H]
+    g, qb = attention_blocks(u, p, n)
+    nq = p // qb
+
+    def block(i, buf):  # buf: queries, each block overwritten by its output once read
+        u0, q0 = (i // nq) * g, (i % nq) * qb
+
+        def run(buf):
+            def take(a, axis, start, size):
+                return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
+
+            qi = take(take(buf, 0, u0, g), 1, q0, qb)  # [g, qb, N, H]
+            ki, vi = take(k, 0, u0, g), take(v, 0, u0, g)  # [g, P, N, H]
+            mask = take(valid, 0, u0, g)[:, None, None, :]  # [g, 1, 1, P]
+            return jax.lax.dynamic_update_slice(buf, attend(qi, ki, vi, mask), (u0, q0, 0, 0))
+
+        return jax.lax.cond(u0 < count, run, lambda buf: buf, buf)
+
+    # padding units' blocks keep their queries: no real token's slot reads them
+    out = jax.lax.fori_loop(0, (u // g) * nq, block, q)  # [U, P, N, H]
     return attn.out_proj(out.reshape(u * p, d)[slots])  # [N, Dv]
 
 
-def packed_layer(layer: VisionLayer, x, rows, slots, valid) -> jax.Array:
+def packed_layer(layer: VisionLayer, x, rows, slots, valid, count) -> jax.Array:
     """`VisionLayer` on packed tokens x [N, Dv] (the attention as in `unit_attention`)."""
-    x = x + unit_attention(layer.self_attn, layer.layer_norm1(x), rows, slots, valid)
+    x = x + unit_attention(layer.self_attn, layer.layer_norm1(x), rows, slots, valid, count)
     return x + layer.mlp(layer.layer_norm2(x))
 
 
@@ -134,7 +175,7 @@ class Siglip2Tower(nnx.Module):
 
         Args:
           v: the arrays of `vision_inputs.layout`: patches float [N, 588], position_ids int [N],
-            rows / slots / valid (the attention layout); with merge also window_perm [N] and the
+            rows / slots / valid / unit_count (the attention layout); with merge also window_perm [N] and the
             merged tokens' rows2 / slots2 / valid2.
           merge: run the ViT merger after layer `insert_layer_id` (16x; 4x skips it).
           intermediates: also return {"embeddings", "layer_insert_output", "vit_merger_output"}.
@@ -143,7 +184,7 @@ class Siglip2Tower(nnx.Module):
         """
         x = self.embeddings(v["patches"], v["position_ids"]).astype(self.cfg.dtype)
         inter = {"embeddings": x}
-        attn = (v["rows"], v["slots"], v["valid"])
+        attn = (v["rows"], v["slots"], v["valid"], v["unit_count"])
         for i, layer in enumerate(self.encoder.layers):
             x = packed_layer(layer, x, *attn)
             if i == self.cfg.insert_layer_id:
@@ -152,6 +193,6 @@ class Siglip2Tower(nnx.Module):
                     # windows are 4 consecutive rows after window_perm and never straddle units
                     x = self.vit_merger(x[None], v["window_perm"][None])[0]  # [N/4, Dv]
                     inter["vit_merger_output"] = x
-                    attn = (v["rows2"], v["slots2"], v["valid2"])
+                    attn = (v["rows2"], v["slots2"], v["valid2"], v["unit_count"])
         out = self.post_layernorm(x)
         return (out, inter) if intermediates else out

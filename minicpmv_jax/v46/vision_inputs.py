@@ -75,7 +75,7 @@ def layout(
       window order) and the same attention layout of the merged tokens (`rows2` [U, P/4],
       `valid2`, `slots2` [N/4]); `merge_perm` i32 [M] (M = N/4 in 16x, N in 4x: rows of the
       final tokens in the projector's 2x2-group order); tokens i32 [U] (output rows per unit,
-      back to back), num_units (real U).
+      back to back), num_units (real U; `unit_count` the same as an int32 array).
     """
     sizes = np.asarray(target_sizes, np.int64).reshape(-1, 2)
     u = len(units)
@@ -92,6 +92,7 @@ def layout(
         "merge_perm": np.arange(nf, dtype=np.int32),
         "tokens": np.zeros((ub,), np.int32),
         "num_units": u,
+        "unit_count": np.asarray(u, np.int32),  # the same, as an input of the tower
     }
 
     def attention_layout(grids, size, total, key=""):
