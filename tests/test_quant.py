@@ -195,11 +195,25 @@ def test_int8_decode_program_stays_int8(monkeypatch):
     config = MiniCPMVConfig.from_hf(hf, dtype="bfloat16")
     processor = MiniCPMVProcessor.from_pretrained(CKPT_26)
 
+    mesh = make_mesh()
+
+    @functools.cache
+    def build(q):
+        # the weights' values do not enter the measurement: zeros placed from numpy (a random init
+        # built op by op compiles eager programs for every parameter shape); the tile size is read
+        # only while tracing the decode program, so one int8 model serves both tiles
+        graphdef, abstract = MiniCPMV.abstract_module(config, mesh, q)
+        state = jax.tree.map(
+            lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding), abstract
+        )
+        model = MiniCPMV(config, nnx.merge(graphdef, state), processor, mesh=mesh)
+        model.configure_generation(Buckets(tokens=(64,), slices=(1,), new_tokens=(16,)))
+        return model
+
     def decode_bytes(q, tile):
         monkeypatch.setattr(quant, "CPU_TILE", tile)
         jax.clear_caches()  # the tile size is read while tracing, not part of the jit cache key
-        model = MiniCPMV.from_config(config, processor=processor, quant=q)
-        model.configure_generation(Buckets(tokens=(64,), slices=(1,), new_tokens=(16,)))
+        model = build(q)
         d = model.memory_report(batch=1, prompt_len=32, max_new_tokens=16)["decode"]
         return d["argument_bytes"] + d["temp_bytes"]
 

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import train_checkpoint, train_dir
+from train_helpers import Killed, train_checkpoint, train_dir
 
 from minicpmv_jax import MiniCPMV, MiniCPMVProcessor, train
 from minicpmv_jax.errors import MiniCPMVError
@@ -93,10 +93,6 @@ def test_it_learns(mode, lr):
     assert history[-1]["loss"] < 0.1 * history[0]["loss"], [h["loss"] for h in history]
     for image, question, answer in QA:
         assert chat_answer(trained, image, question) == answer
-
-
-class Killed(Exception):
-    pass
 
 
 def test_resume_gives_same_losses_and_no_new_programs(tmp_path):
