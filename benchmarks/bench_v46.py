@@ -7,8 +7,9 @@ shapes, written once as a native-transformers folder; speed does not depend on t
 `--peer` each side runs in its own worker process that loads that same folder (ours through the
 package's loader, the peer through `from_pretrained`), the sections alternate between the two
 sides, their first-token logits are compared (same weights, same inputs), and each worker's peak
-resident memory (VmHWM) is its memory figure. Every timing records the machine's load average: on
-a shared machine the timings are only comparable within one run.
+resident memory (VmHWM) is its memory figure (also recorded after every section: the peak of a
+chat-like run, load + TTFT, reads apart from the decode batches'). Every timing records the
+machine's load average: on a shared machine the timings are only comparable within one run.
 
 What each side times:
   ttft     processor output (input ids, packed pixels, slice grids) -> first token, vision tower
@@ -264,6 +265,8 @@ def worker(kind: str, folder: pathlib.Path, dtype: str) -> int:
         if cmd["op"] == "quit":
             break
         res = run_op(side, cmd["op"], cmd)
+        if cmd["op"] not in ("info", "memory"):
+            res["process_memory"] = process_memory()  # VmHWM so far: the peak up to this section
         print(PREFIX + json.dumps(res, default=float), flush=True)
     return 0
 

@@ -165,6 +165,8 @@ def per_layer_arrays(state: nnx.State | nnx.Module):
         state = nnx.state(state, nnx.Param)
     for path, var in nnx.to_flat_state(state):
         a = var.get_value() if hasattr(var, "get_value") else var
+        if stack_of(path):  # split on the host: a device slice per layer compiles per shape
+            a = np.asarray(a)
         for i, name in unstack(path, a.shape[0] if stack_of(path) else 0):
             yield name, (a if i is None else a[i])
 

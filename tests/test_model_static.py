@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, case_dirs, load_case
 from flax import nnx
+from train_helpers import FAST_COMPILE
 
 from minicpmv_jax.generate import TRACE_COUNTS
 from minicpmv_jax.kv_cache import KVCache
@@ -228,10 +229,10 @@ def test_sincos_tables_match_official_numpy():
     assert got_t[1].any()
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_keeps_loss_and_gradients(policy):
-    """Per-layer rematerialisation (LLM and vision stacks) changes what the backward pass keeps,
-    not the numbers: loss and every gradient equal the no-remat ones (float32: 1e-5 relative)."""
+@functools.cache
+def _remat_case():
+    """(loss_fn(params, remat), grad(remat) -> (loss, grads), params, the no-remat (loss,
+    grads)): the reference runs once for every policy."""
     m = model()
     graphdef, state = nnx.split(m.module, nnx.Param)
     rng = np.random.default_rng(0)
@@ -251,11 +252,22 @@ def test_remat_keeps_loss_and_gradients(policy):
         feats = module.vpm(patches, pos, key_mask)
         return jnp.sum(logits * weights) + jnp.sum(jnp.where(key_mask[..., None], feats, 0) ** 2)
 
-    grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
+    def grad(remat):  # compiled for the comparison only: FAST_COMPILE (same numbers per policy)
+        with jax.default_matmul_precision("highest"):
+            step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1).lower(state, remat)
+        return step.compile(FAST_COMPILE)(state)
+
+    return loss_fn, grad, state, grad("none")
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_keeps_loss_and_gradients(policy):
+    """Per-layer rematerialisation (LLM and vision stacks) changes what the backward pass keeps,
+    not the numbers: loss and every gradient equal the no-remat ones (float32: 1e-5 relative)."""
+    loss_fn, grad, state, (want_loss, want) = _remat_case()
     jaxpr = str(jax.make_jaxpr(jax.grad(loss_fn), static_argnums=1)(state, policy))
     assert jaxpr.count("remat") >= 2  # one per stack: the policy really is applied
-    with jax.default_matmul_precision("highest"):
-        (want_loss, want), (got_loss, got) = grad(state, "none"), grad(state, policy)
+    got_loss, got = grad(policy)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     want, got = nnx.to_flat_state(want), nnx.to_flat_state(got)
     # absolute floor: 1e-6 of the largest gradient (the key-bias gradients are exactly zero in

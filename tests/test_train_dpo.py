@@ -428,8 +428,9 @@ def test_lora_reference_is_the_adapter_disabled_base():
 def test_dpo_cli_trains_resumes_and_skips(tmp_path, capsys, monkeypatch):
     """`minicpmv-jax dpo` (text-only pairs: cheap programs): a bad pair stops the run naming it;
     with --skip-bad-samples it is counted; the run writes the metrics, the cached reference
-    log-probs of --reference and the adapter; the rerun resumes and reuses the cache."""
-    from train_helpers import reference_checkpoint, train_checkpoint
+    log-probs of --reference and the adapter; the same command after a kill resumes and reuses
+    the cache."""
+    from train_helpers import Killed, reference_checkpoint, stop_after_step, train_checkpoint
 
     from minicpmv_jax.cli import main
 
@@ -440,13 +441,16 @@ def test_dpo_cli_trains_resumes_and_skips(tmp_path, capsys, monkeypatch):
     argv = ["dpo", "--model", str(train_checkpoint(VERSION)), "--data", "prefs.jsonl"]
     argv += ["--output", "run", "--lora", "--lora-r", "4", "--lora-alpha", "8", "--beta", "0.5"]
     argv += ["--learning-rate", "1e-3", "--save-every", "1", "--no-progress", "--max-length", "96"]
-    assert main([*argv, "--steps", "2"]) == 2
+    argv += ["--steps", "3"]
+    assert main(argv) == 2
     assert "sample 'same', field 'rejected': identical to chosen" in capsys.readouterr().err
     argv += ["--skip-bad-samples", "--reference", str(reference_checkpoint(VERSION))]
-    assert main([*argv, "--steps", "2"]) == 0
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        stop_after_step(m, 2)  # killed after step 2's save and metrics row
+        main(argv)
     cache = tmp_path / "run" / "reference_logps.npz"
     written = cache.stat().st_mtime_ns
-    assert main([*argv, "--steps", "3"]) == 0  # resumes at step 2
+    assert main(argv) == 0  # the same command resumes at step 2
     assert cache.stat().st_mtime_ns == written  # reused
     out = capsys.readouterr().out
     assert "done: step 3" in out and "reward accuracy" in out

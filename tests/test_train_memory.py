@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 from conftest import FIXTURES
-from train_helpers import TRAIN_VERSIONS, train_dir
+from train_helpers import FAST_COMPILE, TRAIN_VERSIONS, train_dir
 
 from minicpmv_jax.config import MiniCPMVConfig
 from minicpmv_jax.train import memory
@@ -29,11 +29,6 @@ def test_readme_table(capsys):
     table = capsys.readouterr().out.strip()
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     assert table in readme, "README training table out of date: python -m minicpmv_jax.train.memory"
-
-
-# LLVM's optimisation level changes the machine code, not XLA's buffer assignment (the same
-# memory_analysis), and halves the compile time of these small programs.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _compiled_step(trainer):
@@ -156,7 +151,7 @@ def test_vision_remat_same_gradients_less_memory():
             feats = nnx.merge(graphdef, params)(*inputs)
             return jnp.sum(jnp.where(valid, feats, 0.0) ** 2)
 
-        compiled = jax.jit(jax.grad(loss)).lower(params, *inputs).compile()
+        compiled = jax.jit(jax.grad(loss)).lower(params, *inputs).compile(FAST_COMPILE)
         temp = compiled.memory_analysis().temp_size_in_bytes
         runs.append((temp, jax.tree.leaves(compiled(params, *inputs))))
     temp0, grads0 = runs[0]

@@ -296,10 +296,10 @@ def test_vision_tower_never_holds_all_units_scores(model):
 
 
 def test_decode_loop_updates_the_donated_cache_in_place():
-    """The donated hybrid cache aliases the decode loop's output and the DeltaNet states are
-    written back per layer: no second cache-sized buffer (without the output the loop copied the
-    whole cache; stacking new per-layer states added another: 1.4 GB at batch 32, released size).
-    Tiny model with the released 128 x 128 DeltaNet head state, under shape evaluation."""
+    """The donated hybrid cache aliases the decode loop's output: one cache-sized buffer of
+    temporaries (the loop carry), not two (without the output, XLA copied the whole donated
+    cache into the loop as well: 1.44 GB instead of 0.73 GB at batch 32, released size). Tiny
+    model with the released 128 x 128 DeltaNet head state, under shape evaluation."""
     import dataclasses
 
     from minicpmv_jax.v46 import model as m46
@@ -320,4 +320,4 @@ def test_decode_loop_updates_the_donated_cache_in_place():
         ).compile()  # fmt: skip
     mem = compiled.memory_analysis()
     assert mem.alias_size_in_bytes == cache_bytes
-    assert mem.temp_size_in_bytes < cache.rec.size * 4
+    assert mem.temp_size_in_bytes < 1.5 * cache_bytes

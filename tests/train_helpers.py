@@ -15,6 +15,12 @@ from conftest import FIXTURES, VERSIONS
 
 TRAIN_VERSIONS = VERSIONS
 
+# Compile options of the tests that compile a program only to compare it with a variant of
+# itself (remat policies) or to read its memory_analysis(): LLVM's optimisation level changes the
+# machine code, not XLA's buffer assignment (the same memory_analysis), and halves the compile
+# time of these small programs.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
 
 def train_dir(version: str) -> pathlib.Path:
     return FIXTURES / version / "train"
@@ -119,3 +125,20 @@ def load_reference_model(version: str):
     from minicpmv_jax import MiniCPMV
 
     return MiniCPMV.from_pretrained(reference_checkpoint(version), dtype="float32", progress=False)
+
+
+class Killed(Exception):
+    pass
+
+
+def stop_after_step(monkeypatch, step):
+    """Training runs raise Killed after `step`'s save and metrics row (a killed process)."""
+    from minicpmv_jax import train
+
+    run = train.Trainer.run
+
+    def kill(row):
+        if row["step"] == step:
+            raise Killed
+
+    monkeypatch.setattr(train.Trainer, "run", lambda self, **kw: run(self, **kw, on_step=kill))

@@ -171,16 +171,15 @@ class Qwen35TextModel(nnx.Module):
             work = cache
         kv, start = work.kv.append(token_valid)
         mask = kv.mask(start, t)  # [B, 1, T, S]
-        # each DeltaNet layer's states are written back into the carried arrays in place (a
-        # stack of new per-layer states would be a second cache-sized buffer every step)
-        conv, rec = work.conv, work.rec
+        convs, recs = [], []
         x = x.astype(cfg.dtype)
         fi = li = 0
         for layer in self.layers:
             h = layer.input_layernorm(x)
             if layer.kind == "linear_attention":
-                h, c_li, r_li = layer.linear_attn(h, token_valid, conv[li], rec[li])
-                conv, rec = conv.at[li].set(c_li), rec.at[li].set(r_li)
+                h, conv, rec = layer.linear_attn(h, token_valid, work.conv[li], work.rec[li])
+                convs.append(conv)
+                recs.append(rec)
                 li += 1
             else:
                 h, kv = layer.self_attn(h, positions, mask, kv, fi, start)
@@ -191,4 +190,6 @@ class Qwen35TextModel(nnx.Module):
         x = self.norm(x)
         if cache is None:
             return x, None
+        conv = jnp.stack(convs) if convs else work.conv
+        rec = jnp.stack(recs) if recs else work.rec
         return x, HybridCache(kv=kv, conv=conv, rec=rec)
