@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 from conftest import FIXTURES
-from gen_helpers import TEST_BUCKETS, case_messages, load_model, processor_kwargs
+from gen_helpers import case_messages, load_model, processor_kwargs
 from PIL import Image
 
 from minicpmv_jax.chat import postprocess
@@ -34,10 +34,6 @@ from minicpmv_jax.settings import GenerationSettings
 
 TIMEOUT = 120.0
 MAX_LEN = 256  # one token bucket (256): one insert program per engine
-# the workload's sliced images, multi-image and video prompts hold 5 to 8 slices: a bucket of 8
-# runs the vision tower on half the padding slices that TEST_BUCKETS' 16 would (the engine and
-# the requests run alone both take the model's buckets)
-SERVE_BUCKETS = dataclasses.replace(TEST_BUCKETS, slices=(1, 4, 8, 16))
 
 # (case, max_tokens, extra Request fields); every case once or twice with different lengths
 WORKLOAD = {
@@ -154,7 +150,7 @@ def run_together(engine, requests) -> list[tuple[Finished, list[int], str]]:
 
 
 def make_engine(version: str) -> Engine:
-    model = load_model(version, buckets=SERVE_BUCKETS)
+    model = load_model(version)
     settings = GenerationSettings(max_new_tokens=1)
     shapes = [
         RequestShape.of([processed(model, case_request(version, name, n))], settings)
