@@ -20,7 +20,7 @@ from minicpmv_jax.sharding import make_mesh
 from minicpmv_jax.versions import parse as parse_version
 
 TOP1_MIN = 0.95  # int8 vs float32 top-1 agreement over the prompt positions of a version
-CASES_PER_VERSION = 4
+CASES_PER_VERSION = 5
 CKPT_26 = FIXTURES / "minicpm-v-2_6" / "checkpoint"
 
 
@@ -55,18 +55,24 @@ def _flat(state) -> dict[str, np.ndarray]:
     }
 
 
+@functools.cache
 def _cases(folder: str):
-    return case_dirs(folder)[:CASES_PER_VERSION]
+    """The first CASES_PER_VERSION cases with one unsliced image: one slice bucket, so one
+    prompt program per model (float32 and int8) for all of them."""
+    one = [c for c in case_dirs(folder) if len(_tgt_sizes(c)) == 1]
+    assert len(one) >= CASES_PER_VERSION, folder
+    return one[:CASES_PER_VERSION]
+
+
+def _tgt_sizes(case) -> np.ndarray:
+    return load_case(case).get("processor", {}).get("tgt_sizes", np.zeros((0, 2))).reshape(-1, 2)
 
 
 @functools.cache
 def _batch(case) -> dict:
     """Model inputs of a case; one patch bucket per version (fewer compilations)."""
     folder = case.parent.parent.name
-    most = max(
-        int(load_case(c)["processor"]["tgt_sizes"].reshape(-1, 2).prod(-1).max(initial=1))
-        for c in _cases(folder)
-    )
+    most = max(int(_tgt_sizes(c).prod(-1).max(initial=1)) for c in _cases(folder))
     bucket = next(b for b in PATCH_BUCKETS if b >= most)
     return batch_from_case(load_case(case), _version(folder), bucket)
 
@@ -325,7 +331,8 @@ def test_top1_agreement_with_float(folder):
     """int8 prompt logits pick the float32 top-1 at >= TOP1_MIN of prompt positions.
 
     The fixtures are random tiny models whose logits are nearly flat (close runner-ups), so
-    this is a harsh test; measured: 2.5 0.971, 2.6 0.978, 4.5 0.982 over all cases.
+    this is a harsh test; measured: 2.5 0.971, 2.6 0.978, 4.5 0.982 over all cases, 0.978,
+    0.972, 0.977 over the ~300 positions of `_cases`.
     """
     ref, q = _model(folder), _model(folder, "int8")
     agree = total = 0
