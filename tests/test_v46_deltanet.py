@@ -51,7 +51,9 @@ def test_unit_lower_inverse_and_no_lapack_call():
     np.testing.assert_allclose(np.asarray(unit_lower_inverse(a)), want, rtol=1e-4, atol=1e-4)
     x = np.zeros((1, 40, 2, 8), np.float32)
     g = np.zeros((1, 40, 2), np.float32)
-    hlo = jax.jit(chunk_delta_rule, static_argnums=6).lower(
-        x, x, x, g, g, np.zeros((1, 2, 8, 8), np.float32), 16
-    ).as_text()
+    hlo = (
+        jax.jit(chunk_delta_rule, static_argnums=6)
+        .lower(x, x, x, g, g, np.zeros((1, 2, 8, 8), np.float32), 16)
+        .as_text()
+    )
     assert "custom_call" not in hlo and "lapack" not in hlo
