@@ -244,8 +244,18 @@ def open_checkpoint(files: list[pathlib.Path]):
         yield src
 
 
+SHOWN = 8  # names listed per kind of problem; the rest are counted
+
+
+def _first(names: list[str], sep: str) -> str:
+    more = f"{sep}... and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return sep.join(names[:SHOWN]) + more
+
+
 def validate(flat_abstract, src: dict[str, Any]) -> None:
-    """Raise ONE CheckpointError naming every missing, unexpected and mis-shaped tensor."""
+    """Raise ONE CheckpointError counting every missing, unexpected and mis-shaped tensor (the
+    first `SHOWN` of each kind named: a config with fewer layers than the checkpoint would
+    otherwise print hundreds of names)."""
     needed: dict[str, tuple] = {}
     problems: list[str] = []
     for path, var in flat_abstract:
@@ -264,11 +274,11 @@ def validate(flat_abstract, src: dict[str, Any]) -> None:
             if got != want:
                 mismatched.append(f"{n}: checkpoint {got} != model {want}")
     if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {', '.join(missing)}")
+        problems.append(f"{len(missing)} missing tensor(s): {_first(missing, ', ')}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_first(unexpected, ', ')}")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched)}")
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_first(mismatched, '; ')}")
     if problems:
         raise CheckpointError(
             "checkpoint does not match the model config:\n  " + "\n  ".join(problems)

@@ -36,3 +36,24 @@ def test_chunked_and_recurrent_equal_the_recurrence():
     want_o1, want_s1 = reference(q[:, :1], k[:, :1], v[:, :1], g[:, :1], beta[:, :1], s0)
     np.testing.assert_allclose(np.asarray(o1), want_o1[:, 0], atol=1e-5)
     np.testing.assert_allclose(np.asarray(s1), want_s1, atol=1e-5)
+
+
+def test_unit_lower_inverse_and_no_lapack_call():
+    """(I + A)^-1 equals numpy's inverse, and the chunked rule compiles to no LAPACK custom call
+    (`triangular_solve` on CPU is jaxlib's batched trsm, which deadlocked a release-size prefill)."""
+    import jax
+
+    from minicpmv_jax.v46.deltanet import unit_lower_inverse
+
+    rng = np.random.default_rng(1)
+    a = np.tril(rng.uniform(-1, 1, size=(3, 2, 16, 16)), -1).astype(np.float32)
+    want = np.linalg.inv(np.eye(16) + a.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(unit_lower_inverse(a)), want, rtol=1e-4, atol=1e-4)
+    x = np.zeros((1, 40, 2, 8), np.float32)
+    g = np.zeros((1, 40, 2), np.float32)
+    hlo = (
+        jax.jit(chunk_delta_rule, static_argnums=6)
+        .lower(x, x, x, g, g, np.zeros((1, 2, 8, 8), np.float32), 16)
+        .as_text()
+    )
+    assert "custom_call" not in hlo and "lapack" not in hlo

@@ -121,6 +121,17 @@ def test_one_error_lists_missing_unexpected_and_mismatched(tmp_path):
     assert "shape" in msg and "resampler.query" in msg and "(3, 256)" in msg
 
 
+def test_many_unexpected_tensors_are_counted_not_all_listed(tmp_path):
+    tensors = _src_tensors()
+    for i in range(20):  # e.g. a config with fewer layers than the checkpoint
+        tensors[f"llm.model.layers.{100 + i}.mlp.up_proj.weight"] = np.zeros((2, 2), np.float32)
+    with pytest.raises(CheckpointError) as e:
+        _load(_folder_with(tmp_path, tensors))
+    msg = str(e.value)
+    assert "20 unexpected tensor(s)" in msg and "... and 12 more" in msg
+    assert msg.count("llm.model.layers.1") == 8
+
+
 def test_truncated_file_is_reported(tmp_path):
     folder = _folder_with(tmp_path, _src_tensors())
     f = folder / "model.safetensors"

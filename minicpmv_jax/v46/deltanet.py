@@ -24,6 +24,28 @@ def l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """(I + A)^-1 for strictly lower-triangular A [..., C, C], by forward substitution row by
+    row, as the reference (`torch_chunk_gated_delta_rule`) builds it: X = -A, then for i = 1..C-1
+    X[i, :i] += X[i, :] @ X[:, :i] (rows above i are final), then X + I.
+
+    Not `lax.linalg.triangular_solve`: on the CPU backend that is LAPACK trsm through jaxlib's
+    FFI, whose batch parallelisation (`ParallelBatchMap` on the intra-op pool) was seen to
+    deadlock (every pool thread idle, the kernel waiting for its batch) in a release-size
+    1024-token prefill. The loop is C - 1 batched vector-matrix products of C x C: negligible next
+    to the chunk's matmuls.
+    """
+    c = a.shape[-1]
+    cols = jnp.arange(c)
+
+    def row(i, x):
+        r = jax.lax.dynamic_index_in_dim(x, i, axis=-2, keepdims=False)  # [..., C]: X[i, :]
+        r = jnp.where(cols < i, r + jnp.einsum("...j,...jk->...k", r, x), r)
+        return jax.lax.dynamic_update_index_in_dim(x, r, i, axis=-2)
+
+    return jax.lax.fori_loop(1, c, row, -a) + jnp.eye(c, dtype=a.dtype)
+
+
 def chunk_delta_rule(q, k, v, g, beta, state, chunk: int):
     """Chunked gated delta rule (`torch_chunk_gated_delta_rule`), float32.
 
@@ -49,14 +71,10 @@ def chunk_delta_rule(q, k, v, g, beta, state, chunk: int):
     diff = jnp.where(lower, gam[..., :, None] - gam[..., None, :], -jnp.inf)
     decay = jnp.exp(diff)  # [N, B, H, C, C], 0 above the diagonal
     kb = k * beta[..., None]
-    system = jnp.einsum("...id,...jd->...ij", kb, k) * decay
-    system = jnp.where(jnp.tril(lower, -1), system, 0.0) + jnp.eye(chunk, dtype=k.dtype)
-    u = jax.lax.linalg.triangular_solve(
-        system, v * beta[..., None], left_side=True, lower=True, unit_diagonal=True
-    )
-    w = jax.lax.linalg.triangular_solve(
-        system, kb * jnp.exp(gam)[..., None], left_side=True, lower=True, unit_diagonal=True
-    )
+    strict = jnp.einsum("...id,...jd->...ij", kb, k) * decay
+    inv = unit_lower_inverse(jnp.where(jnp.tril(lower, -1), strict, 0.0))  # T^-1
+    u = inv @ (v * beta[..., None])
+    w = inv @ (kb * jnp.exp(gam)[..., None])
     attn = jnp.einsum("...id,...jd->...ij", q, k) * decay  # intra-chunk, diagonal included
     qd = q * jnp.exp(gam)[..., None]
     kd = k * jnp.exp(gam[..., -1:] - gam)[..., None]
