@@ -14,8 +14,8 @@ from minicpmv_jax.train.loss import TRACE_COUNTS
 VERSION = "minicpm-v-2_6"
 
 
-def write_data(folder, samples):
-    f = folder / "train.json"
+def write_data(folder, samples, name="train.json"):
+    f = folder / name
     f.write_text(json.dumps(samples))
     return f
 
@@ -54,9 +54,10 @@ def test_finetune_lora_resumes_and_exports(tmp_path, capsys, monkeypatch):
     batch shape, none on the killed run or the resume. Metrics rows, the save rotation (keep 2,
     atomic) and the exported PEFT adapter (it reproduces the run's last eval loss) are checked."""
     data = write_data(tmp_path, [*TEXT, LONG])
+    eval_data = write_data(tmp_path, TEXT, "eval.json")  # one batch shape: one eval program
     monkeypatch.chdir(tmp_path)  # relative paths, as typed on a command line
     argv = ["finetune", "--model", str(train_checkpoint(VERSION)), "--data", "train.json"]
-    argv += ["--eval-data", "train.json", "--lora", "--lora-r", "4", "--lora-alpha", "8"]
+    argv += ["--eval-data", "eval.json", "--lora", "--lora-r", "4", "--lora-alpha", "8"]
     argv += ["--learning-rate", "1e-2", "--save-every", "2", "--steps", "5", "--no-progress"]
     argv += ["--lora-dropout", "0.05", "--remat", "full"]  # the official dropout
     before = TRACE_COUNTS["train_step"]
@@ -95,9 +96,10 @@ def test_finetune_lora_resumes_and_exports(tmp_path, capsys, monkeypatch):
         arrays, groups = train.loop.device_batch(model, train.collate([e]), cfg)
         shapes.add((groups, *(a.shape for a in arrays.values())))
     assert compiled - before == len(shapes) == 2
-    # the exported adapter reproduces the run's last eval loss (mean token loss of the data):
-    # one forward of the samples, the token cross-entropy in float64 numpy (labels are shifted)
-    batch = train.collate(ex)
+    # the exported adapter reproduces the run's last eval loss (mean token loss of the eval
+    # data): one forward of its samples, the token cross-entropy in float64 numpy (labels are
+    # shifted)
+    batch = train.collate(train.load_examples(model, eval_data)[0])
     logits = train.forward_logits(model, batch).astype(np.float64)
     labels = np.asarray(batch["labels"])[:, : logits.shape[1]]
     valid = labels != train.IGNORE_INDEX
