@@ -137,9 +137,10 @@ answer = model.chat(msgs, **kw)
 res["first_chat_s"] = time.perf_counter() - t0
 res["after_chat"] = status()
 t0 = time.perf_counter()
-model.chat(msgs, **kw)
+ids = model.generate(model.processor(msgs), **kw)  # the same turn, compiled, as token ids
 res["second_chat_s"] = time.perf_counter() - t0
-res["answer_ids"] = model.processor.tokenizer.encode(answer)
+res["answer_ids"] = [int(i) for i in ids]
+res["answer_matches_ids"] = answer == model.processor.tokenizer.decode(ids, skip_special_tokens=True)
 done = True
 res["end"] = status()
 res["peak_sampled"] = peak
@@ -365,6 +366,9 @@ def summarize(runs: list[dict]) -> list[dict]:
                     }.items()
                 }
         row = {"dtype": dtype, **med}
+        answers = {r["side"]: r["answer_ids"] for r in runs if r["dtype"] == dtype}
+        if "ours" in answers and "peer" in answers:
+            row["same_answer_ids"] = answers["ours"] == answers["peer"]
         for side in ("base", "ours"):
             if side in med and "peer" in med:
                 for k in ("peak_gb", "load_s", "first_chat_s"):
