@@ -94,28 +94,28 @@ def pytest_unconfigure(config):
 # pyproject.toml turns off xdist's reordering by test count, so the workers take files in this
 # order as they become free: no expensive file starts last while the other worker idles.
 EXPENSIVE_FIRST = (
-    "test_train_loss.py",  # ~140 s
-    "test_model.py",  # ~115 s
-    "test_generate.py",  # ~90 s
-    "test_quant.py",  # ~67 s
-    "test_serve_engine.py",  # ~65 s
-    "test_train_lora_paths.py",  # ~60 s
-    "test_generate_parity.py",  # ~60 s
-    "test_cli.py",  # ~60 s
-    "test_sampling.py",  # ~60 s
-    "test_sharding.py",  # ~50 s
-    "test_convert.py",  # ~50 s
-    "test_train_memory.py",  # ~50 s
-    "test_v46_model.py",  # ~45 s
-    "test_checkpoint.py",  # ~45 s
-    "test_train_dpo.py",  # ~45 s
-    "test_train_cli.py",  # ~40 s
-    "test_bench.py",  # ~35 s
+    "test_train_loss.py",  # ~110 s
+    "test_generate.py",  # ~95 s
+    "test_model.py",  # ~90 s
+    "test_train_lora_paths.py",  # ~55 s
+    "test_generate_parity.py",  # ~55 s
+    "test_quant.py",  # ~40 s
+    "test_sampling.py",  # ~40 s
+    "test_train_dpo.py",  # ~40 s
+    "test_cli.py",  # ~35 s
     "test_model_static.py",  # ~35 s
-    "test_kernels.py",  # ~35 s
-    "test_v46_scale.py",  # ~20 s
+    "test_v46_model.py",  # ~30 s
+    "test_kernels.py",  # ~30 s
+    "test_train_cli.py",  # ~30 s
+    "test_serve_engine.py",  # ~30 s
+    "test_train_memory.py",  # ~25 s
+    "test_checkpoint.py",  # ~25 s
+    "test_convert.py",  # ~20 s
+    "test_bench.py",  # ~20 s
+    "test_sharding.py",  # ~20 s
+    "test_v46_scale.py",  # ~15 s
     "test_chat.py",  # ~15 s
-    "test_vision_memory.py",  # ~15 s
+    "test_vision_memory.py",  # ~12 s
 )
 
 

@@ -202,6 +202,10 @@ def check_workload(engine, version: str, literal_chat: tuple[str, ...]):
     assert stats.compilations_after_start == 0
 
 
+# Slow (.ci/run): 13 requests on 4 slots. The default suite runs the 4.5 workload (images, video,
+# thinking) and, on this 2.6 engine, test_per_request_parameters (6 concurrent requests, each
+# equal to the request alone) and the seeded sampling test.
+@pytest.mark.slow
 def test_concurrent_greedy_26_equals_each_request_alone(engine26):
     check_workload(engine26, "minicpm-v-2_6", literal_chat=("multi_image",))
 
