@@ -118,6 +118,24 @@ def vision_program_bytes(model, num_slices: int, patch_bucket: int) -> dict[str,
     }
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM of its own address space.
+
+    Not `getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries the hiwater mark of the address space
+    a process replaced by exec into it, and a forked child's copy starts at the parent's RSS, so
+    a child of a large process (a pytest worker after the training tests) reports the parent's
+    peak instead of its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: best effort
+
+
 def run_case(case: str, vision_batch_size: int | None, max_new_tokens: int = 4) -> dict[str, Any]:
     """Run one case in this process; returns the measurements (peak RSS last)."""
     from minicpmv_jax import MiniCPMV, memory
@@ -143,7 +161,7 @@ def run_case(case: str, vision_batch_size: int | None, max_new_tokens: int = 4) 
         "vision_program": program,
         "plan_vision_activations": int(plan.detail["vision_activations"]),
         "answer_chars": len(answer),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 

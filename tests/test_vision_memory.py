@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import json
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -93,3 +96,16 @@ def test_large_requests_run_in_under_4_gb(case):
     # the compiled vision program agrees with memory.plan (as the fast test above, at this shape)
     plan, program = r["plan_vision_activations"], r["vision_program"]["total"]
     assert abs(plan - program) <= 0.25 * program, r
+
+
+def test_peak_rss_is_the_child_process_own():
+    """The large-request measurements run in a child of the (large) test worker: its peak must be
+    its own, not the parent's RSS that Linux's ru_maxrss carries across fork + exec."""
+    ballast = np.ones(512 * 2**20 // 8)  # the parent holds 512 MiB
+    code = "from benchmarks.vision_memory import peak_rss_bytes; print(peak_rss_bytes())"
+    root = pathlib.Path(__file__).parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=root, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 256 * 2**20 < ballast.nbytes
