@@ -46,6 +46,12 @@ def load_case(case: pathlib.Path) -> dict:
     return out
 
 
+def case_tgt_sizes(case: pathlib.Path) -> np.ndarray:
+    """The processor fixture's slice grids [n, 2] of a case (n = 0 without images)."""
+    tgt = load_case(case).get("processor", {}).get("tgt_sizes")
+    return np.zeros((0, 2), np.int64) if tgt is None else tgt.reshape(-1, 2)
+
+
 def case_pil_messages(case_dir, case_json) -> list[dict]:
     """msgs as the MANIFEST says: {"image": f} -> PIL RGB image, {"text": s} -> s."""
     msgs = []

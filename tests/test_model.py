@@ -8,7 +8,15 @@ import functools
 import jax
 import numpy as np
 import pytest
-from conftest import FIXTURES, VERSIONS, all_cases, case_id, case_pil_messages, load_case
+from conftest import (
+    FIXTURES,
+    VERSIONS,
+    all_cases,
+    case_id,
+    case_pil_messages,
+    case_tgt_sizes,
+    load_case,
+)
 from model_inputs import PATCH_BUCKETS, batch_from_case
 
 from minicpmv_jax.batching import Buckets, prompt_positions
@@ -45,10 +53,7 @@ def model_for(folder: str, dtype: str = "float32"):
 @functools.cache
 def patch_bucket(folder: str) -> int:
     """One patch bucket per fixture folder (its largest slice) so cases share compilations."""
-    most = max(
-        int(load_case(c)["processor"]["tgt_sizes"].reshape(-1, 2).prod(-1).max(initial=1))
-        for _, c in all_cases((folder,))
-    )
+    most = max(int(case_tgt_sizes(c).prod(-1).max(initial=1)) for _, c in all_cases((folder,)))
     return next(b for b in PATCH_BUCKETS if b >= most)
 
 
@@ -128,11 +133,6 @@ def test_prompt_logits_shape_and_type():
     assert out.shape == (len(batch["input_ids"]), model_for(folder).config.llm.vocab_size)
 
 
-def _slices(case) -> int:
-    tgt = load_case(case).get("processor", {}).get("tgt_sizes")
-    return 0 if tgt is None else len(tgt.reshape(-1, 2))
-
-
 def test_bf16_top1_agreement():
     """bf16 prompt logits pick the float32 top-1 at >= 95% of positions (the first
     BF16_CASES cases of each version with one unsliced image, ~300 positions per version: bf16
@@ -141,7 +141,7 @@ def test_bf16_top1_agreement():
     per_version = {}
     for folder in VERSIONS:
         a = t = 0
-        cases = [(f, c) for f, c in all_cases((folder,)) if _slices(c) == 1]
+        cases = [(f, c) for f, c in all_cases((folder,)) if len(case_tgt_sizes(c)) == 1]
         assert len(cases) >= BF16_CASES, folder
         for f, c in cases[:BF16_CASES]:
             _, batch = batch_for(f, c)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FIXTURES, VERSIONS, case_dirs, load_case
+from conftest import FIXTURES, VERSIONS, case_dirs, case_tgt_sizes, load_case
 from flax import nnx
 from model_inputs import PATCH_BUCKETS, batch_from_case
 
@@ -59,20 +59,16 @@ def _flat(state) -> dict[str, np.ndarray]:
 def _cases(folder: str):
     """The first CASES_PER_VERSION cases with one unsliced image: one slice bucket, so one
     prompt program per model (float32 and int8) for all of them."""
-    one = [c for c in case_dirs(folder) if len(_tgt_sizes(c)) == 1]
+    one = [c for c in case_dirs(folder) if len(case_tgt_sizes(c)) == 1]
     assert len(one) >= CASES_PER_VERSION, folder
     return one[:CASES_PER_VERSION]
-
-
-def _tgt_sizes(case) -> np.ndarray:
-    return load_case(case).get("processor", {}).get("tgt_sizes", np.zeros((0, 2))).reshape(-1, 2)
 
 
 @functools.cache
 def _batch(case) -> dict:
     """Model inputs of a case; one patch bucket per version (fewer compilations)."""
     folder = case.parent.parent.name
-    most = max(int(_tgt_sizes(c).prod(-1).max(initial=1)) for c in _cases(folder))
+    most = max(int(case_tgt_sizes(c).prod(-1).max(initial=1)) for c in _cases(folder))
     bucket = next(b for b in PATCH_BUCKETS if b >= most)
     return batch_from_case(load_case(case), _version(folder), bucket)
 
