@@ -443,6 +443,11 @@ def pack_weights(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
 
 # the decoder stack whose layers a CPU program reads as separate arrays (layers.LayerParts)
 SPLIT_STACKS = ("llm.model.layers.",)
+# The samplers split float32 and bf16 stacks. A bf16 layer read in place needs no float32 copy
+# inside the decode loop as long as its dots take the bf16 weights as they are
+# (`layers.cpu_aware_dot`, one row included): a batch-1 decode step of 2.6's layers (bf16, 6
+# layers) 78 -> 49 ms per layer against the packed, scanned stack (BENCHMARKS.md).
+SPLIT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # Read when a Sampler is built; False keeps its stack whole and scanned on CPU as elsewhere (A/B
 # measurements; compile time flat in depth: full-depth 2.6 float32 prefill + decode compile
 # 1.8 s stacked, 7.5 s as per-layer views, BENCHMARKS.md "Compile time at full depth").
@@ -461,22 +466,26 @@ def _layer_view(x: jax.Array, host: np.ndarray, i: int) -> jax.Array | None:
     return part if part.unsafe_buffer_pointer() == x.unsafe_buffer_pointer() + offset else None
 
 
-def split_layers(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
+def split_layers(
+    state: nnx.State, dtypes: tuple = (jnp.float32,)
+) -> tuple[nnx.State, list[jax.Array]]:
     """CPU backend: each decoder-stack parameter [L, ...] as its L layer slices, views of the
     same memory (`layers.LayerParts`); returns (state, the arrays now viewed).
 
     XLA:CPU copies a dot's weight operand that is a slice of a stack before the dot, so a
     scanned batch-1 decode step reads each layer weight three times; with the parts the
     programs run the decoder as an unrolled loop whose dots read the weights in place
-    (`layers.scan_layers`). Only a float32 stack is split, and only single-device arrays whose
-    every slice aliases the stack's memory (no copy: the model's memory is unchanged); abstract
-    arrays (compile-only models) are split into abstract parts.
+    (`layers.scan_layers`). Only a stack whose parameters all have one of `dtypes` is split
+    (float32 by default; the samplers add bf16, `SPLIT_DTYPES`), and only single-device arrays
+    whose every slice aliases the stack's memory (no copy: the model's memory is unchanged);
+    abstract arrays (compile-only models) are split into abstract parts.
 
-    Left stacked: a stack holding other dtypes (bf16, packed or not; int8 kernels). Their layers
-    convert the weights to float32 before the dots anyway, a copy into which XLA:CPU fuses the
-    scan's slice, so the parts save nothing there; and unrolled, those conversions no longer
-    depend on the loop, so XLA:CPU hoists every layer's float32 copy ahead of the layers (a
-    4-layer bf16 decode program planned 4x one layer's float32 weights as temporaries).
+    Left stacked: a stack holding other dtypes (int8 kernels with float32 scales; a packed
+    bf16 stack, whose uint16 -> bf16 reinterpretation XLA:CPU makes as a copy that, unrolled,
+    it hoists ahead of the layers: a bf16 copy of every layer at once). A bf16 stack is split
+    only where its dots take bf16 weights as they are (`layers.cpu_aware_dot`): a dot that
+    converts its weights to float32 would, unrolled and loop-invariant, have every layer's
+    float32 copy hoisted ahead of the layers.
     Other backends are left as they are: their compilers slice a stack in place, and a scan
     keeps compile time flat in depth.
     """
@@ -484,7 +493,7 @@ def split_layers(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
         return state, []
     flat = nnx.to_flat_state(state)
     stack = [var.get_value() for path, var in flat if path_name(path).startswith(SPLIT_STACKS)]
-    if not stack or any(getattr(x, "dtype", None) != jnp.float32 for x in stack):
+    if not stack or any(getattr(x, "dtype", None) not in dtypes for x in stack):
         return state, []
     leaves, sources = [], []
     for path, var in flat:
@@ -534,9 +543,10 @@ class Sampler:
         if processor is not None:
             self.terminators = tuple(int(t) for t in processor.terminators)
         self.graphdef, state = nnx.split(model.module)
-        state, packed_from = pack_weights(state)
-        # SPLIT_LAYERS is this module's switch only (the train step has its own)
-        self._state, split_from = split_layers(state) if SPLIT_LAYERS else (state, [])
+        # SPLIT_LAYERS is this module's switch only (the train step has its own); a split stack
+        # is not packed (pack_weights takes whole arrays only)
+        state, split_from = split_layers(state, SPLIT_DTYPES) if SPLIT_LAYERS else (state, [])
+        self._state, packed_from = pack_weights(state)
         self._packed_from = packed_from + split_from
         self.pool = CachePool(cache_pool)
         # Shardings live on these top-level jits only (the traced functions nest no jit).

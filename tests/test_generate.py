@@ -290,7 +290,7 @@ def test_cpu_decoder_reads_layer_weights_in_place(model, monkeypatch):
     from minicpmv_jax.sharding import path_name
 
     sampler = model.sampler
-    monkeypatch.setattr(gen, "split_layers", lambda state: (state, []))
+    monkeypatch.setattr(gen, "split_layers", lambda state, *dtypes: (state, []))
     stacked = gen.Sampler(model, buckets=TEST_BUCKETS)
     whole = {path_name(p): v.get_value() for p, v in nnx.to_flat_state(model.state)}
     split = {path_name(p): v.get_value() for p, v in nnx.to_flat_state(sampler.state)}
