@@ -16,7 +16,12 @@ answers end at ``max_tokens``, the model's end-of-turn tokens are never produced
     batch ends, padded to ``--slots`` rows: one program), ``Sampler.stream`` over the batch until
     its longest request ends.
 * **low load**: open-loop Poisson arrivals at ``--low-rate`` requests/s on the engine, against
-  the same requests sent to the idle engine one after the other ("alone").
+  the same requests sent to the idle engine one after the other ("alone"), and the same arrivals
+  with the engine's slot compaction off (``low/continuous-no-compact``: a request left alone in
+  a high slot keeps the decode bucket of that slot).
+
+The engine's decode steps by row bucket and its slot moves are reported per engine run
+(``--decode-buckets``: the engine's row buckets, default its own).
 
 Reported per run: requests/s and output tokens/s over the run's span (first arrival to last
 answer), p50 / p99 time to first token (TTFT, from submission) and per-token latency
@@ -259,6 +264,8 @@ def main(argv=None) -> int:
     p.add_argument("--low-requests", type=int, default=8)
     p.add_argument("--low-rate", type=float, default=0.25, help="low-load arrivals per second")
     p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--decode-buckets", default=None, metavar="N,N,...",
+                   help="the engine's decode row buckets (default: the engine's)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON report path")
     args = p.parse_args(argv)
@@ -279,8 +286,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     settings = GenerationSettings(max_new_tokens=1)
     shapes = [RequestShape.of([it.output], settings) for it in items + low_items]
+    buckets = None
+    if args.decode_buckets:
+        buckets = [int(b) for b in args.decode_buckets.split(",")]
     engine = Engine(model, slots=args.slots, max_len=args.max_len, max_queue=4 * args.requests,
-                    warmup=shapes)  # fmt: skip
+                    decode_buckets=buckets, warmup=shapes)  # fmt: skip
     engine.start()
     sampler = model.sampler
     terminators = model.processor.terminators
@@ -317,22 +327,40 @@ def main(argv=None) -> int:
         "runs": {},
     }
     runs = report["runs"]
+    report["decode_buckets"] = list(engine.decode_buckets)
+
+    def engine_counts(before):  # decode steps by rows and slot moves since ``before``
+        now = engine.stats()
+        steps = {b: n - before.decode_steps.get(b, 0) for b, n in sorted(now.decode_steps.items())}
+        return {"decode_steps_by_rows": {str(b): n for b, n in steps.items() if n},
+                "slot_moves": now.rows_moved - before.rows_moved}  # fmt: skip
+
     for name, server in (("continuous", EngineServer(engine)), ("static", static),
                          ("one-at-a-time", serial)):  # fmt: skip
         n0 = traced()
+        s0 = engine.stats()
         t0 = time.perf_counter()
         recs = closed_loop(server, items, args.clients, args.think_s, args.seed)
         runs[f"high/{name}"] = {**summarise(recs), "traced": traced() - n0,
                                 "load": os.getloadavg()}  # fmt: skip
+        if name == "continuous":
+            runs["high/continuous"].update(engine_counts(s0))
         print(f"high/{name}: {json.dumps(runs[f'high/{name}'])} "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
     server = EngineServer(engine)
     n0 = traced()
-    runs["low/alone"] = {**summarise(one_by_one(server, low_items)), "load": os.getloadavg()}
+    s0 = engine.stats()
+    runs["low/alone"] = {**summarise(one_by_one(server, low_items)), "load": os.getloadavg(),
+                         **engine_counts(s0)}  # fmt: skip
     print(f"low/alone: {json.dumps(runs['low/alone'])}", flush=True)
-    runs["low/continuous"] = {**summarise(open_loop(server, low_items, args.low_rate, args.seed)),
-                              "traced": traced() - n0, "load": os.getloadavg()}  # fmt: skip
-    print(f"low/continuous: {json.dumps(runs['low/continuous'])}", flush=True)
+    for name, compact in (("continuous", True), ("continuous-no-compact", False)):
+        engine.compact = compact
+        s0 = engine.stats()
+        recs = open_loop(server, low_items, args.low_rate, args.seed)
+        runs[f"low/{name}"] = {**summarise(recs), "traced": traced() - n0,
+                               "load": os.getloadavg(), **engine_counts(s0)}  # fmt: skip
+        print(f"low/{name}: {json.dumps(runs[f'low/{name}'])}", flush=True)
+    engine.compact = True
     engine.shutdown(drain=True)
     hi, one = runs["high/continuous"], runs["high/one-at-a-time"]
     report["speedup_vs_one_at_a_time"] = hi["output_tokens_per_s"] / one["output_tokens_per_s"]
@@ -359,6 +387,9 @@ def markdown(report: dict) -> str:
             f"{r['tpot_p50_s']:.3f} / {r['tpot_p99_s']:.3f} | {r['load'][0]:.1f} |"
         )
     rows.append("")
+    rows.append(f"engine decode row buckets {report['decode_buckets']}; steps by rows, moves: " +
+                "; ".join(f"{name} {r['decode_steps_by_rows']}, {r['slot_moves']}"
+                          for name, r in report["runs"].items() if "slot_moves" in r))  # fmt: skip
     rows.append(f"continuous / one-at-a-time output tokens/s: "
                 f"{report['speedup_vs_one_at_a_time']:.2f}x; continuous / static: "
                 f"{report['speedup_vs_static']:.2f}x; low-load p99 TTFT / alone p99 TTFT: "

@@ -61,11 +61,13 @@ def _group_tensors(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
     """
     leaves, quantized = [], False
     for k, v in arrays.items():
-        if k.endswith("." + quantization.SCALE):
+        if quantization.is_scale_path(k):
             continue
         if quantization.is_int8(v.dtype):
-            scale = arrays[k.rsplit(".", 1)[0] + "." + quantization.SCALE]
-            v, quantized = quantization.dequantize_kernel(v, scale), True
+            path = checkpoint.param_path(k)
+            scale = arrays[".".join(map(str, quantization.scale_path(path)))]
+            v = quantization.dequantize_kernel(v, scale, quantization.out_axis(path))
+            quantized = True
         leaves.append((checkpoint.param_path(k), nnx.Param(v)))
     return to_hf_state_dict(nnx.from_flat_state(leaves)), quantized
 
@@ -168,7 +170,7 @@ def convert(
             writer.add(name, arr.astype(target, copy=False))
             seen.add(name)
         del arrays
-    missing = sorted(n for n in set(table) - seen if not n.endswith("." + quantization.SCALE))
+    missing = sorted(n for n in set(table) - seen if not quantization.is_scale_path(n))
     if missing:
         raise CheckpointError(f"{src}: tensors of the source checkpoint not found: {missing}")
     if lossy:

@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -403,13 +404,54 @@ def _param_state(obj: Any) -> nnx.State:
 # ------------------------------------------------------------------------------------------------
 
 
+# Leaves of the torch-layout linear layers (layers.OutInDense: the LLM's lm_head) that
+# checkpoints written before that layout stored as an nnx.Linear's: `weight` [(L,) out, in] as
+# `kernel` [(L,) in, out] (transposed on restore), an int8 `weight_scale` as `kernel_scale`.
+PREVIOUS_LEAVES = {"weight": "kernel", "weight_scale": "kernel_scale"}
+
+
+def _previous_layout(stored: dict, path: tuple, want: tuple) -> tuple[tuple | None, str]:
+    """(the stored path of `path` in the previous layout (PREVIOUS_LEAVES) or None, the
+    problem to report when None): the checkpoint must hold it with the matching shape."""
+    name, leaf = path_name(path), str(getattr(path[-1], "key", path[-1]))
+    if leaf not in PREVIOUS_LEAVES or len(want) < 2 and leaf == "weight":
+        return None, f"{name}: missing"
+    old = tuple(path[:-1]) + (PREVIOUS_LEAVES[leaf],)
+    try:
+        have = tuple(_get(stored, old).shape)
+    except KeyError:
+        return None, f"{name}: missing"
+    expect = _swap_last(want) if leaf == "weight" else want
+    if have != expect:
+        return None, (
+            f"{name}: missing, and the previous layout's {path_name(old)} has shape {have}, "
+            f"not {expect}"
+        )
+    return old, ""
+
+
+def _swap_last(shape: tuple) -> tuple:
+    return tuple(shape[:-2]) + (shape[-1], shape[-2])
+
+
+def _swapped(target: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """`target` with its last two axes (and their shardings) exchanged."""
+    sharding = target.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (target.ndim - len(sharding.spec))
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.P(*_swap_last(spec)))
+    return jax.ShapeDtypeStruct(_swap_last(target.shape), target.dtype, sharding=sharding)
+
+
 def restore_state(
     folder: str | os.PathLike, abstract: nnx.State, *, progress: bool = True
 ) -> nnx.State:
     """Restore into `abstract` (ShapeDtypeStruct leaves with shardings and dtypes).
 
     Each array is read straight into its target sharding (any mesh, any host count) and cast to
-    the target dtype. Raises CheckpointError naming missing / mis-shaped parameters.
+    the target dtype. A torch-layout weight that the checkpoint holds in the previous layout
+    (`PREVIOUS_LEAVES`: `llm.lm_head.kernel` [D, V]) is read and transposed into place. Raises
+    CheckpointError naming missing / mis-shaped parameters.
     """
     folder = absolute(folder)
     meta = read_metadata(folder)
@@ -423,24 +465,50 @@ def restore_state(
     for g, items in tqdm(groups.items(), desc="restoring", unit="group", disable=not progress):
         gdir = folder / PARAMS_DIR / g
         stored = ckptr.metadata(gdir).item_metadata.tree
-        problems = []
+        problems, previous = [], {}  # previous: {path: its stored path in the previous layout}
         for path, var in items:
+            want = tuple(_value(var).shape)
             try:
                 have = _get(stored, path)
             except KeyError:
-                problems.append(f"{path_name(path)}: missing")
+                old, problem = _previous_layout(stored, path, want)
+                if old is None:
+                    problems.append(problem)
+                else:
+                    previous[tuple(path)] = old
                 continue
-            want = tuple(_value(var).shape)
             if tuple(have.shape) != want:
                 problems.append(f"{path_name(path)}: checkpoint {tuple(have.shape)} != {want}")
         if problems:
             raise CheckpointError(
                 f"{folder}: checkpoint does not match the model config:\n  " + "\n  ".join(problems)
             )
-        target = _nest((p, _value(v)) for p, v in items)
-        restored = ckptr.restore(gdir, target)
-        leaves += [(p, v.replace(_get(restored, p))) for p, v in items]
+        target = []
+        for p, v in items:
+            old = previous.get(tuple(p))
+            if old is None:
+                target.append((p, _value(v)))
+            else:  # the previous layout's leaf, in its own shape (a kernel: transposed)
+                swap = str(getattr(p[-1], "key", p[-1])) == "weight"
+                target.append((old, _swapped(_value(v)) if swap else _value(v)))
+        restored = ckptr.restore(gdir, _nest(target))
+        for p, v in items:
+            old = previous.get(tuple(p))
+            if old is None:
+                leaves.append((p, v.replace(_get(restored, p))))
+                continue
+            arr = _get(restored, old)
+            if str(getattr(p[-1], "key", p[-1])) == "weight":
+                log.info("%s: read from %s (previous layout), transposed", path_name(p),
+                         path_name(old))  # fmt: skip
+                arr = _transpose_last(arr, _value(v).sharding)
+            leaves.append((p, v.replace(arr)))
     return nnx.from_flat_state(leaves)
+
+
+def _transpose_last(a: jax.Array, sharding) -> jax.Array:
+    """`a` with its last two axes exchanged, placed with `sharding` (any mesh, any host count)."""
+    return jax.jit(lambda x: jnp.swapaxes(x, -1, -2), out_shardings=sharding)(a)
 
 
 def restore_module(

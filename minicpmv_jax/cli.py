@@ -96,6 +96,13 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, choices=("int8", "int8+vision"))
     p.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument(
+        "--decode-buckets",
+        default=None,
+        metavar="N,N,...",
+        help="row counts the decode step is compiled for; each step runs the smallest that holds "
+        "the busy slots (default: 1, 2, 4, ... below --slots, and --slots)",
+    )
+    p.add_argument(
         "--max-len",
         type=int,
         default=2048,
@@ -475,6 +482,16 @@ def _serve_state(args):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise MiniCPMVError(f"--{flag.replace('_', '-')} must be positive, got "
                                 f"{getattr(args, flag)}")  # fmt: skip
+    buckets = None
+    if args.decode_buckets is not None:
+        try:
+            buckets = [int(b) for b in args.decode_buckets.split(",")]
+        except ValueError:
+            raise MiniCPMVError(f"--decode-buckets: {args.decode_buckets!r} is not a "
+                                "comma-separated list of row counts, e.g. 1,4,8") from None  # fmt: skip
+        if not all(1 <= b <= args.slots for b in buckets):
+            raise MiniCPMVError(f"--decode-buckets: {args.decode_buckets} has a row count "
+                                f"outside [1, --slots={args.slots}]")  # fmt: skip
     try:
         limits = api.Limits(
             max_body_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels,
@@ -512,7 +529,7 @@ def _serve_state(args):
          f"{args.slots} slots x {args.max_len} tokens ...")  # fmt: skip
     t0 = time.perf_counter()
     engine = Engine(model, slots=args.slots, max_len=args.max_len, max_queue=args.max_queue,
-                    max_images=args.max_images)  # fmt: skip
+                    max_images=args.max_images, decode_buckets=buckets)  # fmt: skip
     engine.start()
     _log(f"compiled in {time.perf_counter() - t0:.1f} s")
     from minicpmv_jax.serve.server import ServerState

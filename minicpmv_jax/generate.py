@@ -407,7 +407,7 @@ class CachePool:
 
 # the weights a compiled program uses inside a loop (layers.PACKED_BF16)
 PACKED_STACKS = ("llm.model.layers.", "vpm.encoder.layers.")
-PACKED_TABLES = ("llm.model.embed_tokens.embedding", "llm.lm_head.kernel")
+PACKED_TABLES = ("llm.model.embed_tokens.embedding", "llm.lm_head.weight")
 
 
 def pack_weights(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:

@@ -1,4 +1,4 @@
-"""Shared building blocks: dense(), RMSNorm, LayerNorm, RoPE, the attention switch attend() and
+"""Shared building blocks: dense() and OutInDense, RMSNorm, LayerNorm, RoPE, the attention switch attend() and
 the layer stack (stack_layers / scan_layers: stacked parameters under nnx.scan, optional remat;
 LayerParts: the same stack as per-layer arrays, run unrolled) and map_chunks (bounded-memory
 batches of independent rows)."""
@@ -79,6 +79,54 @@ def dense(
         dot_general=cpu_aware_dot,
         rngs=rngs,
     )
+
+
+class OutInDense(nnx.Module):
+    """A torch-layout linear layer: `weight` [out, in] (torch's `nn.Linear.weight`, the
+    checkpoint tensor as stored) and an optional `bias` [out]; y = x W^T + b.
+
+    XLA:CPU takes a dot whose weight operand contracts its last (contiguous) dimension, as
+    here, on a faster path than `x @ kernel` with the kernel stored [in, out] when the
+    input has a few rows: 2.6's lm_head 3584 x 151,666 at 4 / 16 rows 109 / 176 ms against
+    229 / 338 ms, equal at 1 row (BENCHMARKS.md "Weight layout of wide projections"). The
+    loader then copies the checkpoint tensor without a transpose (weights.py name rule).
+    """
+
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        names: tuple[str | None, str | None],
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        bias: bool = False,
+    ):
+        """names: logical axis names of the weight in its own order, (out, in)."""
+        init = nnx.initializers.lecun_normal(in_axis=-1, out_axis=-2)
+        self.weight = nnx.Param(
+            nnx.with_partitioning(init, names)(rngs.params(), (dout, din), param_dtype)
+        )
+        self.bias = (
+            nnx.Param(
+                nnx.with_partitioning(nnx.initializers.zeros_init(), (names[0],))(
+                    rngs.params(), (dout,), param_dtype
+                )
+            )
+            if bias
+            else None
+        )
+        self.dtype = dtype  # compute dtype (None: promote the input's and the weight's)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., in] -> [..., out] (computed as nnx.Linear does, through `cpu_aware_dot`)."""
+        bias = None if self.bias is None else self.bias[...]
+        x, w, bias = nnx.nn.dtypes.promote_dtype((x, self.weight[...], bias), dtype=self.dtype)
+        y = cpu_aware_dot(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+        if bias is not None:
+            y = y + bias
+        return y
 
 
 # Rematerialisation policies of a scanned layer stack (`LlmConfig.remat`, `VisionConfig.remat`):

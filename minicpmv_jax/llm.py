@@ -1,7 +1,8 @@
 """Decoder-only LLM: Llama-3 (2.5), Qwen2 with q/k/v bias (2.6), Qwen3 with q/k RMSNorm (4.5).
 
 Attribute paths are the checkpoint keys below `llm.`: `model.embed_tokens`, `model.layers.
-self_attn.q_proj`, ..., `model.norm`, `lm_head`. The decoder layers are one stack: every layer
+self_attn.q_proj`, ..., `model.norm`, `lm_head` (`lm_head.weight` [V, D] in the checkpoint's own
+layout, see layers.OutInDense). The decoder layers are one stack: every layer
 parameter has a leading L axis (`model.layers.self_attn.q_proj.kernel` [L, D, N*H]; slice i is the
 checkpoint's `model.layers.i.self_attn.q_proj.weight` transposed, see weights.py) and the layers
 run under one `nnx.scan`, optionally rematerialised (`LlmConfig.remat`). The CPU samplers of a
@@ -19,6 +20,7 @@ from minicpmv_jax.config import LlmConfig
 from minicpmv_jax.kv_cache import KVCache
 from minicpmv_jax.layers import (
     PACKED_BF16,
+    OutInDense,
     RMSNorm,
     attend,
     cpu_aware_dot,
@@ -111,27 +113,27 @@ class LlmModel(nnx.Module):
 LOGITS_TILE = 1 << 20  # lm_head weights per tile of a packed (CPU bf16) lm_head
 
 
-def _tiled_logits(h: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
-    """h [..., D] @ packed bf16 lm_head kernel uint16 [D, V] -> [..., V], in tiles.
+def _tiled_logits(h: jax.Array, weight: jax.Array, dtype) -> jax.Array:
+    """h [..., D] times the packed bf16 lm_head weight uint16 [V, D] -> [..., V], in tiles.
 
-    The product of `nnx.Linear` (`cpu_aware_dot`) taken `LOGITS_TILE` weights at a time by a
-    `lax.map` whose index makes each slice loop-variant, so that inside the decode loop only one
-    tile is reinterpreted (and widened by XLA:CPU) at a time; the columns after the last whole
-    tile are taken directly.
+    The product of `OutInDense` (`cpu_aware_dot`) taken `LOGITS_TILE` weights (whole vocabulary
+    rows) at a time by a `lax.map` whose index makes each slice loop-variant, so that inside
+    the decode loop only one tile is reinterpreted (and widened by XLA:CPU) at a time; the rows
+    after the last whole tile are taken directly.
     """
-    d, v = kernel.shape
-    cols = max(1, min(v, LOGITS_TILE // d))
-    n = v // cols
-    dims = (((h.ndim - 1,), (0,)), ((), ()))
+    v, d = weight.shape
+    rows = max(1, min(v, LOGITS_TILE // d))
+    n = v // rows
+    dims = (((h.ndim - 1,), (1,)), ((), ()))
 
-    def tile(j):  # [..., cols]
-        w = unpack_bf16(jax.lax.dynamic_slice_in_dim(kernel, j * cols, cols, axis=1))
+    def tile(j):  # [..., rows]
+        w = unpack_bf16(jax.lax.dynamic_slice_in_dim(weight, j * rows, rows, axis=0))
         return cpu_aware_dot(h, w.astype(dtype), dims)
 
-    y = jnp.moveaxis(jax.lax.map(tile, jnp.arange(n)), 0, -2)  # [..., n, cols]
-    y = y.reshape(*h.shape[:-1], n * cols)
-    if n * cols < v:
-        rest = unpack_bf16(kernel[:, n * cols :]).astype(dtype)
+    y = jnp.moveaxis(jax.lax.map(tile, jnp.arange(n)), 0, -2)  # [..., n, rows]
+    y = y.reshape(*h.shape[:-1], n * rows)
+    if n * rows < v:
+        rest = unpack_bf16(weight[n * rows :]).astype(dtype)
         y = jnp.concatenate([y, cpu_aware_dot(h, rest, dims)], axis=-1)
     return y
 
@@ -141,14 +143,14 @@ class Llm(nnx.Module):
 
     def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
         self.model = LlmModel(cfg, rngs=rngs)
-        self.lm_head = dense(
+        # torch's layout [V, D] (`lm_head.weight` as stored): see layers.OutInDense
+        self.lm_head = OutInDense(
             cfg.hidden_size,
             cfg.vocab_size,
-            ("embed", "vocab"),
+            ("vocab", "embed"),
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             rngs=rngs,
-            bias=False,
         )
         self.cfg = cfg
 
@@ -162,11 +164,11 @@ class Llm(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """h: [B, T, D] final hidden (after norm) -> float32 [B, T, V] (HF casts logits to fp32)."""
-        kernel = self.lm_head.kernel[...]
-        if kernel.dtype == PACKED_BF16:
-            dtype = self.lm_head.dtype or jnp.bfloat16  # nnx.Linear's compute dtype
-            return _tiled_logits(h.astype(dtype), kernel, dtype).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+        head = self.lm_head  # OutInDense, or its int8 / LoRA-wrapped stand-in
+        if isinstance(head, OutInDense) and head.weight[...].dtype == PACKED_BF16:
+            dtype = head.dtype or jnp.bfloat16  # OutInDense's compute dtype
+            return _tiled_logits(h.astype(dtype), head.weight[...], dtype).astype(jnp.float32)
+        return head(h).astype(jnp.float32)
 
     def hidden(
         self,

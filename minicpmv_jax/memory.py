@@ -147,9 +147,13 @@ def plan(
     params = 0
     for name, pshape, pdtype, names in param_inventory(config):
         itemsize = (pdt or jnp.dtype(pdtype)).itemsize
-        if qcfg is not None and name.endswith(".kernel") and qcfg.selects(name[: -len(".kernel")]):
-            itemsize = 1  # int8 kernel [(L,) in, out] + float32 scale [(L,) out]
-            scale_shape, scale_names = pshape[:-2] + pshape[-1:], names[:-2] + names[-1:]
+        module, _, leaf = name.rpartition(".")
+        if qcfg is not None and leaf in quant_lib.OUT_AXIS and qcfg.selects(module):
+            # int8 kernel [(L,) in, out] (torch-layout weight [(L,) out, in]) + float32 scale
+            axis = quant_lib.OUT_AXIS[leaf]
+            itemsize = 1
+            scale_shape = quant_lib.scale_shape(pshape, axis)
+            scale_names = tuple(names)[:-2] + (tuple(names)[axis],)
             params += _shard_elems(scale_shape, scale_names, shape, rules) * 4
         params += _shard_elems(pshape, names, shape, rules) * itemsize
 

@@ -1,8 +1,9 @@
 """Int8 weight-only quantization with per-output-channel scales.
 
 `quant="int8"` (in `MiniCPMV.from_pretrained`, `MiniCPMV.from_config` and the orbax converter)
-replaces every dense layer of the LLM decoder and the `lm_head` by an `Int8Dense`; `"int8+vision"`
-also quantizes the vision tower's encoder layers. The token embedding table, the norms, the
+replaces every dense layer of the LLM decoder by an `Int8Dense` and the `lm_head` (a torch-layout
+`layers.OutInDense`) by an `Int8OutInDense`; `"int8+vision"` also quantizes the vision tower's
+encoder layers. The token embedding table, the norms, the
 resampler and the vision patch embedding stay in the model's dtype (they are small, or gathered
 rather than multiplied).
 
@@ -10,14 +11,17 @@ rather than multiplied).
     kernel_scale [out] float32     = max_in |W[:, j]| / 127          (symmetric absmax)
     y = (x @ kernel.astype(dtype)) * kernel_scale (+ bias)
 
+and for a torch-layout `weight` [out, in] the same per output channel (row): `weight` int8
+[out, in], `weight_scale` [out] = max_in |W[j, :]| / 127, y = (x W^T) * weight_scale.
+
 The int8 kernel is converted to the compute dtype inside the jitted matmul and the scale is applied
 to the [.., out] result after the dot (one multiply per output, not per weight), so the weights
 cross HBM as int8: half the bytes of bfloat16, which is what bounds single-stream decoding.
 
 Quantization happens on the host while loading (`quantize_kernel` on each tensor as it is read,
 see weights.py), so the float model never exists on the device. Quantized modules keep the
-checkpoint-key layout (`...q_proj.kernel` is the int8 `q_proj.weight` transposed) plus one
-`...q_proj.kernel_scale` leaf, so checkpoint.py saves and restores them group by group and
+checkpoint-key layout (`...q_proj.kernel` is the int8 `q_proj.weight` transposed, `lm_head.weight`
+the int8 `lm_head.weight`) plus one `...q_proj.kernel_scale` (`lm_head.weight_scale`) leaf, so checkpoint.py saves and restores them group by group and
 sharding applies the kernel's logical names (the scale takes the output axis name).
 
 Why not a library: qwix 0.1.8 (Google's JAX quantization library; installs and runs with jax
@@ -34,6 +38,7 @@ here is the standard one (AQT / MaxText "int8 weight-only", per-channel absmax),
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -43,7 +48,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from minicpmv_jax.layers import OutInDense
+
 SCALE = "kernel_scale"  # leaf name of the per-channel scale next to its int8 `kernel`
+# The int8 weight leaves and the axis of their output channels: the `kernel` [(L,) in, out] of an
+# nnx.Linear, the `weight` [(L,) out, in] of a layers.OutInDense (torch's layout). The scale of
+# leaf `x` is the leaf `x_scale` [(L,) out] next to it.
+OUT_AXIS = {"kernel": -1, "weight": -2}
+SCALES = tuple(f"{leaf}_scale" for leaf in OUT_AXIS)
 QMAX = 127  # symmetric range [-127, 127]: -128 is never used, so -q is always representable
 
 
@@ -105,53 +117,73 @@ def _scales(absmax, xp):
     return scale, (1.0 / scale).astype(np.float32)
 
 
-def _quantize_host(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if w.ndim > 2:  # a layer stack [L, in, out]: each layer on its own
+def _quantize_host(w: np.ndarray, out_axis: int) -> tuple[np.ndarray, np.ndarray]:
+    if w.ndim > 2:  # a layer stack [L, in, out] / [L, out, in]: each layer on its own
         q = np.empty(w.shape, np.int8)
-        scale = np.empty(w.shape[:-2] + w.shape[-1:], np.float32)
+        scale = np.empty(scale_shape(w.shape, out_axis), np.float32)
         for i in range(w.shape[0]):
-            q[i], scale[i] = _quantize_host(w[i])
+            q[i], scale[i] = _quantize_host(w[i], out_axis)
         return q, scale
     # Row blocks: peak memory is the input, the int8 result and one float32 block (a 4.5
     # lm_head is 2.5 GB in float32; whole-array temporaries would need four more of it).
     rows = max(1, HOST_BLOCK // max(w.shape[1], 1))
     starts = range(0, w.shape[0], rows)
+    q = np.empty(w.shape, np.int8)
+    if out_axis == -2:  # [out, in]: a block of rows holds whole output channels
+        scale = np.empty(w.shape[0], np.float32)
+        for i in range(0, w.shape[0], rows):
+            block = w[i : i + rows].astype(np.float32)
+            scale[i : i + rows], inv = _scales(np.abs(block).max(axis=1), np)
+            q[i : i + rows] = np.clip(np.round(block * inv[:, None]), -QMAX, QMAX)
+        return q, scale
     absmax = np.zeros(w.shape[1], np.float32)
     for i in starts:
         np.maximum(absmax, np.abs(w[i : i + rows].astype(np.float32)).max(axis=0), out=absmax)
     scale, inv = _scales(absmax, np)
-    q = np.empty(w.shape, np.int8)
     for i in starts:
         q[i : i + rows] = np.clip(np.round(w[i : i + rows].astype(np.float32) * inv), -QMAX, QMAX)
     return q, scale
 
 
-@jax.jit
-def _quantize_device(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_device(w: jax.Array, out_axis: int) -> tuple[jax.Array, jax.Array]:
     # one fused program: no float32 copies of the whole kernel beyond what XLA needs
     w = w.astype(jnp.float32)
-    scale, inv = _scales(jnp.max(jnp.abs(w), axis=-2), jnp)  # [..., out]
-    return jnp.clip(jnp.round(w * inv[..., None, :]), -QMAX, QMAX).astype(jnp.int8), scale
+    in_axis = -3 - out_axis  # the other of the last two axes
+    scale, inv = _scales(jnp.max(jnp.abs(w), axis=in_axis), jnp)  # [..., out]
+    q = jnp.round(w * jnp.expand_dims(inv, in_axis))
+    return jnp.clip(q, -QMAX, QMAX).astype(jnp.int8), scale
 
 
-def quantize_kernel(w):
-    """Per-output-channel symmetric int8 quantization of a kernel.
+def scale_shape(shape: tuple, out_axis: int = -1) -> tuple:
+    """Shape of the per-output-channel scale of a kernel / weight of `shape`: [(L,) out]."""
+    shape = tuple(shape)
+    return shape[:-2] + (shape[out_axis],)
+
+
+def quantize_kernel(w, out_axis: int = -1):
+    """Per-output-channel symmetric int8 quantization of a kernel (or torch-layout weight).
 
     Args:
-      w: float [in, out] or a layer stack [L, in, out]: numpy (host, while loading) or jax (a
-        loaded or abstract model).
+      w: float [in, out] or a layer stack [L, in, out] (out_axis=-1, an nnx.Linear kernel);
+        [(L,) out, in] with out_axis=-2 (an OutInDense weight): numpy (host, while loading)
+        or jax (a loaded or abstract model).
+      out_axis: the axis of the output channels, -1 or -2 (`OUT_AXIS` of the leaf).
     Returns:
-      (int8 [(L,) in, out], float32 scale [(L,) out]) with w ~= q * scale per layer; the same
-      values on both paths. An all-zero channel gets scale 1.
+      (int8 of w's shape, float32 scale [(L,) out]) with w ~= q * scale per output channel
+      and layer; the same values on both paths. An all-zero channel gets scale 1.
     """
+    if out_axis not in (-1, -2):
+        raise ValueError(f"out_axis must be -1 ([in, out]) or -2 ([out, in]), got {out_axis}")
     if isinstance(w, np.ndarray):
-        return _quantize_host(w)
-    return _quantize_device(w)
+        return _quantize_host(w, out_axis)
+    return _quantize_device(w, out_axis)
 
 
-def dequantize_kernel(q, scale):
-    """float32 [(L,) in, out] = q * scale (tests, export; the model never materialises it)."""
-    return q.astype(np.float32) * np.expand_dims(scale, -2)
+def dequantize_kernel(q, scale, out_axis: int = -1):
+    """float32 q * scale per output channel, in q's layout ([(L,) in, out], or [(L,) out, in]
+    with out_axis=-2) (tests, export; the model never materialises it)."""
+    return q.astype(np.float32) * np.expand_dims(scale, -3 - out_axis)
 
 
 class Int8Dense(nnx.Module):
@@ -171,74 +203,113 @@ class Int8Dense(nnx.Module):
         """x: [..., in] -> [..., out] in the compute dtype."""
         dtype = self.dtype or x.dtype
         kernel = self.kernel[...]
-        if jax.default_backend() == "cpu":
-            y = _tiled_int8_dot(x.astype(dtype), kernel)
-        else:
-            # int8 -> compute dtype inside the jitted matmul: XLA on TPU / GPU fuses the convert
-            # into the dot's operand, so HBM holds and streams int8; accumulate in float32.
-            y = _dot(x.astype(dtype), kernel.astype(dtype))  # [..., out]
-        y = y * self.kernel_scale[...]  # per output channel, after the dot
+        y = _int8_dot(x.astype(dtype), kernel, -1) * self.kernel_scale[...]
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(dtype)
 
 
+class Int8OutInDense(nnx.Module):
+    """Drop-in for `layers.OutInDense` (torch layout) with an int8 weight [(L,) out, in] and a
+    float32 per-output-channel (per-row) scale `weight_scale` [(L,) out]."""
+
+    def __init__(self, weight: nnx.Param, weight_scale: nnx.Param, bias: nnx.Param | None, dtype):
+        self.weight = weight  # int8 [(L,) out, in], the OutInDense's logical axis names
+        self.weight_scale = weight_scale  # float32 [(L,) out]
+        self.bias = bias
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., in] -> [..., out] in the compute dtype."""
+        dtype = self.dtype or x.dtype
+        y = _int8_dot(x.astype(dtype), self.weight[...], -2) * self.weight_scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+def _int8_dot(x: jax.Array, w: jax.Array, out_axis: int) -> jax.Array:
+    """x [..., in] times an int8 kernel [in, out] (out_axis -1) or weight [out, in] (-2) ->
+    float32 [..., out], before the scale."""
+    if jax.default_backend() == "cpu":
+        return _tiled_int8_dot(x, w, out_axis)
+    # int8 -> compute dtype inside the jitted matmul: XLA on TPU / GPU fuses the convert into
+    # the dot's operand, so HBM holds and streams int8; accumulate in float32.
+    return _dot(x, w.astype(x.dtype), out_axis)
+
+
 CPU_TILE = 1 << 20  # weights per dequantized tile on CPU (4 MiB as float32)
 
 
-def _dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., in] @ kernel [in, out] -> float32 [..., out]."""
+def _dot(x: jax.Array, w: jax.Array, out_axis: int = -1) -> jax.Array:
+    """x [..., in] times w ([in, out] for out_axis -1, [out, in] for -2) -> float32 [..., out]."""
+    contract = 0 if out_axis == -1 else 1
     return jax.lax.dot_general(
-        x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        x, w, (((x.ndim - 1,), (contract,)), ((), ())), preferred_element_type=jnp.float32
     )
 
 
-def _tiled_int8_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., in] @ int8 kernel [in, out] -> float32 [..., out], dequantizing column tiles.
+def _tiled_int8_dot(x: jax.Array, w: jax.Array, out_axis: int = -1) -> jax.Array:
+    """x [..., in] times int8 w ([in, out] / [out, in] as `_dot`) -> float32 [..., out],
+    dequantizing tiles of whole output channels (columns of a kernel, rows of a weight).
 
     XLA:CPU has no fused convert + dot: it converts the whole int8 kernel to a float copy, and
     inside a decode `while_loop` it hoists that loop-invariant conversion out of the loop, so
     the compiled program holds a float copy of every quantized weight. Here the kernel is read
     in tiles of at most `CPU_TILE` weights by a `lax.map` whose index makes each slice (and its
-    conversion) loop-variant: only one float tile exists at a time. The columns left over after
-    the last whole tile (fewer than one tile) are converted directly.
+    conversion) loop-variant: only one float tile exists at a time. The channels left over
+    after the last whole tile (fewer than one tile) are converted directly.
     """
-    k_in, k_out = kernel.shape
+    axis = w.ndim + out_axis  # 1 for a kernel [in, out], 0 for a weight [out, in]
+    k_out, k_in = w.shape[axis], w.shape[1 - axis]
     cols = max(1, min(k_out, CPU_TILE // k_in))
     n = k_out // cols
     if n <= 1:
-        return _dot(x, kernel.astype(x.dtype))
+        return _dot(x, w.astype(x.dtype), out_axis)
 
     def tile(i):
-        w = jax.lax.dynamic_slice_in_dim(kernel, i * cols, cols, axis=1)
-        return _dot(x, w.astype(x.dtype))  # [..., cols]
+        t = jax.lax.dynamic_slice_in_dim(w, i * cols, cols, axis=axis)
+        return _dot(x, t.astype(x.dtype), out_axis)  # [..., cols]
 
     tiles = jax.lax.map(tile, jnp.arange(n))  # [n, ..., cols]
     y = jnp.moveaxis(tiles, 0, -2).reshape(*x.shape[:-1], n * cols)
     if n * cols < k_out:
-        y = jnp.concatenate([y, _dot(x, kernel[:, n * cols :].astype(x.dtype))], axis=-1)
+        rest = jax.lax.slice_in_dim(w, n * cols, k_out, axis=axis)
+        y = jnp.concatenate([y, _dot(x, rest.astype(x.dtype), out_axis)], axis=-1)
     return y
 
 
-def _scale_param(scale, kernel: nnx.Param) -> nnx.Param:
-    """The scale Param: the kernel's axis names without `in` ([(L,) out]), and its sharding when
-    the kernel is already placed."""
-    names = kernel.get_metadata().get("out_sharding")
-    meta = {} if names is None else {"out_sharding": tuple(names)[:-2] + tuple(names)[-1:]}
-    k = kernel[...]
+def _scale_param(scale, weight: nnx.Param, out_axis: int) -> nnx.Param:
+    """The scale Param: the weight's axis names without `in` ([(L,) out]), and its sharding
+    when the weight is already placed."""
+
+    def drop_in(axes):  # [(L,) in, out] / [(L,) out, in] -> [(L,) out]
+        axes = tuple(axes)
+        return axes[:-2] + (axes[out_axis],)
+
+    names = weight.get_metadata().get("out_sharding")
+    meta = {} if names is None else {"out_sharding": drop_in(names)}
+    k = weight[...]
     sharding = getattr(k, "sharding", None)  # tracers have none: get_abstract_model places them
     if isinstance(sharding, NamedSharding):
         spec = tuple(sharding.spec) + (None,) * (k.ndim - len(sharding.spec))
-        scale = jax.device_put(scale, NamedSharding(sharding.mesh, P(*spec[:-2], spec[-1])))
+        scale = jax.device_put(scale, NamedSharding(sharding.mesh, P(*drop_in(spec))))
     # eager_sharding=False: placed above (or by get_abstract_model), no mesh context needed
     return nnx.Param(scale, eager_sharding=False, **meta)
 
 
-def int8_dense(linear: nnx.Linear) -> Int8Dense:
-    """Quantize one nnx.Linear (concrete or abstract, e.g. inside `nnx.get_abstract_model`)."""
+def int8_dense(linear: nnx.Linear | OutInDense) -> Int8Dense | Int8OutInDense:
+    """Quantize one nnx.Linear or layers.OutInDense (concrete or abstract, e.g. inside
+    `nnx.get_abstract_model`)."""
+    if isinstance(linear, OutInDense):
+        q, scale = quantize_kernel(linear.weight[...], out_axis=-2)
+        return Int8OutInDense(
+            linear.weight.replace(q), _scale_param(scale, linear.weight, -2), linear.bias,
+            linear.dtype,
+        )  # fmt: skip
     q, scale = quantize_kernel(linear.kernel[...])
     return Int8Dense(
-        linear.kernel.replace(q), _scale_param(scale, linear.kernel), linear.bias, linear.dtype
+        linear.kernel.replace(q), _scale_param(scale, linear.kernel, -1), linear.bias, linear.dtype
     )
 
 
@@ -247,7 +318,8 @@ def _name(path) -> str:
 
 
 def quantize_module(module: nnx.Module, quant: str | QuantConfig | None) -> nnx.Module:
-    """Replace the selected `nnx.Linear` layers of `module` by `Int8Dense`, in place.
+    """Replace the selected `nnx.Linear` (`OutInDense`) layers of `module` by `Int8Dense`
+    (`Int8OutInDense`), in place.
 
     Works on a loaded model and, inside `nnx.get_abstract_model`, on an abstract one (the target
     of a quantized load or restore). Returns `module`.
@@ -258,7 +330,7 @@ def quantize_module(module: nnx.Module, quant: str | QuantConfig | None) -> nnx.
     targets = [
         (path, node)
         for path, node in nnx.iter_graph(module)
-        if isinstance(node, nnx.Linear) and path and cfg.selects(_name(path))
+        if isinstance(node, (nnx.Linear, OutInDense)) and path and cfg.selects(_name(path))
     ]
     for path, linear in targets:
         parent = module
@@ -277,15 +349,31 @@ def quantize_module(module: nnx.Module, quant: str | QuantConfig | None) -> nnx.
 # ------------------------------------------------------------------------------------------------
 
 
-def is_scale_path(path) -> bool:
-    """True for a `...kernel_scale` leaf (filled from its kernel's float tensor)."""
+def _leaf(path) -> str:
+    if isinstance(path, str):
+        return path.rpartition(".")[2]
     last = path[-1] if path else None
-    return str(getattr(last, "key", last)) == SCALE
+    return str(getattr(last, "key", last))
+
+
+def is_scale_path(path) -> bool:
+    """True for a `...kernel_scale` / `...weight_scale` leaf (filled from its weight's float
+    tensor); `path` is a state path or a dotted name."""
+    return _leaf(path) in SCALES
 
 
 def scale_path(kernel_path: tuple) -> tuple:
-    """The state path of a quantized kernel's scale."""
-    return tuple(kernel_path[:-1]) + (SCALE,)
+    """The state path of a quantized kernel's (weight's) scale."""
+    return tuple(kernel_path[:-1]) + (f"{_leaf(kernel_path)}_scale",)
+
+
+def out_axis(path) -> int:
+    """Axis of the output channels of an int8 leaf (`OUT_AXIS`): -1 for a `kernel`, -2 for a
+    torch-layout `weight`; `path` is a state path or a dotted name."""
+    leaf = _leaf(path)
+    if leaf not in OUT_AXIS:
+        raise ValueError(f"{path}: not a dense weight leaf (expected one of {sorted(OUT_AXIS)})")
+    return OUT_AXIS[leaf]
 
 
 def is_int8(dtype: Any) -> bool:
@@ -294,7 +382,7 @@ def is_int8(dtype: Any) -> bool:
 
 def _from_names(names) -> QuantConfig | None:
     """The QuantConfig implied by the dotted parameter names that end in `kernel_scale`."""
-    scales = [n for n in names if n.endswith("." + SCALE)]
+    scales = [n for n in names if is_scale_path(n)]
     if not scales:
         return None
     return QuantConfig(
@@ -351,14 +439,16 @@ def read_quantized(items, read) -> list[tuple[tuple, np.ndarray]]:
         dtype, shape = var.get_value().dtype, tuple(var.get_value().shape)
         if not is_int8(dtype):
             out.append((path, read(path, dtype, None)))
-        elif len(shape) == 2:  # one kernel [in, out]
-            q, scales[scale_path(path)] = quantize_kernel(read(path, np.float32, None))
+        elif len(shape) == 2:  # one kernel [in, out] (weight [out, in])
+            axis = out_axis(path)
+            q, scales[scale_path(path)] = quantize_kernel(read(path, np.float32, None), axis)
             out.append((path, q))
-        else:  # a layer stack [L, in, out], layer by layer: one float32 layer in memory
+        else:  # a layer stack [L, ...], layer by layer: one float32 layer in memory
+            axis = out_axis(path)
             q = np.empty(shape, np.int8)
-            scale = np.empty(shape[:-2] + shape[-1:], np.float32)
+            scale = np.empty(scale_shape(shape, axis), np.float32)
             for i in range(shape[0]):
-                q[i], scale[i] = quantize_kernel(read(path, np.float32, i))
+                q[i], scale[i] = quantize_kernel(read(path, np.float32, i), axis)
             out.append((path, q))
             scales[scale_path(path)] = scale
     order = {tuple(p): i for i, (p, _) in enumerate(items)}

@@ -1,9 +1,10 @@
 """safetensors -> model: the name rule, the exception table and the tensor transforms.
 
 Name rule: the attribute path of a parameter is its checkpoint key. `...kernel` is the
-`...weight` of a torch Linear transposed ((out, in) -> (in, out)); `bias` stays `bias`; norm
-`scale` and embedding tables are `weight`. `EXCEPTIONS` lists the tensors that do not follow the
-rule.
+`...weight` of a torch Linear transposed ((out, in) -> (in, out)); a `...weight` (the torch-layout
+linear layers, `layers.OutInDense`: the LLM's `lm_head`) is that tensor as stored, no transpose;
+`bias` stays `bias`; norm `scale` and embedding tables are `weight`. `EXCEPTIONS` lists the
+tensors that do not follow the rule.
 
 Layer stacks: the decoder layers (`llm.model.layers`) and vision encoder layers
 (`vpm.encoder.layers`) are stacked (llm.py, vision.py): the parameter
@@ -142,7 +143,8 @@ def hf_source(path: Iterable[Any] | str) -> tuple[str, Transform, Callable[[tupl
         return f"{prefix}.weight", _transpose, lambda s: tuple(reversed(s))
     if leaf in ("scale", "embedding"):
         return f"{prefix}.weight", _identity, lambda s: s
-    return name, _identity, lambda s: s  # bias, raw params (resampler.query)
+    # bias, a torch-layout `weight` [out, in] (layers.OutInDense), raw params (resampler.query)
+    return name, _identity, lambda s: s
 
 
 def hf_name_and_inverse(
@@ -482,14 +484,15 @@ def load_safetensors(
             # one aligned host buffer, filled one checkpoint tensor at a time; int8 layers are
             # quantized on the host, so the float weight never moves
             arr = aligned_empty(shape, sds.dtype)
-            scale = np.empty(shape[:-2] + shape[-1:], np.float32) if int8 else None
+            axis = quant.out_axis(path) if int8 else None  # output channels: kernel or weight
+            scale = np.empty(quant.scale_shape(shape, axis), np.float32) if int8 else None
             for i, layer_name in layers:
                 name, transform, _ = hf_source(layer_name)
                 raw, mapped = _source(src, maps, name)
                 w = transform(raw)
                 at = ... if i is None else i
                 if int8:
-                    w, scale[at] = quant.quantize_kernel(w)
+                    w, scale[at] = quant.quantize_kernel(w, axis)
                 copy_into(arr[at], w)
                 del w, raw
                 if mapped is not None:

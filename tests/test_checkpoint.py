@@ -63,7 +63,7 @@ def test_restore_casts_dtype_and_checks_shapes(tmp_path):
     src = _load(CKPT, None)
     out = checkpoint.save(tmp_path / "f32", src, side_files_from=CKPT, progress=False)
     half = _load(out, make_mesh((1, 1, 8)), dtype="bfloat16")
-    leaf = half.state["llm"]["lm_head"]["kernel"].get_value()
+    leaf = half.state["llm"]["lm_head"]["weight"].get_value()
     assert leaf.dtype == jax.numpy.bfloat16
     # a config that does not match the stored parameters: one clear error
     cfg = json.loads((out / "config.json").read_text())
@@ -112,3 +112,50 @@ def test_refuses_to_overwrite(tmp_path):
     out.mkdir()
     with pytest.raises(CheckpointError, match="exists"):
         to_orbax.convert(CKPT, out, progress=False)
+
+
+def _in_previous_layout(state: nnx.State) -> nnx.State:
+    """A parameter state as checkpoints stored it before the torch-layout lm_head: the
+    weight [V, D] as an nnx.Linear's `kernel` [D, V] (an int8 scale as `kernel_scale`)."""
+    leaves = []
+    for path, var in nnx.to_flat_state(state):
+        leaf = str(path[-1])
+        if path[:2] == ("llm", "lm_head") and leaf in checkpoint.PREVIOUS_LEAVES:
+            value = np.asarray(var.get_value())
+            path = path[:-1] + (checkpoint.PREVIOUS_LEAVES[leaf],)
+            var = nnx.Param(value.T if leaf == "weight" else value)
+        leaves.append((path, var))
+    return nnx.from_flat_state(leaves)
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_previous_lm_head_layout_restores_transposed(tmp_path, quant):
+    """An orbax folder written when the lm_head was stored [D, V] (`llm.lm_head.kernel`, int8:
+    plus `kernel_scale`) restores into today's [V, D] weight, on another mesh: every array equal
+    to the source model's, with the rule sharding."""
+    from minicpmv_jax.model import MiniCPMV
+
+    kw = {"dtype": "float32", "progress": False, "load_processor": False, "quant": quant}
+    src = MiniCPMV.from_pretrained(CKPT, mesh=make_mesh((1, 1, 1)), **kw)
+    old = _in_previous_layout(src.state)
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(old)}
+    assert "llm.lm_head.kernel" in names and "llm.lm_head.weight" not in names
+    out = checkpoint.save(tmp_path / "old", old, side_files_from=CKPT, progress=False)
+    mesh = make_mesh((1, 2, 4))
+    dst = MiniCPMV.from_pretrained(out, mesh=mesh, **kw)
+    a, b = _flat(src), _flat(dst)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    rules = sharding.rules_for(dst.config, mesh)
+    head = dst.state["llm"]["lm_head"]["weight"]
+    want = sharding.named(mesh, sharding.logical_names(head), head.get_value().shape, rules)
+    assert head.get_value().sharding.is_equivalent_to(want, 2)
+    # a stored shape that fits neither layout is still reported, naming the parameter
+    broken = _in_previous_layout(src.state)
+    kernel = broken["llm"]["lm_head"]["kernel"]
+    kernel.set_value(np.asarray(kernel.get_value())[:, :-1])
+    out = checkpoint.save(tmp_path / "broken", broken, side_files_from=CKPT, progress=False)
+    shape = r"\(\d+, \d+\)"
+    with pytest.raises(CheckpointError, match=rf"llm\.lm_head\.weight: .*kernel has shape {shape}"):
+        MiniCPMV.from_pretrained(out, mesh=mesh, **kw)

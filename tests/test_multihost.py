@@ -54,7 +54,7 @@ def worker(process_id: int, port: int, out: pathlib.Path) -> None:
 
     model = MiniCPMV.from_pretrained(folder / "checkpoint", mesh=make_mesh((2, 2, 2)), **kw)
     # global arrays: this process holds only the shards of its own 4 devices
-    lm_head = model.state["llm"]["lm_head"]["kernel"].get_value()
+    lm_head = model.state["llm"]["lm_head"]["weight"].get_value()
     assert not lm_head.is_fully_addressable and len(lm_head.addressable_shards) == 4
     np.save(out / f"logits_a_{process_id}.npy", model.prompt_logits(batch))
 

@@ -15,7 +15,7 @@ from model_inputs import PATCH_BUCKETS, batch_from_case
 
 from minicpmv_jax import checkpoint, quant, sharding
 from minicpmv_jax.batching import Buckets
-from minicpmv_jax.layers import dense
+from minicpmv_jax.layers import OutInDense, dense
 from minicpmv_jax.sharding import make_mesh
 from minicpmv_jax.versions import parse as parse_version
 
@@ -114,23 +114,76 @@ def test_quantize_layer_stack_per_layer():
         np.testing.assert_array_equal(deq[2], quant.dequantize_kernel(*per_layer[2]))
 
 
-def _linear(bias: bool, k_out: int = 24):
+def test_quantize_weight_layout_is_the_kernel_layout_transposed(monkeypatch):
+    """A torch-layout weight [(L,) out, in] (out_axis=-2) quantizes per row: the kernel
+    layout's int8 values and scales of W^T, transposed (host in row blocks, and device)."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(3, 40, 24)).astype(np.float32) * rng.uniform(0.01, 10, size=(3, 1, 24))
+    w[1, :, 7] = 0.0
+    want_q, want_s = quant.quantize_kernel(w)  # kernels [L, in, out]
+    monkeypatch.setattr(quant, "HOST_BLOCK", 100)  # several row blocks per layer
+    wt = np.ascontiguousarray(np.swapaxes(w, -1, -2))  # weights [L, out, in]
+    for q, scale in (quant.quantize_kernel(wt, -2), quant.quantize_kernel(jnp.asarray(wt), -2)):
+        np.testing.assert_array_equal(np.swapaxes(np.asarray(q), -1, -2), want_q)
+        np.testing.assert_array_equal(np.asarray(scale), want_s)
+    np.testing.assert_array_equal(
+        quant.dequantize_kernel(*quant.quantize_kernel(wt, -2), -2),
+        np.swapaxes(quant.dequantize_kernel(want_q, want_s), -1, -2),
+    )
+    with pytest.raises(ValueError, match="out_axis"):
+        quant.quantize_kernel(w, 0)
+
+
+def _linear(bias: bool, k_out: int = 24, *, out_in: bool = False):
+    """A 32 -> k_out layer: nnx.Linear (kernel [in, out]) or OutInDense (weight [out, in])."""
     with jax.set_mesh(make_mesh()), nnx.logical_axis_rules(sharding.RULES):
+        if out_in:
+            return OutInDense(
+                32, k_out, ("mlp", "embed"), dtype=jnp.float32, param_dtype=jnp.float32,
+                rngs=nnx.Rngs(0), bias=bias,
+            )  # fmt: skip
         return dense(
             32, k_out, ("embed", "mlp"), dtype=jnp.float32, param_dtype=jnp.float32,
             rngs=nnx.Rngs(0), bias=bias,
         )  # fmt: skip
 
 
+def _dequantized(layer) -> np.ndarray:
+    """The float kernel [in, out] an int8 layer stands for (either layout)."""
+    if isinstance(layer, quant.Int8OutInDense):
+        w = quant.dequantize_kernel(
+            np.asarray(layer.weight[...]), np.asarray(layer.weight_scale[...]), -2
+        )
+        return w.T
+    return quant.dequantize_kernel(
+        np.asarray(layer.kernel[...]), np.asarray(layer.kernel_scale[...])
+    )
+
+
+def test_out_in_dense_is_x_times_weight_transposed():
+    """OutInDense: y = x W^T + b with W [out, in] as stored (numpy reference)."""
+    layer = _linear(True, out_in=True)
+    layer.bias[...] = jnp.linspace(-1, 1, 24)
+    assert layer.weight[...].shape == (24, 32)
+    x = jax.random.normal(jax.random.key(1), (2, 3, 32))
+    want = np.asarray(x) @ np.asarray(layer.weight[...]).T + np.asarray(layer.bias[...])
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(layer(x)), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("out_in", [False, True], ids=["kernel", "weight"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_dense_equals_dequantized_matmul(bias):
-    linear = _linear(bias)
+def test_int8_dense_equals_dequantized_matmul(bias, out_in):
+    linear = _linear(bias, out_in=out_in)
     if bias:
         linear.bias[...] = jnp.linspace(-1, 1, 24)
     layer = quant.int8_dense(linear)
-    assert layer.kernel[...].dtype == jnp.int8
+    assert isinstance(layer, quant.Int8OutInDense if out_in else quant.Int8Dense)
+    int8 = layer.weight if out_in else layer.kernel
+    assert int8[...].dtype == jnp.int8
+    assert int8[...].shape == ((24, 32) if out_in else (32, 24))
     x = jax.random.normal(jax.random.key(1), (2, 3, 32))
-    w = quant.dequantize_kernel(np.asarray(layer.kernel[...]), np.asarray(layer.kernel_scale[...]))
+    w = _dequantized(layer)
     want = np.asarray(x) @ w + (np.asarray(linear.bias[...]) if bias else 0)
     with jax.default_matmul_precision("highest"):
         got = layer(x)
@@ -157,13 +210,15 @@ def test_scale_is_applied_after_the_dot():
     assert muls and all(tuple(m.outvars[0].aval.shape) == (2, 24) for m in muls)
 
 
+@pytest.mark.parametrize("out_in", [False, True], ids=["kernel", "weight"])
 @pytest.mark.parametrize("k_out", [64, 70])  # 70: 4 whole tiles of 16 columns + 6 left over
-def test_tiled_cpu_dot_equals_dequantized_matmul(monkeypatch, k_out):
-    """The CPU path (int8 column tiles converted one at a time) equals x @ (q * scale)."""
-    monkeypatch.setattr(quant, "CPU_TILE", 32 * 16)  # 16 columns of a 32-row kernel per tile
-    layer = quant.int8_dense(_linear(False, k_out))
+def test_tiled_cpu_dot_equals_dequantized_matmul(monkeypatch, k_out, out_in):
+    """The CPU path (int8 tiles of output channels, kernel columns or weight rows, converted
+    one at a time) equals x @ (q * scale)."""
+    monkeypatch.setattr(quant, "CPU_TILE", 32 * 16)  # 16 output channels of 32 inputs per tile
+    layer = quant.int8_dense(_linear(False, k_out, out_in=out_in))
     x = jax.random.normal(jax.random.key(1), (2, 3, 32))
-    w = quant.dequantize_kernel(np.asarray(layer.kernel[...]), np.asarray(layer.kernel_scale[...]))
+    w = _dequantized(layer)
     with jax.default_matmul_precision("highest"):
         got = jax.jit(lambda x: layer(x))(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(x) @ w, rtol=1e-5, atol=1e-5)
@@ -305,6 +360,10 @@ def test_sharded_int8_matches_one_device():
     q = "llm.model.layers.self_attn.q_proj"  # stacked [L, in, out]: L replicated
     assert specs[f"{q}.kernel"] == str(jax.sharding.PartitionSpec(None, "fsdp", "tensor"))
     assert specs[f"{q}.kernel_scale"] == str(jax.sharding.PartitionSpec(None, "tensor"))
+    # lm_head [V, D] (torch layout): its scale [V] takes the vocabulary axis's sharding
+    head = many.state["llm"]["lm_head"]
+    weight_spec = tuple(head["weight"].get_value().sharding.spec) + (None, None)
+    assert specs["llm.lm_head.weight_scale"] == str(jax.sharding.PartitionSpec(weight_spec[0]))
     batch = _batch(_cases("minicpm-v-2_6")[0])
     np.testing.assert_allclose(many.prompt_logits(batch), one.prompt_logits(batch), atol=1e-4)
 

@@ -12,6 +12,7 @@ import functools
 import json
 import threading
 
+import jax
 import numpy as np
 import pytest
 from conftest import FIXTURES
@@ -267,6 +268,104 @@ def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(engine26):
     assert engine26.stats().compilations_after_start == 0
 
 
+def test_decode_bucket_changes_mid_answer_keep_answers_exact(engine26, monkeypatch):
+    """Requests arrive and finish while others decode, so a running answer is stepped in row
+    buckets of 2, 1, 4 and back (4 slots: buckets 1, 2, 4) and is moved down to slot 0 when the
+    row below it frees; greedy answers still equal each request alone, and a seeded sampled
+    answer equals chat()'s seeded sampling of it alone. Decode steps are let through one by one
+    (a gate on the engine's step) so the order of events does not depend on thread timing."""
+    v = "minicpm-v-2_6"
+    model = engine26.model
+    assert engine26.decode_buckets == (1, 2, 4)
+    gate, arrived = threading.Semaphore(0), threading.Semaphore(0)
+    step = engine26._step
+
+    def gated():  # the loop has admitted and compacted; it waits here before each step
+        arrived.release()
+        gate.acquire()
+        step()
+
+    def step_once():  # one decode step, then the next round of admissions and moves
+        gate.release()
+        assert arrived.acquire(timeout=TIMEOUT)
+
+    monkeypatch.setattr(engine26, "_step", gated)
+    sampled = {"temperature": 0.9, "top_p": 0.9, "top_k": 40}
+    a = case_request(v, "text_only", 6)
+    c = case_request(v, "greedy_rep_penalty", 30, repetition_penalty=1.2)
+    d = case_request(v, "text_only", 20, seed=7, **sampled)
+    e = case_request(v, "mask_id0_text_only", 12)
+    before = engine26.stats()
+    try:
+        ha = engine26.submit(a)  # slot 0
+        assert arrived.acquire(timeout=TIMEOUT)
+        hc = engine26.submit(c)
+        step_once()  # bucket 1; then c takes slot 1
+        for _ in range(4):  # bucket 2: a's last token
+            step_once()
+        fin_a = ha.result(TIMEOUT)
+        s = engine26.stats()  # c (slot 1) alone was moved to slot 0: bucket 1
+        assert s.rows_moved == before.rows_moved + 1 and s.active_slots == 1
+        for _ in range(3):  # bucket 1
+            step_once()
+        hd, he = engine26.submit(d), engine26.submit(e)
+        step_once()  # then d and e take slots 1 and 2: bucket 4, later 2 and 1
+        gate.release(10_000)
+        results = {"c": collect(hc), "d": collect(hd), "e": collect(he)}
+    finally:
+        gate.release(10_000)
+    fin_c, got_c, _ = results["c"]
+    want_a = alone(model, a)
+    assert fin_a.completion_tokens == len(want_a)
+    assert got_c == alone(model, c)
+    assert fin_c.text == postprocess(np.asarray(got_c), model.processor)
+    assert fin_a.text == postprocess(np.asarray(want_a), model.processor)
+    assert results["e"][1] == alone(model, e)
+    assert results["d"][1] == alone(model, d, sampling=True, seed=7, **sampled)
+    after = engine26.stats()
+    steps = {b: after.decode_steps.get(b, 0) - before.decode_steps.get(b, 0) for b in (1, 2, 4)}
+    assert all(n > 0 for n in steps.values()), steps
+    assert after.compilations_after_start == 0 and after.active_slots == 0
+
+
+def test_decode_step_updates_the_cache_in_place():
+    """The compiled decode step of a small row bucket aliases the donated slot cache to its
+    output and needs less scratch memory than one row of that cache (no copy of the cache per
+    step); the scratch grows with the bucket (it holds the attended layer's rows)."""
+    from minicpmv_jax.serve import slots as slot_programs
+
+    model = load_model("minicpm-v-2_6")
+    s = model.sampler
+    rows, max_len = 8, 2048
+    step = jax.jit(slot_programs.decode_step, static_argnums=0,
+                   static_argnames=("terminators", "active"), donate_argnums=(2, 3))  # fmt: skip
+    with s.context():
+        cache = slot_programs.SlotCache.init(s.llm_config, rows, max_len, s.cache_dtype)
+        state = slot_programs.SlotState.init(rows, s.llm_config.vocab_size)
+        memory = {
+            a: step.lower(s.graphdef, s.state, cache, state, terminators=(0,), active=a)
+            .compile()
+            .memory_analysis()
+            for a in (1, rows)
+        }
+    nbytes = cache.k.nbytes + cache.v.nbytes
+    for m in memory.values():
+        assert m.alias_size_in_bytes >= nbytes
+    assert memory[1].temp_size_in_bytes < nbytes / rows
+    assert memory[rows].temp_size_in_bytes > 4 * memory[1].temp_size_in_bytes
+
+
+def test_decode_buckets_are_checked(engine26):
+    model = engine26.model
+    assert Engine(model, slots=16, max_len=MAX_LEN).decode_buckets == (1, 2, 4, 8, 16)
+    assert Engine(model, slots=6, max_len=MAX_LEN).decode_buckets == (1, 2, 4, 6)
+    assert Engine(model, slots=1, max_len=MAX_LEN).decode_buckets == (1,)
+    assert Engine(model, slots=8, max_len=MAX_LEN, decode_buckets=(4,)).decode_buckets == (4, 8)
+    for bad in ((0,), (9,), (2.5,)):
+        with pytest.raises(MiniCPMVError, match="decode_buckets"):
+            Engine(model, slots=8, max_len=MAX_LEN, decode_buckets=bad)
+
+
 def test_cancel_frees_the_slot_and_the_queue_is_bounded(engine26):
     v = "minicpm-v-2_6"
     long = case_request(v, "text_only", MAX_LEN - 60, repetition_penalty=1.3)
@@ -339,6 +438,16 @@ def test_behind_the_http_server(engine26):
                                                 temperature=0, stream=True)  # fmt: skip
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == ref
+        # /metrics: the engine's decode steps by row bucket (one request at a time: bucket 1)
+        parser = pytest.importorskip("prometheus_client.parser")
+        import httpx
+
+        body = httpx.get(url + "/metrics", timeout=TIMEOUT).text
+        families = {f.name: f for f in parser.text_string_to_metric_families(body)}
+        steps = {s.labels["rows"]: s.value for s in families["minicpmv_decode_steps"].samples}
+        assert set(steps) == {"1", "2", "4"} and steps["1"] > 0
+        assert families["minicpmv_decode_rows"].samples[0].value == 1
+        assert families["minicpmv_slot_moves"].samples[0].value == engine26.stats().rows_moved
     assert engine26.stats().compilations_after_start == 0
 
 

@@ -340,6 +340,8 @@ def test_cli_serve_refuses_before_loading(monkeypatch, capsys, tmp_path):
         (["--slots", "0"], "--slots must be positive, got 0"),
         (["--allow-local-files", str(tmp_path / "nope")], "not a directory"),
         (["--mesh", "1,2"], "--mesh 1,2"),
+        (["--decode-buckets", "1,x"], "--decode-buckets: '1,x' is not a comma-separated list"),
+        (["--slots", "4", "--decode-buckets", "2,8"], "outside [1, --slots=4]"),
     ):
         assert cli.main(["serve", "--model", ckpt, *extra]) == 2
         assert match in capsys.readouterr().err

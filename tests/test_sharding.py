@@ -140,7 +140,7 @@ def test_check_divisible_names_the_parameter():
         _, abstract = nnx.get_abstract_model(
             lambda: MiniCPMVModule(_config(), rngs=nnx.Rngs(0)), mesh
         )
-    with pytest.raises(ShardingError, match=r"llm\.lm_head\.kernel .*423 % 8"):
+    with pytest.raises(ShardingError, match=r"llm\.lm_head\.weight .*423 % 8"):
         sharding.check_divisible(abstract)
 
 
@@ -189,7 +189,7 @@ def test_mesh_matches_single_device(shape):
         assert value.sharding.is_equivalent_to(want, value.ndim), (path, value.sharding)
     specs = sharding.describe(model.state)
     if shape == (1, 1, 8):  # vocab 423, 4 heads, 2 KV heads: replicated over tensor
-        assert specs["llm.lm_head.kernel"] == "P('fsdp', None)"
+        assert specs["llm.lm_head.weight"] == "P(None, 'fsdp')"  # [V, D]
         layer = "llm.model.layers."  # stacked: the leading layer axis is replicated
         assert specs[layer + "self_attn.k_proj.kernel"] == "P(None, 'fsdp', None)"
         assert specs[layer + "mlp.up_proj.kernel"] == "P(None, 'fsdp', 'tensor')"

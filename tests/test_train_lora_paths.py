@@ -56,17 +56,30 @@ def test_lora_linear_matches_numpy_with_its_mask():
     np.testing.assert_allclose(undropped, x @ w + bias + s * (x @ a.T) @ b.T, rtol=1e-5, atol=1e-5)
 
 
-def test_input_path_equals_weight_delta():
-    """rate 0: the LoraLinear graph gives the weight-delta logits on the fixture batch (1e-5)."""
+@pytest.mark.parametrize("head", [False, True], ids=["attention", "attention+lm_head"])
+def test_input_path_equals_weight_delta(head):
+    """rate 0: the LoraLinear graph gives the weight-delta logits on the fixture batch (1e-5);
+    also with the lm_head (a torch-layout weight [V, D]) as a target, whose delta is s * B A
+    (numpy)."""
     model = load_train_model(VERSION)
     prepared = prepare_batch(model, train.collate(batch_rows(VERSION, model)))
     arrays, num_groups = device_arrays(prepared), prepared["num_groups"]
-    cfg = L.LoraConfig(r=4, alpha=8)
+    target = f"(?:{L.DEFAULT_TARGET})|llm\\.lm_head" if head else L.DEFAULT_TARGET
+    cfg = L.LoraConfig(r=4, alpha=8, target_modules=target)
     state, graphdef = model.state, model.graphdef
     targets = L.lora_targets(state, cfg)
+    assert ("llm.lm_head" in {t.name for t in targets}) == head
     lora = L.init_lora(state, cfg, seed=1)
     for i, ab in enumerate(lora.values()):  # a trained-looking B (fresh LoRA has B = 0)
         ab["B"] = 0.1 * jax.random.normal(jax.random.key(i), ab["B"].shape)
+    if head:
+        w = np.asarray(state["llm"]["lm_head"]["weight"].get_value())  # [V, D]
+        ab = lora["llm.lm_head"]
+        assert ab["A"].shape == (4, w.shape[1]) and ab["B"].shape == (w.shape[0], 4)
+        merged = L.apply_lora(state, targets, lora, cfg.scaling)
+        got = np.asarray(merged["llm"]["lm_head"]["weight"].get_value())
+        want = w + cfg.scaling * np.asarray(ab["B"]) @ np.asarray(ab["A"])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     groups = L.lora_groups(targets, state)
     graph = L.lora_graph(graphdef, [state], groups, cfg.r, rate=0.0, scaling=cfg.scaling)
 

@@ -231,6 +231,20 @@ def test_round_trip_bf16_is_bit_exact():
         np.testing.assert_array_equal(back[k].view(np.uint16), want.view(np.uint16), err_msg=k)
 
 
+def test_lm_head_is_the_checkpoint_tensor_as_stored():
+    """The lm_head keeps torch's layout: `llm.lm_head.weight` [V, D] is the checkpoint tensor
+    itself (no transpose), and the logits are h W^T (numpy reference, float32)."""
+    want = _src_tensors()["llm.lm_head.weight"].astype(np.float32)
+    ref = reference()
+    assert "llm.lm_head.kernel" not in ref
+    np.testing.assert_array_equal(ref["llm.lm_head.weight"], want)
+    model = _load(SRC)
+    h = np.random.default_rng(0).normal(size=(2, 3, want.shape[1])).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        got = model.module.llm.logits(jnp.asarray(h))
+    np.testing.assert_allclose(np.asarray(got), h @ want.T, rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_under_official_names():
     """to_hf_state_dict maps a gradient tree of the stacked layout to the official per-layer
     tensors: loss = sum_l (l + 1) * sum(q_proj kernel of layer l) has gradient l + 1 in

@@ -10,17 +10,27 @@
    request's prefill runs alone (batch 1, the bucketed prefill program of ``generate.py``: vision
    tower, resampler, LLM) into a batch-1 cache, ``slots.insert`` copies it into the free row of
    the slot cache and selects the first token.
-3. While any slot is busy, ``slots.decode_step`` advances every row by one token; the host turns
-   each row's token into text (``text.AnswerText``), checks the end of the answer (the model's
-   end-of-turn tokens, the request's stop token ids and stop strings, ``max_tokens``) and frees a
-   finished or cancelled row at once, to be refilled before the next step.
+3. While any slot is busy, ``slots.decode_step`` advances the busy rows by one token; the host
+   turns each row's token into text (``text.AnswerText``), checks the end of the answer (the
+   model's end-of-turn tokens, the request's stop token ids and stop strings, ``max_tokens``) and
+   frees a finished or cancelled row at once, to be refilled before the next step.
+
+Decode row buckets: a decode step costs more with more rows (on a CPU a 16-row step of MiniCPM-V
+2.6 costs about 4x a 1-row step), so the step is compiled for a few row counts (``decode_buckets``,
+default the powers of two below ``slots``, and ``slots``) and each step runs the smallest bucket
+that holds every busy row: rows [0, bucket) of the slot cache, read and written in place. To keep
+that bucket small, a request takes the lowest free slot, and when a finished request leaves a hole
+below a busy row that keeps the bucket larger than the number of busy rows needs, that row is
+moved down (``slots.move``: one row of cache and state, a fraction of a step's cost), as vLLM
+pads a batch up to its CUDA-graph batch sizes and JetStream keeps its decode slots.
 
 Exactness: a row's numbers depend only on its own request (its own cache row, positions, token
 history and PRNG key, selection as ``sampling.sample_step`` does for a batch of one), so a greedy
 answer is the answer of ``chat()`` for the same request alone and a seeded sampled answer does
 not depend on what else runs.
 
-Compilation: ``start()`` compiles the decode step, one insert per token bucket <= ``max_len``
+Compilation: ``start()`` compiles the decode step of every row bucket, the row move, one insert
+per token bucket <= ``max_len``
 and the prefill of every shape in ``warmup`` (``generate.RequestShape``: prompt tokens, image
 slices, patch bucket); ``stats().compilations_after_start`` counts programs traced later (a
 request outside the warmed prefill shapes compiles its prefill once).
@@ -93,6 +103,18 @@ def _count_images(messages) -> int:
     return n
 
 
+def _decode_buckets(slots: int, buckets: Sequence[int] | None) -> tuple[int, ...]:
+    """Sorted row buckets in [1, slots], ``slots`` included (names the bad value)."""
+    if buckets is None:
+        buckets = [1 << i for i in range(slots.bit_length()) if 1 << i < slots]
+    out = set()
+    for b in buckets:
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= slots:
+            raise MiniCPMVError(f"decode_buckets: {b!r} is not a row count in [1, slots={slots}]")
+        out.add(int(b))
+    return tuple(sorted(out | {slots}))
+
+
 class Handle:
     """A submitted request: its events (``Delta``... then one ``Finished``), cancel, result."""
 
@@ -149,6 +171,11 @@ class Engine:
       max_len: cache slots per row; a request needs prompt tokens + max_tokens <= max_len.
       max_queue: requests waiting for a slot beyond which ``submit`` raises ``QueueFull``.
       max_images: images (or video frames) per request.
+      decode_buckets: row counts the decode step is compiled for (each step runs the smallest
+        that holds the busy rows); default: 1, 2, 4, ... below ``slots``, and ``slots``.
+        ``slots`` is always added.
+      compact: move a busy row down into a free lower slot when that makes the decode bucket
+        smaller (default True).
       warmup: prefill shapes compiled by ``start()`` (``generate.RequestShape``; only
         prompt_tokens, slices and patches matter). Default: a text prompt in every token bucket
         <= max_len, and 1, 2, 4, 8 and 10 slices of 448x448-scale images (patch bucket 1024) in
@@ -164,6 +191,8 @@ class Engine:
         max_len: int = 4096,
         max_queue: int = 64,
         max_images: int = 8,
+        decode_buckets: Sequence[int] | None = None,
+        compact: bool = True,
         warmup: Sequence[RequestShape] | None = None,
     ):
         if getattr(model.config, "version", None) == "4.6":
@@ -176,6 +205,8 @@ class Engine:
         for name, value in (("slots", slots), ("max_len", max_len), ("max_queue", max_queue)):
             if int(value) < 1:
                 raise MiniCPMVError(f"Engine {name} must be >= 1, got {value}")
+        self.decode_buckets = _decode_buckets(int(slots), decode_buckets)
+        self.compact = bool(compact)
         self.model = model
         self.processor = model.processor
         self.sampler = model.sampler
@@ -209,8 +240,11 @@ class Engine:
         self._decode = jax.jit(
             _counted(slot_programs.decode_step, self.traces, "decode"),
             static_argnums=0,
-            static_argnames="terminators",
+            static_argnames=("terminators", "active"),
             donate_argnums=(2, 3),
+        )
+        self._move = jax.jit(
+            _counted(slot_programs.move, self.traces, "move"), donate_argnums=(0, 1)
         )
 
         self._lock = threading.Lock()
@@ -228,6 +262,9 @@ class Engine:
         self.requests_finished = 0
         self.tokens_generated = 0
         self._service_s = 1.0  # moving average of a request's time in a slot (retry estimate)
+        self.decode_rows = 0  # rows of the last decode step (its bucket)
+        self.decode_steps: Counter = Counter()  # decode steps by rows stepped
+        self.rows_moved = 0
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -282,14 +319,18 @@ class Engine:
                     self._insert_call(cache, logits, 0, 1, 1, greedy, 0)
                     self._prefill_caches[t] = cache
         with self.sampler.context():
-            tok, self._cache, self._state = self._decode(
-                self.sampler.graphdef,
-                self.sampler.state,
-                self._cache,
-                self._state,
-                terminators=self.terminators,
-            )
-        int(tok[0])
+            for b in self.decode_buckets:
+                tok, self._cache, self._state = self._decode(
+                    self.sampler.graphdef,
+                    self.sampler.state,
+                    self._cache,
+                    self._state,
+                    terminators=self.terminators,
+                    active=b,
+                )
+                int(tok[0])
+            if self.compact and len(self.decode_buckets) > 1:
+                self._move_call(0, 0)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -391,6 +432,7 @@ class Engine:
         with self._lock:
             active = sum(r is not None for r in self._rows)
             waiting = len(self._waiting)
+            steps = dict(self.decode_steps)
         after = 0
         if self._traces_at_start is not None:
             after = sum(self.traces.values()) - self._traces_at_start
@@ -401,6 +443,10 @@ class Engine:
             requests_finished=self.requests_finished,
             tokens_generated=self.tokens_generated,
             compilations_after_start=after,
+            decode_buckets=self.decode_buckets,
+            decode_rows=self.decode_rows,
+            decode_steps=steps,
+            rows_moved=self.rows_moved,
         )
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -451,6 +497,8 @@ class Engine:
             try:
                 for h, i in admit:
                     self._admit(h, i)
+                if self.compact:
+                    self._compact()
                 if any(r is not None for r in self._rows):
                     self._step()
             except Exception as e:
@@ -527,14 +575,47 @@ class Engine:
         )
         return int(tok)
 
+    def _bucket(self, rows: int) -> int:
+        """The smallest decode bucket of at least ``rows`` rows."""
+        return next(b for b in self.decode_buckets if b >= rows)
+
+    def _compact(self) -> None:
+        """Move the highest busy rows into the lowest free slots while that shrinks the bucket."""
+        while True:
+            busy = [i for i, r in enumerate(self._rows) if r is not None]
+            if not busy or self._bucket(busy[-1] + 1) == self._bucket(len(busy)):
+                return
+            src = busy[-1]
+            dst = next(i for i, r in enumerate(self._rows) if r is None)
+            self._move_call(src, dst)
+            with self._lock:
+                self._rows[dst], self._rows[src] = self._rows[src], None
+            self.rows_moved += 1
+
+    def _move_call(self, src: int, dst: int) -> None:
+        with self.sampler.context():
+            self._cache, self._state = self._move(
+                self._cache, self._state, np.int32(src), np.int32(dst)
+            )
+
     def _step(self) -> None:
         s = self.sampler
+        top = max(i for i, r in enumerate(self._rows) if r is not None)
+        rows = self._bucket(top + 1)
         try:
             with s.context():
                 tok, self._cache, self._state = self._decode(
-                    s.graphdef, s.state, self._cache, self._state, terminators=self.terminators
+                    s.graphdef,
+                    s.state,
+                    self._cache,
+                    self._state,
+                    terminators=self.terminators,
+                    active=rows,
                 )
                 tokens = np.asarray(tok)
+            with self._lock:
+                self.decode_rows = rows
+                self.decode_steps[rows] += 1
         except Exception as e:
             log.exception("decode step failed")
             for i, r in enumerate(self._rows):

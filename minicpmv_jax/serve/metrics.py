@@ -1,7 +1,8 @@
 """Prometheus metrics of the HTTP front end, written in the text exposition format by hand.
 
 No dependency: counters, gauges and histograms are a few dictionaries under one lock. The engine's
-own numbers (queue length, active slots, compilations) are read from ``Engine.stats()`` when
+own numbers (queue length, active slots, rows of the last decode step, decode steps per row
+bucket, slot moves, compilations) are read from ``Engine.stats()`` when
 ``/metrics`` is scraped; latencies are measured here, where a request arrives and where its
 tokens leave:
 
@@ -162,6 +163,17 @@ class Metrics:
             simple("slots", "gauge", "Decode slots of the engine.", stats.slots)
             simple("active_slots", "gauge", "Decode slots holding a request.", stats.active_slots)
             simple("queue_length", "gauge", "Requests waiting for a slot.", stats.queue_length)
+            simple("decode_rows", "gauge",
+                   "Rows the last decode step ran: the smallest compiled row bucket holding "
+                   "every busy slot.", stats.decode_rows)  # fmt: skip
+            steps = {b: stats.decode_steps.get(b, 0) for b in stats.decode_buckets}
+            steps.update(stats.decode_steps)
+            family("decode_steps_total", "counter", "Decode steps by rows stepped (row bucket).",
+                   [f"{PREFIX}_decode_steps_total{_labels([('rows', str(b))])} {n}"
+                    for b, n in sorted(steps.items())])  # fmt: skip
+            simple("slot_moves_total", "counter",
+                   "Busy slots moved down to a free lower slot to shrink the decode bucket.",
+                   stats.rows_moved)  # fmt: skip
             simple(
                 "compilations_after_start_total",
                 "counter",

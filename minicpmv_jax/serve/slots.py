@@ -1,20 +1,27 @@
 """The engine's device side: a KV cache of decode slots and the two programs that use it.
 
 * ``SlotCache``: K/V ``[L, SLOTS, S, K, H]`` with a write index PER ROW (``end`` int32 [SLOTS]) and
-  a validity mask per row and slot. It has the methods the LLM calls on ``kv_cache.KVCache``
-  (``append`` / ``mask`` / ``write`` / ``max_len``), so ``llm.Llm`` runs on it unchanged.
+  a validity mask per row and slot.
+* ``SlotRows``: the first ``rows`` rows of a ``SlotCache`` as the LLM sees them. It has what the
+  LLM uses of ``kv_cache.KVCache`` (``append`` / ``mask`` / ``write`` / ``max_len`` and
+  ``k[layer]`` / ``v[layer]``), so ``llm.Llm`` runs on it unchanged; reads and writes go to the
+  whole buffers in place (no copy of the cache), restricted to the first ``rows`` rows.
 * ``SlotState``: each row's sampling state and parameters as arrays (last token, RoPE position,
   step, token history, PRNG key, temperature / top-k / top-p / repetition penalty, greedy or
   sampled), so requests with different settings share one compiled step.
 * ``insert``: copies a request's prefilled B=1 cache ``[L, 1, T, K, H]`` into one slot (a traced
   slot index: one program per token bucket T), selects its first token from the prefill logits
   and resets that row's state.
-* ``decode_step``: one token for every row: the LLM on each row's last token at its own position,
-  then per-row logits processing and selection (``sampling.process_logits`` /
-  ``warp_for_sampling`` per row, so each row's numbers are those of a batch-1 ``chat()``).
+* ``decode_step``: one token for each of the first ``rows`` rows (a static row bucket: one
+  program per bucket): the LLM on each row's last token at its own position, then per-row logits
+  processing and selection (``sampling.process_logits`` / ``warp_for_sampling`` per row, so each
+  row's numbers are those of a batch-1 ``chat()``). Rows from ``rows`` on are left as they are.
+* ``move``: copies one row (cache and state) to another row, so the engine can keep its busy rows
+  at the front and step a smaller bucket.
 
-Rows that hold no request still run (static shapes); the host ignores their tokens. A row's
-selection depends only on its own logits, history and key, never on the other rows.
+Rows below ``rows`` that hold no request still run (static shapes); the host ignores their
+tokens. A row's selection depends only on its own logits, history and key, never on the other
+rows.
 """
 
 from __future__ import annotations
@@ -52,34 +59,78 @@ class SlotCache:
     def max_len(self) -> int:
         return self.valid.shape[1]
 
-    def _slots(self, start: jax.Array, t: int) -> jax.Array:
-        return start[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    def rows(self, n: int) -> SlotRows:
+        """The first ``n`` rows, as the LLM reads and writes them (``SlotRows.cache()`` back)."""
+        if not 1 <= n <= self.valid.shape[0]:
+            raise ValueError(f"rows: {n} is not in [1, {self.valid.shape[0]}]")
+        return SlotRows(k=LayerRows(self.k, n), v=LayerRows(self.v, n), end=self.end,
+                        valid=self.valid, rows=n)  # fmt: skip
 
-    def append(self, token_valid: jax.Array) -> tuple[SlotCache, jax.Array]:
-        """Reserve T slots per row at its own ``end``; returns (cache, start int32 [B]).
+
+@flax.struct.dataclass
+class LayerRows:
+    """A stacked K or V buffer read the way attention reads a cache, ``x[layer]``, restricted to
+    the first ``rows`` rows: ``[rows, S, K, H]``. The buffer itself stays whole (donated, updated
+    in place by ``SlotRows.write``)."""
+
+    buf: jax.Array  # [L, B, S, K, H]
+    rows: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # what sharding.constrain reads (the whole buffer)
+        return self.buf.shape
+
+    def __getitem__(self, layer) -> jax.Array:
+        x = jax.lax.dynamic_index_in_dim(self.buf, layer, 0, keepdims=False)  # [B, S, K, H]
+        return x[: self.rows]
+
+
+@flax.struct.dataclass
+class SlotRows:
+    """Rows ``[0, rows)`` of a ``SlotCache``: the cache a decode step of ``rows`` rows runs on."""
+
+    k: LayerRows
+    v: LayerRows
+    end: jax.Array  # int32 [B] (every row; only the first ``rows`` are read or advanced)
+    valid: jax.Array  # bool [B, S]
+    rows: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+    def cache(self) -> SlotCache:
+        return SlotCache(k=self.k.buf, v=self.v.buf, end=self.end, valid=self.valid)
+
+    def _slots(self, start: jax.Array, t: int) -> jax.Array:
+        return start[:, None] + jnp.arange(t)[None, :]  # [rows, T]
+
+    def append(self, token_valid: jax.Array) -> tuple[SlotRows, jax.Array]:
+        """Reserve T slots per row at its own ``end``; returns (cache, start int32 [rows]).
 
         A full row (an idle slot that kept stepping) stops advancing; its writes are dropped.
         """
-        rows = jnp.arange(self.valid.shape[0])[:, None]
-        t = token_valid.shape[1]
-        valid = self.valid.at[rows, self._slots(self.end, t)].set(
+        n, t = self.rows, token_valid.shape[1]
+        start = self.end[:n]
+        valid = self.valid.at[jnp.arange(n)[:, None], self._slots(start, t)].set(
             token_valid.astype(bool), mode="drop"
         )
-        end = jnp.minimum(self.end + t, self.max_len)
-        return self.replace(end=end, valid=valid), self.end
+        end = self.end.at[:n].set(jnp.minimum(start + t, self.max_len))
+        return self.replace(end=end, valid=valid), start
 
     def mask(self, start: jax.Array, t: int) -> jax.Array:
-        """bool [B, 1, T, S]: row b's query i (slot start[b] + i) attends its valid slots <= it."""
+        """bool [rows, 1, T, S]: row b's query i (slot start[b] + i) attends its valid slots <= it."""
         causal = jnp.arange(self.max_len)[None, None, :] <= self._slots(start, t)[:, :, None]
-        return (self.valid[:, None, :] & causal)[:, None]
+        return (self.valid[: self.rows, None, :] & causal)[:, None]
 
-    def write(self, layer, start: jax.Array, k: jax.Array, v: jax.Array) -> SlotCache:
-        """Store k, v [B, T, K, H] of one layer at each row's slots [start, start + T)."""
+    def write(self, layer, start: jax.Array, k: jax.Array, v: jax.Array) -> SlotRows:
+        """Store k, v [rows, T, K, H] of one layer at each row's slots [start, start + T)."""
         rows = jnp.arange(k.shape[0])[:, None]
         slots = self._slots(start, k.shape[1])
 
-        def put(buf, x):
-            return buf.at[layer, rows, slots].set(x.astype(buf.dtype), mode="drop")
+        def put(buf: LayerRows, x):
+            new = buf.buf.at[layer, rows, slots].set(x.astype(buf.buf.dtype), mode="drop")
+            return LayerRows(new, self.rows)
 
         return self.replace(k=put(self.k, k), v=put(self.v, v))
 
@@ -196,12 +247,39 @@ def insert(
     return tok[0], constrain_cache(cache), rows
 
 
-def decode_step(graphdef, state, cache: SlotCache, rows: SlotState, *, terminators):
-    """One new token for every row. -> (int32 [B], cache, rows)."""
+def decode_step(graphdef, state, cache: SlotCache, rows: SlotState, *, terminators, active: int):
+    """One new token for each of rows [0, active) (static). -> (int32 [active], cache, rows).
+
+    The cache and state of rows >= ``active`` are returned unchanged; the cache buffers are
+    updated in place (the caller donates them).
+    """
     module = nnx.merge(graphdef, state)
-    x = module.llm.embed(rows.token[:, None])  # [B, 1, D]
+    view = cache.rows(active)
+    sub = jax.tree.map(lambda x: x[:active], rows)
+    x = module.llm.embed(sub.token[:, None])  # [active, 1, D]
     # generated tokens are always attended (generate() appends ones to the attention mask)
     valid = jnp.ones((x.shape[0], 1), bool)
-    logits, cache = module.llm(x, rows.position[:, None], cache, valid)
-    tok, rows = select(rows, logits[:, 0], terminators)
-    return tok, constrain_cache(cache), rows.replace(position=rows.position + 1)
+    logits, view = module.llm(x, sub.position[:, None], view, valid)
+    tok, sub = select(sub, logits[:, 0], terminators)
+    sub = sub.replace(position=sub.position + 1)
+    rows = jax.tree.map(
+        lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), 0, 0),
+        rows,
+        sub,
+    )
+    return tok, constrain_cache(view.cache()), rows
+
+
+def move(cache: SlotCache, rows: SlotState, src: jax.Array, dst: jax.Array):
+    """Copy row ``src`` (cache and state) onto row ``dst``: int32 [] each. -> (cache, rows).
+
+    Row ``src`` keeps its contents (the engine treats it as free)."""
+
+    def mv(buf, axis):
+        x = jax.lax.dynamic_slice_in_dim(buf, src, 1, axis)
+        return jax.lax.dynamic_update_slice_in_dim(buf, x, dst, axis)
+
+    cache = cache.replace(
+        k=mv(cache.k, 1), v=mv(cache.v, 1), end=mv(cache.end, 0), valid=mv(cache.valid, 0)
+    )
+    return constrain_cache(cache), jax.tree.map(lambda x: mv(x, 0), rows)

@@ -101,3 +101,7 @@ class EngineStats:
     requests_finished: int
     tokens_generated: int
     compilations_after_start: int
+    decode_buckets: tuple[int, ...] = ()  # row counts the decode step is compiled for
+    decode_rows: int = 0  # rows the last decode step ran (its bucket)
+    decode_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # steps by rows
+    rows_moved: int = 0  # busy rows moved down to shrink the decode bucket

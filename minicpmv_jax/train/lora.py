@@ -11,7 +11,8 @@ The train step applies LoRA on the input path, as PEFT does: each target Linear 
 (LoRA dropout, official default 0.05, acts on the layer input). Its backward needs only the
 rank-r products for A and B and the input gradient through the frozen kernel.
 
-LoRA as a weight delta (`apply_lora`: the kernel (in, out) the model sees is `W + s * (B A)^T`,
+LoRA as a weight delta (`apply_lora`: the kernel (in, out) the model sees is `W + s * (B A)^T`;
+a torch-layout weight (out, in) (layers.OutInDense) is `W + s * B A`,
 the same function of x, A and B) needs no change to the model's modules and serves evaluation,
 `loss_and_grads` (what the fixtures were checked with) and `TrainConfig(lora_path="delta")`;
 differentiated, it forms each target kernel's full weight gradient [in, out] and contracts it to
@@ -42,6 +43,7 @@ from flax import nnx
 
 from minicpmv_jax.errors import CheckpointError, MiniCPMVError
 from minicpmv_jax.layers import LayerParts
+from minicpmv_jax.quant import OUT_AXIS  # leaf of a Linear's weight -> axis of its outputs
 from minicpmv_jax.weights import EXCEPTIONS, stack_of, unstack
 
 # finetune.py LoraArguments: the target regex and modules_to_save of the official scripts
@@ -142,19 +144,32 @@ class Target:
     """One LoRA'd Linear: its official module name and where its kernel lives in the state."""
 
     name: str  # official module name, e.g. llm.model.layers.0.self_attn.q_proj
-    path: tuple  # nnx state path of the kernel [in, out], or of its layer stack [L, in, out]
+    path: tuple  # nnx state path of the kernel [in, out] (or torch-layout weight [out, in]),
+    # or of its layer stack [L, ...]
     layer: int | None = None  # index in the layer stack; None: not stacked
+
+    @property
+    def out_axis(self) -> int:
+        """-1 for a kernel [(L,) in, out], -2 for a torch-layout weight [(L,) out, in]."""
+        return OUT_AXIS[self.path[-1]]
+
+
+def _in_out(shape: tuple, out_axis: int) -> tuple[int, int]:
+    """(in, out) sizes of a kernel / weight of `shape` ([(L,) in, out] or [(L,) out, in])."""
+    return (shape[-2], shape[-1]) if out_axis == -1 else (shape[-1], shape[-2])
 
 
 def lora_targets(state: nnx.State, config: LoraConfig) -> tuple[Target, ...]:
-    """Every torch Linear (kernel parameter under the plain name rule) that config targets."""
+    """Every torch Linear (a kernel under the plain name rule, or a torch-layout 2-D weight)
+    that config targets."""
     out = []
     for path, var in nnx.to_flat_state(state):
         shape = var.get_value().shape
         for layer, name in unstack(path, shape[0] if stack_of(path) else 0):
-            if not name.endswith(".kernel") or name in EXCEPTIONS:
-                continue  # norms, embeddings, biases; conv / fused exceptions are no torch Linear
-            module = name[: -len(".kernel")]
+            module, _, leaf = name.rpartition(".")
+            per_layer = len(shape) - (layer is not None)
+            if leaf not in OUT_AXIS or per_layer != 2 or name in EXCEPTIONS:
+                continue  # norms, embeddings, biases, convs; fused exceptions are no torch Linear
             if config.saved_module(module + ".weight") is None and config.targets(module):
                 out.append(Target(module, tuple(path), layer))
     if not out:
@@ -173,7 +188,7 @@ def init_lora(
     key = jax.random.key(seed)
     out = {}
     for i, t in enumerate(lora_targets(state, config)):
-        d_in, d_out = flat[t.path].get_value().shape[-2:]
+        d_in, d_out = _in_out(flat[t.path].get_value().shape, t.out_axis)
         bound = 1.0 / math.sqrt(d_in)
         a = jax.random.uniform(
             jax.random.fold_in(key, i), (config.r, d_in), jnp.float32, -bound, bound
@@ -189,7 +204,8 @@ def apply_lora(
     scaling: float,
     loaded: Mapping[str, Mapping[str, jax.Array]] | None = None,
 ) -> nnx.State:
-    """state with `s * (B A - B0 A0)^T` added to each target kernel (traceable).
+    """state with `s * (B A - B0 A0)^T` added to each target kernel, `s * (B A - B0 A0)` to
+    each torch-layout weight (traceable).
 
     `loaded` (A0, B0) is the adapter already merged into the state's weights, if any.
     An int8 kernel (quant.Int8Dense) is dequantized, updated and quantized again with a new
@@ -204,7 +220,7 @@ def apply_lora(
         delta = lora[t.name]["B"] @ lora[t.name]["A"]  # [out, in]
         if loaded is not None and t.name in loaded:
             delta = delta - loaded[t.name]["B"] @ loaded[t.name]["A"]
-        delta = scaling * delta.T
+        delta = scaling * (delta.T if t.out_axis == -1 else delta)  # in the weight's layout
         if isinstance(w, LayerParts):  # a float stack given as its layers (train step, CPU)
             parts = list(w.parts)
             parts[t.layer] = (parts[t.layer] + delta).astype(parts[t.layer].dtype)
@@ -213,13 +229,14 @@ def apply_lora(
             svar = flat[scale_path(t.path)]
             scale = svar.get_value()
             sl = slice(None) if t.layer is None else t.layer
-            merged = w[sl].astype(jnp.float32) * scale[sl][None, :] + delta
-            q, new_scale = quantize_kernel(merged)
+            in_axis = -3 - t.out_axis
+            merged = w[sl].astype(jnp.float32) * jnp.expand_dims(scale[sl], in_axis) + delta
+            q, new_scale = quantize_kernel(merged, t.out_axis)
             flat[scale_path(t.path)] = svar.replace(scale.at[sl].set(new_scale))
             w = w.at[sl].set(q)
         elif t.layer is None:
             w = (w + delta).astype(w.dtype)
-        else:  # one layer of a stacked kernel [L, in, out]
+        else:  # one layer of a stacked kernel [L, in, out] (weight [L, out, in])
             w = w.at[t.layer].set((w[t.layer] + delta).astype(w.dtype))
         flat[t.path] = var.replace(w)
     return nnx.from_flat_state(list(flat.items()))
@@ -268,6 +285,7 @@ class LoraGroup:
     module: tuple  # nnx state path of the Linear (its kernel path without "kernel")
     names: tuple  # official module name per layer (None: that layer is not a target)
     stacked: bool  # a layer stack (variables with the leading L axis)
+    leaf: str = "kernel"  # "kernel" [(L,) in, out] or a torch-layout "weight" [(L,) out, in]
 
 
 def lora_groups(targets: Sequence[Target], state: nnx.State) -> tuple[LoraGroup, ...]:
@@ -280,7 +298,7 @@ def lora_groups(targets: Sequence[Target], state: nnx.State) -> tuple[LoraGroup,
             groups[t.path] = [None] * shape[0] if t.layer is not None else [None]
         groups[t.path][t.layer or 0] = t.name
     stacked = {t.path: t.layer is not None for t in targets}
-    return tuple(LoraGroup(p[:-1], tuple(n), stacked[p]) for p, n in groups.items())
+    return tuple(LoraGroup(p[:-1], tuple(n), stacked[p], p[-1]) for p, n in groups.items())
 
 
 def _key_shape() -> tuple[int, ...]:
@@ -305,9 +323,9 @@ def lora_graph(
         for p in g.module[:-1]:
             parent = parent[p] if isinstance(p, int) else getattr(parent, p)
         base = getattr(parent, g.module[-1])
-        kshape = flat[g.module + ("kernel",)].get_value().shape
+        kshape = flat[g.module + (g.leaf,)].get_value().shape
         lead = kshape[:-2]  # (L,) in a stack
-        d_in, d_out = kshape[-2:]
+        d_in, d_out = _in_out(kshape, OUT_AXIS[g.leaf])
         wrapped = LoraLinear(
             base,
             jnp.zeros(lead + (r, d_in), jnp.float32),
@@ -467,7 +485,7 @@ def _replace(model, module) -> Any:
 
 def merge_lora(model, adapter: Adapter, saved: Mapping[str, np.ndarray] | None = None):
     """A model whose weights are `model`'s with the adapter merged in (PEFT merge_and_unload):
-    target kernels += s * (B A - B0 A0)^T (B0 A0: an adapter already merged into `model`),
+    target kernels += s * (B A - B0 A0)^T, torch-layout weights += s * (B A - B0 A0) (B0 A0: an adapter already merged into `model`),
     modules_to_save tensors replaced by `saved` ({official name: array}, official layout).
 
     The returned model keeps `adapter` (to train it further, or export it with save_adapter).

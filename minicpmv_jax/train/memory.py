@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from minicpmv_jax.config import MiniCPMVConfig
 from minicpmv_jax.memory import GiB, _shard_elems, param_inventory
+from minicpmv_jax.quant import OUT_AXIS
 from minicpmv_jax.sharding import mesh_shape, rules_for
 from minicpmv_jax.train.lora import LoraConfig
 from minicpmv_jax.weights import EXCEPTIONS, stack_of, unstack
@@ -108,15 +109,17 @@ def plan(
     for name, pshape, _, names in param_inventory(config):
         shard = _shard_elems(pshape, names, shape, rules)
         module = name.rpartition(".")[0]
-        if qcfg is not None and name.endswith(".kernel") and qcfg.selects(module):
-            weights += shard + shard // pshape[-2] * F32  # int8 kernel + its scale
+        leaf = name.rpartition(".")[2]
+        if qcfg is not None and leaf in OUT_AXIS and qcfg.selects(module):
+            # int8 kernel [(L,) in, out] (torch-layout weight [(L,) out, in]) + its scale
+            weights += shard + shard // pshape[-3 - OUT_AXIS[leaf]] * F32
         else:
             weights += shard * pdt.itemsize
         if _trainable(name, mode, lora):
             trainable += shard
             elements += math.prod(pshape)
-        elif mode == "lora" and name.endswith(".kernel") and name not in EXCEPTIONS:
-            # a layer stack [L, in, out]: LoRA targets are matched per official layer name
+        elif mode == "lora" and leaf in OUT_AXIS and name not in EXCEPTIONS:
+            # a layer stack [L, ...]: LoRA targets are matched per official layer name
             one = pshape[1:] if stack_of(name) else pshape
             for _, layer_name in unstack(name, pshape[0] if stack_of(name) else 0):
                 if lora.targets(layer_name.rpartition(".")[0]):
@@ -159,7 +162,7 @@ def _trains(config: MiniCPMVConfig, prefix: str, mode: str, lora: LoraConfig) ->
             continue
         if _trainable(name, mode, lora):
             return True
-        if mode == "lora" and name.endswith(".kernel") and name not in EXCEPTIONS:
+        if mode == "lora" and name.rpartition(".")[2] in OUT_AXIS and name not in EXCEPTIONS:
             layers = unstack(name, pshape[0] if stack_of(name) else 0)
             if any(lora.targets(layer.rpartition(".")[0]) for _, layer in layers):
                 return True
