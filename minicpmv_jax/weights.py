@@ -13,12 +13,15 @@ Layer stacks: the decoder layers (`llm.model.layers`) and vision encoder layers
 rule and `EXCEPTIONS` apply to the per-layer name `llm.model.layers.{i}.mlp.up_proj.kernel`;
 `unstack` lists them for a stacked parameter.
 
-Tensors are read one at a time (safetensors `framework="numpy"`, which reads bfloat16 via
-ml_dtypes), converted to the parameter dtype and placed with the parameter's sharding; every
-parameter is filled (a stacked one layer by layer) into one 64-byte-aligned host buffer that
-becomes the device array, so peak host memory stays near the size of the loaded model plus one
-checkpoint tensor. On the CPU backend `jax.device_put` takes such a buffer without copying it
-(the array aliases the buffer, which the loader then drops), so the weights are written once.
+Tensors are read one at a time through a memory mapping of their file (`MappedFile`: numpy
+views of the page cache, bfloat16 via ml_dtypes; dtypes it does not know are read by safetensors),
+converted to the parameter dtype and placed with the parameter's sharding; every parameter is
+filled (a stacked one layer by layer) into one 64-byte-aligned host buffer that becomes the
+device array, and each tensor's mapped pages are released once copied, so peak host memory stays
+near the size of the loaded model plus one checkpoint tensor. On the CPU backend
+`jax.device_put` takes such a buffer without copying it (the array aliases the buffer, which the
+loader then drops), so the weights are written once, by all cores (`copy_into`), into 4 KiB pages
+(`HUGE_PAGES`).
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ import functools
 import json
 import logging
 import math
+import mmap
 import os
 import pathlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
@@ -287,21 +292,113 @@ def validate(flat_abstract, src: dict[str, Any]) -> None:
         )
 
 
-def _read(src: dict[str, Any], param_name: str) -> np.ndarray:
-    """One (per-layer) parameter in model layout, read from its checkpoint tensor."""
-    name, transform, _ = hf_source(param_name)
+# safetensors dtype names -> numpy dtypes the mapped reader understands (others are read by
+# safetensors itself)
+_DTYPES = {
+    "BF16": ml_dtypes.bfloat16,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "I16": np.int16,
+    "U16": np.uint16,
+    "I32": np.int32,
+    "U32": np.uint32,
+    "I64": np.int64,
+    "U64": np.uint64,
+    "BOOL": np.bool_,
+}
+
+
+def _corrupt(f: pathlib.Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{f}: corrupt or truncated safetensors file ({why})")
+
+
+class MappedFile:
+    """One safetensors file, memory-mapped: `tensor(name)` is a numpy view of the file's bytes.
+
+    The mapping is private (copy-on-write): nothing written through a view reaches the file.
+    The loader reads each tensor through its view (the kernel's page cache, no read buffer and
+    no copy into one) and then `release`s the view's pages, so the file's pages do not pile up
+    in the process's resident set while the model is filled.
+    """
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise _corrupt(path, f"header length {n} does not fit in {size} bytes")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise _corrupt(path, f"header is not JSON: {e}") from e
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.start, self.size = 8 + n, size
+        self.entries: dict[str, tuple[Any, tuple[int, ...], int, int]] = {}
+        if not isinstance(header, dict):
+            raise _corrupt(path, "header is not a JSON object")
+        for name, e in header.items():
+            if name == "__metadata__" or not isinstance(e, dict) or e.get("dtype") not in _DTYPES:
+                continue  # read by safetensors itself (open_checkpoint) when asked for
+            dtype = np.dtype(_DTYPES[e["dtype"]])
+            shape = tuple(int(d) for d in e["shape"])
+            begin, end = (int(o) for o in e["data_offsets"])
+            if end - begin != math.prod(shape) * dtype.itemsize or self.start + end > size:
+                raise _corrupt(path, f"{name}: bytes [{begin}, {end}) past the data or wrong size")
+            self.entries[name] = (dtype, shape, self.start + begin, self.start + end)
+
+    def tensor(self, name: str) -> np.ndarray | None:
+        """A read-only view of tensor `name` (None when its dtype is not in `_DTYPES`)."""
+        if name not in self.entries:
+            return None
+        dtype, shape, begin, _ = self.entries[name]
+        a = np.frombuffer(self.map, dtype, math.prod(shape), begin).reshape(shape)
+        a.flags.writeable = False
+        return a
+
+    def release(self, name: str) -> None:
+        """Drop the pages of tensor `name` from this process's mapping (they stay in the page
+        cache; a later read maps them again)."""
+        _, _, begin, end = self.entries[name]
+        first = begin // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(-(-end // mmap.PAGESIZE) * mmap.PAGESIZE, len(self.map))
+        if end > first and hasattr(mmap, "MADV_DONTNEED"):
+            self.map.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
+def _source(src: dict[str, Any], maps: dict[pathlib.Path, MappedFile], name: str):
+    """(raw checkpoint tensor `name`, its mapped file or None when read by safetensors)."""
     reader, f = src[name]
+    mapped = maps.get(f)
+    raw = mapped.tensor(name) if mapped is not None else None
+    if raw is not None:
+        return raw, mapped
     try:
-        raw = reader.get_tensor(name)
+        return reader.get_tensor(name), None
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
             f"{f}: corrupt or truncated safetensors file, cannot read {name} ({e})"
         ) from e
-    return transform(raw)
+
+
+def _read(src: dict[str, Any], param_name: str, maps=None) -> np.ndarray:
+    """One (per-layer) parameter in model layout, read from its checkpoint tensor."""
+    name, transform, _ = hf_source(param_name)
+    return transform(_source(src, maps or {}, name)[0])
 
 
 ALIGN = 64  # bytes: XLA:CPU aliases a host buffer this aligned instead of copying it
-BLOCK = 1024  # source rows per block of a transposed copy
+BLOCK = 256  # source rows per block of a transposed copy
+MAPPED_BYTES = 1 << 20  # host buffers from this size on are anonymous mappings (no huge pages)
+# Transparent huge pages on the parameter buffers: off. On the 2-core KVM guest where loading was
+# measured (BENCHMARKS.md, "One chat turn"), memory the host has not backed yet (e.g. just freed
+# by another process) is first touched at 0.4-0.75 GB/s in 2 MiB pages and at 1.6-2.0 GB/s in
+# 4 KiB pages written by two threads; numpy asks for huge pages on every large array.
+HUGE_PAGES = False
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -309,10 +406,18 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
     numpy's own large buffers are 16-byte aligned; XLA:CPU copies those in `jax.device_put`
     and aliases 64-byte-aligned ones, so an aligned staging buffer saves a copy of every weight
-    (time and peak memory) when loading on the CPU backend.
+    (time and peak memory) when loading on the CPU backend. Buffers of `MAPPED_BYTES` or more
+    are anonymous memory mappings (page-aligned), with huge pages as `HUGE_PAGES` says; the
+    mapping is unmapped when the last array viewing it (the device array) is freed.
     """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes >= MAPPED_BYTES:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        advice = getattr(mmap, "MADV_HUGEPAGE" if HUGE_PAGES else "MADV_NOHUGEPAGE", None)
+        if advice is not None:  # Linux
+            buf.madvise(advice)
+        return np.frombuffer(buf, dtype).reshape(shape)
     raw = np.empty(nbytes + ALIGN, np.uint8)
     start = -raw.ctypes.data % ALIGN
     return raw[start : start + nbytes].view(dtype).reshape(shape)
@@ -332,7 +437,8 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     numpy copies a transposed view (`a.T` of a C-ordered checkpoint tensor) element by element
     with a large stride, about 10x slower than copying `BLOCK` source rows at a time. Large
     tensors are split into pieces copied by a thread pool (numpy releases the GIL while it
-    copies; the first writes to fresh memory, page faults included, then run on every core).
+    copies and converts, ml_dtypes' bfloat16 casts included; the first writes to fresh memory,
+    page faults included, then run on every core).
     """
     if src.ndim == 2 and not src.flags.c_contiguous and src.T.flags.c_contiguous:
         pieces = [np.s_[:, j : j + BLOCK] for j in range(0, src.shape[1], BLOCK)]  # source rows
@@ -368,6 +474,7 @@ def load_safetensors(
     leaves = []
     with open_checkpoint(files) as src:
         validate(flat, src)
+        maps = {f: MappedFile(f) for f in files}
         for path, var in tqdm(flat, desc="loading weights", unit="tensor", disable=not progress):
             if quant.is_scale_path(path):  # int8 weight-only: placed with its kernel below
                 continue
@@ -380,12 +487,16 @@ def load_safetensors(
             axis = quant.out_axis(path) if int8 else None  # output channels: kernel or weight
             scale = np.empty(quant.scale_shape(shape, axis), np.float32) if int8 else None
             for i, layer_name in layers:
-                w = _read(src, layer_name)
+                name, transform, _ = hf_source(layer_name)
+                raw, mapped = _source(src, maps, name)
+                w = transform(raw)
                 at = ... if i is None else i
                 if int8:
                     w, scale[at] = quant.quantize_kernel(w, axis)
                 copy_into(arr[at], w)
-                del w
+                del w, raw
+                if mapped is not None:
+                    mapped.release(name)
             if int8:
                 spath = quant.scale_path(path)
                 svar = scale_vars[spath]

@@ -21,7 +21,9 @@ from minicpmv_jax.model import MiniCPMV
 from minicpmv_jax.weights import (
     ALIGN,
     BLOCK,
+    MAPPED_BYTES,
     PARALLEL_BYTES,
+    MappedFile,
     aligned_empty,
     copy_into,
     path_name,
@@ -107,6 +109,58 @@ def test_blocked_transposed_copy_into_an_aligned_buffer():
         assert jax.device_put(dst).unsafe_buffer_pointer() == dst.ctypes.data
 
 
+def test_mapped_reader_matches_safetensors(tmp_path):
+    """MappedFile's views hold what safetensors reads, for every dtype it maps, at offsets that
+    are not 64-byte aligned; the views are read-only and `release` leaves them readable."""
+    rng = np.random.default_rng(0)
+    tensors = {
+        "bf16": rng.standard_normal((5, 7), np.float32).astype(ml_dtypes.bfloat16),
+        "f16": rng.standard_normal((3,), np.float32).astype(np.float16),
+        "f32": rng.standard_normal((2, 3, 5), np.float32),
+        "f64": rng.standard_normal((1,)),
+        "i8": rng.integers(-128, 128, (9,), dtype=np.int8),
+        "u8": rng.integers(0, 256, (3, 1), dtype=np.uint8),
+        "i64": rng.integers(-(2**40), 2**40, (2,)),
+        "bool": np.array([True, False, True]),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+    f = tmp_path / "t.safetensors"
+    save_file(tensors, str(f))
+    mapped = MappedFile(f)
+    offsets = {n: e[2] for n, e in mapped.entries.items()}
+    assert any(o % ALIGN for o in offsets.values())  # the reader does not rely on alignment
+    for name, want in load_file(str(f)).items():
+        got = mapped.tensor(name)
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        assert not got.flags.writeable
+        mapped.release(name)
+        np.testing.assert_array_equal(got, want, err_msg=name)  # pages come back on read
+    assert mapped.tensor("not there") is None
+
+
+def test_mapped_reader_reports_truncated_data(tmp_path):
+    f = tmp_path / "t.safetensors"
+    save_file({"w": np.ones((64, 64), np.float32)}, str(f))
+    f.write_bytes(f.read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match="corrupt or truncated.*w: bytes"):
+        MappedFile(f)
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CheckpointError, match="corrupt or truncated.*not JSON"):
+        MappedFile(f)
+
+
+def test_large_staging_buffer_is_a_mapping_that_device_put_aliases():
+    a = aligned_empty((MAPPED_BYTES // 4 + 3,), np.float32)
+    assert a.ctypes.data % ALIGN == 0
+    a[...] = np.arange(a.size, dtype=np.float32)
+    if jax.default_backend() == "cpu":
+        x = jax.device_put(a)
+        assert x.unsafe_buffer_pointer() == a.ctypes.data
+        del a  # the device array keeps the mapping alive
+        np.testing.assert_array_equal(np.asarray(x), np.arange(x.size, dtype=np.float32))
+
+
 def test_one_error_lists_missing_unexpected_and_mismatched(tmp_path):
     tensors = _src_tensors()
     del tensors["llm.model.layers.1.mlp.up_proj.weight"]
@@ -165,6 +219,16 @@ def test_round_trip_to_checkpoint_names():
     assert back.keys() == src.keys()
     for k, want in src.items():
         np.testing.assert_array_equal(back[k], want, err_msg=k)
+
+
+def test_round_trip_bf16_is_bit_exact():
+    """bf16 storage loaded as bf16 keeps every bit (views of the file or copies alike)."""
+    src = _src_tensors()
+    back = to_hf_state_dict(_load(SRC, "bfloat16").state)
+    assert back.keys() == src.keys()
+    for k, want in src.items():
+        assert back[k].dtype == want.dtype, k
+        np.testing.assert_array_equal(back[k].view(np.uint16), want.view(np.uint16), err_msg=k)
 
 
 def test_lm_head_is_the_checkpoint_tensor_as_stored():
