@@ -341,6 +341,10 @@ def test_sharded_generation_matches_fixtures():
         np.testing.assert_array_equal(got[row], c["llm"]["generated_ids"][0])
 
 
+# With the slow tests (.ci/run): test_warmup_covers_streaming and
+# test_no_compilation_inside_existing_buckets keep warm-up's "no compilation later" in the default
+# suite.
+@pytest.mark.slow
 def test_warmup_compiles_what_requests_then_run(model):
     """After warmup() of their shapes, real requests (text, one and several images; greedy,
     sampling, beams; batches of 1 and 2) trace nothing, and their results are unchanged."""

@@ -203,14 +203,17 @@ def check_workload(engine, version: str, literal_chat: tuple[str, ...]):
     assert stats.compilations_after_start == 0
 
 
-# Slow (.ci/run): 13 requests on 4 slots. The default suite runs the 4.5 workload (images, video,
-# thinking) and, on this 2.6 engine, test_per_request_parameters (6 concurrent requests, each
-# equal to the request alone) and the seeded sampling test.
+# Slow (.ci/run): 13 requests on 4 slots, and the 4.5 workload below (images, video, thinking).
+# The default suite runs, on this 2.6 engine, test_per_request_parameters (6 concurrent requests,
+# each equal to the request alone), the seeded sampling test and the decode-bucket test.
 @pytest.mark.slow
 def test_concurrent_greedy_26_equals_each_request_alone(engine26):
     check_workload(engine26, "minicpm-v-2_6", literal_chat=("multi_image",))
 
 
+# Also with the slow tests (.ci/run): the default suite keeps the per-request checks and the
+# decode-bucket exactness test (requests arriving and finishing across buckets).
+@pytest.mark.slow
 def test_concurrent_greedy_45_video_thinking_equals_each_request_alone(engine45):
     check_workload(engine45, "minicpm-v-4_5", literal_chat=("thinking_on", "video_8f_pack3"))
 

@@ -48,6 +48,10 @@ LONG = {
 }
 
 
+# With the slow tests (.ci/run): the default suite keeps the same kill-and-resume path through
+# test_train_dpo.py::test_dpo_cli_trains_resumes_and_skips and test_checkpoint.py's interrupted
+# save, and the adapter export through test_train_peft.py.
+@pytest.mark.slow
 def test_finetune_lora_resumes_and_exports(tmp_path, capsys, monkeypatch):
     """A run killed after step 3 (last save: step 2) and started again with the same command
     resumes and gives the uninterrupted run's losses and eval loss; programs: one per distinct
