@@ -34,6 +34,9 @@ def _flat(model) -> dict:
     }
 
 
+# With the slow tests (.ci/run): test_previous_lm_head_layout_restores_transposed keeps a restore
+# onto another mesh (1 device -> (1, 2, 4), float32 and int8) in the default suite.
+@pytest.mark.slow
 def test_save_on_one_mesh_restore_on_another(tmp_path):
     src = _load(CKPT, make_mesh((1, 2, 4)))
     out = checkpoint.save(tmp_path / "ft", src, side_files_from=CKPT, progress=False)

@@ -38,11 +38,12 @@ def _compiled_step(trainer):
     return trainer._step.lower(*args, num_groups=groups).compile(FAST_COMPILE), args
 
 
-# Full fine-tuning runs with the slow tests (.ci/run): the same remat and plan code path as LoRA
-# (which also trains the tower and resampler), one compiled step pair per mode; the full mode's
-# plan is checked in the default suite by test_trainable_elements_match_official and its remat
-# gradients by test_model_static.py::test_remat_keeps_loss_and_gradients.
-@pytest.mark.parametrize("mode", [pytest.param("full", marks=pytest.mark.slow), "lora"])
+# Both modes run with the slow tests (.ci/run; one compiled step pair per mode, 22 s each): the
+# default suite checks the plan by test_trainable_elements_match_official and remat's gradients
+# by test_model_static.py::test_remat_keeps_loss_and_gradients and
+# test_vision_remat_same_gradients_less_memory.
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.slow
 def test_step_remat_and_plan(mode, monkeypatch):
     """On the tiny checkpoint's train step over a batch with an image (a 7-slice image row and
     three text rows: 8 slices of 256 patches, 4 x 256 tokens; grad_accum 2: the first
