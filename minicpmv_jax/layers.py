@@ -109,11 +109,11 @@ class OutInDense(nnx.Module):
     """A torch-layout linear layer: `weight` [out, in] (torch's `nn.Linear.weight`, the
     checkpoint tensor as stored) and an optional `bias` [out]; y = x W^T + b.
 
-    XLA:CPU takes a dot whose weight operand contracts its last (contiguous) dimension, as
-    here, on a faster path than `x @ kernel` with the kernel stored [in, out] when the
-    input has a few rows: 2.6's lm_head 3584 x 151,666 at 4 / 16 rows 109 / 176 ms against
-    229 / 338 ms, equal at 1 row (BENCHMARKS.md "Weight layout of wide projections"). The
-    loader then copies the checkpoint tensor without a transpose (weights.py name rule).
+    The loader copies the checkpoint tensor without a transpose (weights.py name rule). Speed
+    depends on the CPU (BENCHMARKS.md "Weight layout of wide projections", 2.6's lm_head 3584 x
+    151,666): on a Xeon VM float32 at 4 / 16 rows took 109 / 176 ms against 229 / 338 ms for an
+    [in, out] kernel; on an AMD EPYC VM float32 is 1.18x faster at 1 row but 0.70x / 0.77x at 4
+    / 16 rows, while the CPU bf16 (packed) and int8 paths are 1.2-1.6x faster at 1-16 rows.
     """
 
     def __init__(
