@@ -21,8 +21,9 @@ default the powers of two below ``slots``, and ``slots``) and each step runs the
 that holds every busy row: rows [0, bucket) of the slot cache, read and written in place. To keep
 that bucket small, a request takes the lowest free slot, and when a finished request leaves a hole
 below a busy row that keeps the bucket larger than the number of busy rows needs, that row is
-moved down (``slots.move``: one row of cache and state, a fraction of a step's cost), as vLLM
-pads a batch up to its CUDA-graph batch sizes and JetStream keeps its decode slots.
+moved down (``slots.take_row`` / ``put_row``: one row of cache and state, a fraction of a
+step's cost), as vLLM pads a batch up to its CUDA-graph batch sizes and JetStream keeps its
+decode slots.
 
 Exactness: a row's numbers depend only on its own request (its own cache row, positions, token
 history and PRNG key, selection as ``sampling.sample_step`` does for a batch of one), so a greedy
@@ -243,8 +244,10 @@ class Engine:
             static_argnames=("terminators", "active"),
             donate_argnums=(2, 3),
         )
-        self._move = jax.jit(
-            _counted(slot_programs.move, self.traces, "move"), donate_argnums=(0, 1)
+        # a row move is two programs (slots.move says why)
+        self._take_row = jax.jit(_counted(slot_programs.take_row, self.traces, "take_row"))
+        self._put_row = jax.jit(
+            _counted(slot_programs.put_row, self.traces, "put_row"), donate_argnums=(0, 1)
         )
 
         self._lock = threading.Lock()
@@ -595,8 +598,9 @@ class Engine:
 
     def _move_call(self, src: int, dst: int) -> None:
         with self.sampler.context():
-            self._cache, self._state = self._move(
-                self._cache, self._state, np.int32(src), np.int32(dst)
+            row, row_state = self._take_row(self._cache, self._state, np.int32(src))
+            self._cache, self._state = self._put_row(
+                self._cache, self._state, row, row_state, np.int32(dst)
             )
 
     def _step(self) -> None:
