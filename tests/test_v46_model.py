@@ -327,7 +327,8 @@ def test_bf16_programs_take_the_packed_table():
     """CPU bf16: the programs take the tied embedding table as its uint16 bit patterns (a view),
     read by the LM head in tiles: with the plain bf16 table XLA:CPU widened it to float32 ahead
     of the decode loop three times (3.0 GB of temporaries at the released size, 6 MB packed;
-    BENCHMARKS.md). The tiled head gives the plain head's logits (bf16 rounding apart)."""
+    BENCHMARKS.md). The tiled head gives the plain head's logits (bf16 rounding apart), the packed
+    gather the same rows."""
     from flax import nnx
 
     from minicpmv_jax.sharding import path_name
@@ -345,6 +346,13 @@ def test_bf16_programs_take_the_packed_table():
     def head(state, h):
         return nnx.merge(model.graphdef, state).model.language_model.logits(h)
 
+    def rows(state, ids):
+        return nnx.merge(model.graphdef, state).model.language_model.embed(ids)
+
     h = jax.random.normal(jax.random.key(0), (1, 3, model.config.llm.hidden_size), jnp.bfloat16)
     tiled, plain = (np.asarray(jax.jit(head)(s, h)) for s in (model.program_state, model.state))
     np.testing.assert_allclose(tiled, plain, rtol=2**-7, atol=1e-6)
+    ids = jnp.asarray([[0, 7, model.config.llm.vocab_size - 1]])
+    packed, plain = (jax.jit(rows)(s, ids) for s in (model.program_state, model.state))
+    assert packed.dtype == plain.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(packed, np.float32), np.asarray(plain, np.float32))
