@@ -331,6 +331,54 @@ def test_decode_bucket_changes_mid_answer_keep_answers_exact(engine26, monkeypat
     assert after.compilations_after_start == 0 and after.active_slots == 0
 
 
+def test_a_freed_sampled_row_stops_sampling(engine26, monkeypatch):
+    """A sampled request finishes in slot 1 while greedy ones decode in slots 0, 2 and 3 (bucket
+    4 either way: no move). Its row keeps stepping; the next step clears the row's sample flag
+    (the busy-row mask), so the greedy rows no longer pay for the sort of top-k / top-p. The
+    stale flag could not change a token (selection is per row), so the greedy answers equal
+    each request alone, before and after the fix alike. Steps are let through one by one."""
+    v = "minicpm-v-2_6"
+    model = engine26.model
+    gate, arrived = threading.Semaphore(0), threading.Semaphore(0)
+    step = engine26._step
+
+    def gated():
+        arrived.release()
+        gate.acquire()
+        step()
+
+    def step_once():
+        gate.release()
+        assert arrived.acquire(timeout=TIMEOUT)
+
+    def flags():
+        return np.asarray(engine26._state.do_sample).tolist()
+
+    monkeypatch.setattr(engine26, "_step", gated)
+    a = case_request(v, "text_only", 8)
+    b = case_request(v, "text_only", 2, temperature=0.9, top_p=0.9, top_k=40, seed=5)
+    c = case_request(v, "greedy_rep_penalty", 10, repetition_penalty=1.2)
+    try:
+        ha = engine26.submit(a)  # slot 0
+        assert arrived.acquire(timeout=TIMEOUT)
+        hb, hc, hd = engine26.submit(b), engine26.submit(c), engine26.submit(a)
+        step_once()  # bucket 1; then b, c and the second a take slots 1, 2 and 3
+        assert flags() == [False, True, False, False]
+        step_once()  # bucket 4: b's second and last token; its row is free
+        assert hb.result(TIMEOUT).completion_tokens == 2
+        assert [r is not None for r in engine26._rows] == [True, False, True, True]
+        assert flags() == [False, True, False, False]
+        step_once()  # bucket 4 again, with row 1 free
+        assert flags() == [False, False, False, False]
+        gate.release(10_000)
+        got = {"a": collect(ha)[1], "c": collect(hc)[1], "d": collect(hd)[1]}
+    finally:
+        gate.release(10_000)
+    assert got["a"] == got["d"] == alone(model, a)
+    assert got["c"] == alone(model, c)
+    assert engine26.stats().compilations_after_start == 0
+
+
 def test_decode_step_updates_the_cache_in_place():
     """The compiled decode step of a small row bucket aliases the donated slot cache to its
     output and needs less scratch memory than one row of that cache (no copy of the cache per
@@ -345,8 +393,9 @@ def test_decode_step_updates_the_cache_in_place():
     with s.context():
         cache = slot_programs.SlotCache.init(s.llm_config, rows, max_len, s.cache_dtype)
         state = slot_programs.SlotState.init(rows, s.llm_config.vocab_size)
+        busy = np.ones(rows, bool)
         memory = {
-            a: step.lower(s.graphdef, s.state, cache, state, terminators=(0,), active=a)
+            a: step.lower(s.graphdef, s.state, cache, state, busy, terminators=(0,), active=a)
             .compile()
             .memory_analysis()
             for a in (1, rows)

@@ -325,6 +325,7 @@ class Engine:
                     self.sampler.state,
                     self._cache,
                     self._state,
+                    np.zeros(self.slots, bool),
                     terminators=self.terminators,
                     active=b,
                 )
@@ -600,8 +601,8 @@ class Engine:
 
     def _step(self) -> None:
         s = self.sampler
-        top = max(i for i, r in enumerate(self._rows) if r is not None)
-        rows = self._bucket(top + 1)
+        busy = np.array([r is not None for r in self._rows])
+        rows = self._bucket(int(np.flatnonzero(busy)[-1]) + 1)
         try:
             with s.context():
                 tok, self._cache, self._state = self._decode(
@@ -609,6 +610,7 @@ class Engine:
                     s.state,
                     self._cache,
                     self._state,
+                    busy,
                     terminators=self.terminators,
                     active=rows,
                 )

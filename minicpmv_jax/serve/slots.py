@@ -15,7 +15,9 @@
 * ``decode_step``: one token for each of the first ``rows`` rows (a static row bucket: one
   program per bucket): the LLM on each row's last token at its own position, then per-row logits
   processing and selection (``sampling.process_logits`` / ``warp_for_sampling`` per row, so each
-  row's numbers are those of a batch-1 ``chat()``). Rows from ``rows`` on are left as they are.
+  row's numbers are those of a batch-1 ``chat()``). Rows from ``rows`` on are left as they are;
+  free rows below ``rows`` step too, greedily (the engine's busy-row mask clears their sample
+  flag).
 * ``move``: copies one row (cache and state) to another row, so the engine can keep its busy rows
   at the front and step a smaller bucket.
 
@@ -247,15 +249,28 @@ def insert(
     return tok[0], constrain_cache(cache), rows
 
 
-def decode_step(graphdef, state, cache: SlotCache, rows: SlotState, *, terminators, active: int):
+def decode_step(
+    graphdef,
+    state,
+    cache: SlotCache,
+    rows: SlotState,
+    busy: jax.Array,
+    *,
+    terminators,
+    active: int,
+):
     """One new token for each of rows [0, active) (static). -> (int32 [active], cache, rows).
 
+    ``busy``: bool [B], the rows that hold a request. A free row keeps stepping (static shapes)
+    but its sample flag is cleared, so a finished sampled request does not keep the sort of
+    top-k / top-p running for the greedy rows beside it (its tokens are ignored either way).
     The cache and state of rows >= ``active`` are returned unchanged; the cache buffers are
     updated in place (the caller donates them).
     """
     module = nnx.merge(graphdef, state)
     view = cache.rows(active)
     sub = jax.tree.map(lambda x: x[:active], rows)
+    sub = sub.replace(do_sample=sub.do_sample & busy[:active])
     x = module.llm.embed(sub.token[:, None])  # [active, 1, D]
     # generated tokens are always attended (generate() appends ones to the attention mask)
     valid = jnp.ones((x.shape[0], 1), bool)
