@@ -328,6 +328,8 @@ def test_decode_bucket_changes_mid_answer_keep_answers_exact(engine26, monkeypat
     after = engine26.stats()
     steps = {b: after.decode_steps.get(b, 0) - before.decode_steps.get(b, 0) for b in (1, 2, 4)}
     assert all(n > 0 for n in steps.values()), steps
+    for kind in ("prefill_s", "decode_s", "move_s"):  # the scheduler's time in each program
+        assert getattr(after, kind) > getattr(before, kind), kind
     assert after.compilations_after_start == 0 and after.active_slots == 0
 
 

@@ -268,6 +268,7 @@ class Engine:
         self.decode_rows = 0  # rows of the last decode step (its bucket)
         self.decode_steps: Counter = Counter()  # decode steps by rows stepped
         self.rows_moved = 0
+        self.seconds: Counter = Counter()  # scheduler wall time by program kind (stats())
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -451,6 +452,9 @@ class Engine:
             decode_rows=self.decode_rows,
             decode_steps=steps,
             rows_moved=self.rows_moved,
+            prefill_s=self.seconds["prefill"],
+            decode_s=self.seconds["decode"],
+            move_s=self.seconds["move"],
         )
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -529,7 +533,9 @@ class Engine:
             return self._finish(slot, "cancelled")
         try:
             seed = secrets.randbits(32) if h.settings.seed is None else h.settings.seed
+            t0 = time.perf_counter()
             tok = self._admit_arrays(h.prepared, slot, h.settings, seed)
+            self.seconds["prefill"] += time.perf_counter() - t0
         except Exception as e:
             log.exception("%s: prefill failed", h.request_id)
             return self._finish(slot, "error", f"prefill failed: {e}")
@@ -591,7 +597,10 @@ class Engine:
                 return
             src = busy[-1]
             dst = next(i for i, r in enumerate(self._rows) if r is None)
+            t0 = time.perf_counter()
             self._move_call(src, dst)
+            np.asarray(self._cache.end)  # the move's end (its time, not the next step's)
+            self.seconds["move"] += time.perf_counter() - t0
             with self._lock:
                 self._rows[dst], self._rows[src] = self._rows[src], None
             self.rows_moved += 1
@@ -607,6 +616,7 @@ class Engine:
         s = self.sampler
         busy = np.array([r is not None for r in self._rows])
         rows = self._bucket(int(np.flatnonzero(busy)[-1]) + 1)
+        t0 = time.perf_counter()
         try:
             with s.context():
                 tok, self._cache, self._state = self._decode(
@@ -619,6 +629,7 @@ class Engine:
                     active=rows,
                 )
                 tokens = np.asarray(tok)
+            self.seconds["decode"] += time.perf_counter() - t0
             with self._lock:
                 self.decode_rows = rows
                 self.decode_steps[rows] += 1
