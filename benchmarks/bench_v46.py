@@ -293,8 +293,10 @@ class Remote:
         cmd = [sys.executable, "-m", "benchmarks.bench_v46", "--worker", kind]
         cmd += ["--checkpoint", str(folder), "--dtype", dtype]
         env = dict(os.environ)
-        if package:  # minicpmv_jax imported from `package` (e.g. another revision's checkout)
+        if package:  # minicpmv_jax imported from `package` (e.g. another revision's checkout);
+            # -P: the working directory (this checkout) does not go ahead of it on sys.path
             env["PYTHONPATH"] = os.pathsep.join([package, str(ROOT)])
+            cmd.insert(1, "-P")
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
         )
