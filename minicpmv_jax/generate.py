@@ -187,7 +187,7 @@ def _encode(graphdef, state, vision: VisionBatch):
     TRACE_COUNTS["encode"] += 1
     module = nnx.merge(graphdef, state)
     v = vision
-    feats = module.vpm(v.pixel_patches, v.position_ids, v.vision_mask)  # [I, P, Dv]
+    feats = module.vpm(v.pixel_patches, v.position_ids, v.vision_mask, v.group_index >= 0)
     out = module.resampler(
         feats, v.tgt_sizes, v.patch_valid, v.group_index, v.num_groups, v.temporal_ids
     )

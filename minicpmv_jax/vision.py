@@ -27,6 +27,10 @@ from minicpmv_jax.layers import (
     stack_layers,
 )
 
+# CPU backend: the tower skips the padding slices of a slice bucket (`VisionTower.__call__`).
+# Read at trace time; False runs every slice (A/B measurements).
+CPU_SKIP_PADDING_SLICES = True
+
 
 class VisionEmbeddings(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
@@ -108,7 +112,13 @@ class VisionTower(nnx.Module):
         )
         self.cfg = cfg
 
-    def __call__(self, patches: jax.Array, position_ids: jax.Array, key_mask: jax.Array):
+    def __call__(
+        self,
+        patches: jax.Array,
+        position_ids: jax.Array,
+        key_mask: jax.Array,
+        slice_valid: jax.Array | None = None,
+    ):
         """Vision features of every patch slot.
 
         Args:
@@ -116,12 +126,19 @@ class VisionTower(nnx.Module):
           position_ids: int [I, P] rows of the 70 x 70 position table.
           key_mask: bool [I, P] keys each query may attend (2.6/4.5: patch < h*w; 2.5 quirk:
             patch < maxL of the whole call). Each row needs at least one True.
+          slice_valid: optional bool [I], False for a padding slice (a slice bucket's): on the
+            CPU backend such slices are skipped (`CPU_SKIP_PADDING_SLICES`), their rows zero.
         Returns: [I, P, Dv] in the compute dtype (padded rows are computed, not meaningful).
         """
+        xs, pads, size = (patches, position_ids, key_mask), (0, 0, True), self.cfg.batch_size
+        skip = slice_valid is not None and xs[0].shape[0] > 1 and CPU_SKIP_PADDING_SLICES
+        if skip and jax.default_backend() == "cpu":
+            # a compute-bound CPU runs only the real slices (1024x768: 5 in a bucket of 8): one
+            # slice at a time within a chunk's size, else chunks without a real slice skipped
+            return map_chunks(self._encode, xs, 1 if xs[0].shape[0] <= size else size, pads,
+                              slice_valid)  # fmt: skip
         # padding slices of the last chunk attend every key (finite), then are dropped
-        return map_chunks(
-            self._encode, (patches, position_ids, key_mask), self.cfg.batch_size, (0, 0, True)
-        )
+        return map_chunks(self._encode, xs, size, pads)
 
     def _encode(self, patches, position_ids, key_mask):
         """One chunk of slices: [R, P, 588], [R, P], [R, P] -> [R, P, Dv]."""
