@@ -155,6 +155,42 @@ def test_padding_slices_do_not_change_outputs():
     np.testing.assert_allclose(three[0], alone[0], atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("chunk", "skipped"),
+    [
+        (16, [False, True, False, True, True]),  # 5 slices in one chunk: one at a time
+        (2, [False, False, False, False, True]),  # chunks {0, 1}, {2, 3}, {4}: the last skipped
+    ],
+)
+def test_cpu_tower_skips_padding_slices(chunk, skipped):
+    """On the CPU backend the tower does not compute a padding slice (its rows are zero) and
+    the real slices come out as without the skip (one at a time within a chunk's size, else by
+    chunks, the all-padding chunk skipped): same values within float32 summation-order noise."""
+    from minicpmv_jax import vision
+
+    m = model()
+    batch = _synthetic_batch([(20, 30), (16, 16), (5, 70), (8, 8), (1, 1)], 1024)
+    xs = (batch["pixel_patches"], batch["position_ids"], batch["vision_mask"])
+    valid = np.array([True, False, True, False, False])
+    graphdef, state = nnx.split(m.module.vpm)
+    vpm = nnx.merge(graphdef, state)
+    vpm.cfg = dataclasses.replace(vpm.cfg, batch_size=chunk)
+
+    @jax.jit
+    def tower(xs, valid):
+        return vpm(*xs, valid)
+
+    got = np.asarray(tower(xs, valid))
+    try:
+        vision.CPU_SKIP_PADDING_SLICES = False
+        want = np.asarray(jax.jit(lambda xs: vpm(*xs))(xs))
+    finally:
+        vision.CPU_SKIP_PADDING_SLICES = True
+    skipped = np.array(skipped) & (jax.default_backend() == "cpu")
+    np.testing.assert_allclose(got[~skipped], want[~skipped], rtol=1e-5, atol=1e-5)
+    assert not got[skipped].any()
+
+
 @pytest.mark.parametrize("groups", [[3, 1, 2], [1, 1, 1, 1, 1, 1]])
 def test_grouped_resampler_matches_concatenated_attention(groups):
     """4.5 groups: the segment-combined softmax equals one attention over the joined keys."""
