@@ -410,9 +410,15 @@ PACKED_STACKS = ("llm.model.layers.", "vpm.encoder.layers.")
 PACKED_TABLES = ("llm.model.embed_tokens.embedding", "llm.lm_head.weight")
 
 
-def pack_weights(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
+def pack_weights(
+    state: nnx.State,
+    stacks: tuple[str, ...] = PACKED_STACKS,
+    tables: tuple[str, ...] = PACKED_TABLES,
+) -> tuple[nnx.State, list[jax.Array]]:
     """CPU backend: the layer stacks, embedding table and lm_head of a bf16 model as uint16
     views of the same memory (`layers.PACKED_BF16`); returns (state, the arrays now viewed).
+    `stacks` (name prefixes) and `tables` (whole names) say which parameters: by default the
+    2.x layout's; MiniCPM-V 4.6 packs its tied embedding table alone (`v46.model`).
 
     XLA:CPU converts each bf16 operand of a loop to a float32 copy before the loop; the packed
     weights are reinterpreted slice by slice inside it instead (`layers.scan_layers`,
@@ -430,7 +436,7 @@ def pack_weights(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
             isinstance(x, jax.Array)
             and x.dtype == jnp.bfloat16
             and len(x.sharding.device_set) == 1
-            and (name.startswith(PACKED_STACKS) or name in PACKED_TABLES)
+            and ((stacks and name.startswith(stacks)) or name in tables)
         ):
             bits = jax.device_put(np.asarray(x).view(np.uint16), x.sharding)
             if bits.unsafe_buffer_pointer() == x.unsafe_buffer_pointer():  # a view, not a copy

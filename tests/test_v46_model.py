@@ -321,3 +321,38 @@ def test_decode_loop_updates_the_donated_cache_in_place():
     mem = compiled.memory_analysis()
     assert mem.alias_size_in_bytes == cache_bytes
     assert mem.temp_size_in_bytes < 1.5 * cache_bytes
+
+
+def test_bf16_programs_take_the_packed_table():
+    """CPU bf16: the programs take the tied embedding table as its uint16 bit patterns (a view),
+    read by the LM head in tiles: with the plain bf16 table XLA:CPU widened it to float32 ahead
+    of the decode loop three times (3.0 GB of temporaries at the released size, 6 MB packed;
+    BENCHMARKS.md). The tiled head gives the plain head's logits (bf16 rounding apart), the packed
+    gather the same rows."""
+    from flax import nnx
+
+    from minicpmv_jax.sharding import path_name
+    from minicpmv_jax.v46 import model as m46
+
+    model = m46.MiniCPMV46.from_pretrained(
+        F46 / "checkpoint", dtype="bfloat16", progress=False, load_processor=False
+    )
+    name = "model.language_model.embed_tokens.embedding"
+    flat = {path_name(p): v.get_value() for p, v in nnx.to_flat_state(model.program_state)}
+    table = {path_name(p): v.get_value() for p, v in nnx.to_flat_state(model.state)}[name]
+    assert flat[name].dtype == jnp.uint16
+    assert flat[name].unsafe_buffer_pointer() == table.unsafe_buffer_pointer()  # no copy
+
+    def head(state, h):
+        return nnx.merge(model.graphdef, state).model.language_model.logits(h)
+
+    def rows(state, ids):
+        return nnx.merge(model.graphdef, state).model.language_model.embed(ids)
+
+    h = jax.random.normal(jax.random.key(0), (1, 3, model.config.llm.hidden_size), jnp.bfloat16)
+    tiled, plain = (np.asarray(jax.jit(head)(s, h)) for s in (model.program_state, model.state))
+    np.testing.assert_allclose(tiled, plain, rtol=2**-7, atol=1e-6)
+    ids = jnp.asarray([[0, 7, model.config.llm.vocab_size - 1]])
+    packed, plain = (jax.jit(rows)(s, ids) for s in (model.program_state, model.state))
+    assert packed.dtype == plain.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(packed, np.float32), np.asarray(plain, np.float32))

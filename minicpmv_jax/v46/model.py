@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minicpmv_jax import generate, versions
 from minicpmv_jax import quant as quantization
 from minicpmv_jax import sampling as smp
-from minicpmv_jax import versions
 from minicpmv_jax.chat import _TextStream
 from minicpmv_jax.errors import CheckpointError, MiniCPMVError
 from minicpmv_jax.model import AbstractRngs
@@ -99,6 +99,11 @@ GENERATION_KEYS = (
     "seed",
 )
 TOKEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
+# the weights the CPU programs take as packed bf16 (`generate.pack_weights`): the tied table
+PACKED_TABLES = ("model.language_model.embed_tokens.embedding",)
+# Read when a model is built; False hands the programs the bf16 table as it is (A/B
+# measurements: the decode loop then holds float32 copies of the table, BENCHMARKS.md).
+PACK_BF16 = True
 
 
 class Inner(nnx.Module):
@@ -283,6 +288,15 @@ class MiniCPMV46:
         self.processor = processor
         self.mesh = mesh
         self.graphdef, self.state = nnx.split(module)
+        # the parameters as the compiled programs take them: on CPU, a bf16 tied embedding
+        # table as its uint16 bit patterns (a view: no copy), read in tiles by the LM head
+        # (`Qwen35TextModel.logits`). The decoder layers are separate arrays (`nnx.List`), so
+        # their dots read them in place already (`layers.cpu_aware_dot`); nothing to split.
+        self.program_state, _ = (
+            generate.pack_weights(self.state, stacks=(), tables=PACKED_TABLES)
+            if PACK_BF16
+            else (self.state, [])
+        )
         self.record = versions.spec(config.version)  # the per-version record (defaults)
 
     # ------------------------------------------------------------------ construction
@@ -395,7 +409,7 @@ class MiniCPMV46:
         keys += ("window_perm", "rows2", "slots2", "valid2")
         with self._precision():
             feats, inter = _encode_jit(
-                self.graphdef, self.state, {k: v[k] for k in keys if k in v}, mode
+                self.graphdef, self.program_state, {k: v[k] for k in keys if k in v}, mode
             )
         return feats, inter, v["tokens"][: v["num_units"]], sizes, mode
 
@@ -514,7 +528,7 @@ class MiniCPMV46:
         t = int(lengths[0])
         with self._precision():
             logits, embeds = _forward_jit(
-                self.graphdef, self.state, p_ids, p_slot, feats, valid, pos
+                self.graphdef, self.program_state, p_ids, p_slot, feats, valid, pos
             )
         logits = np.asarray(logits[0, -t:], np.float32)
         if return_intermediates:
@@ -525,7 +539,7 @@ class MiniCPMV46:
         """float32 [T, D]: token embeddings with the projector rows scattered into the pads."""
         ids, slot, _, _, feats, lengths = self._pack([batch])
         with self._precision():
-            x = _embeds_jit(self.graphdef, self.state, ids, slot, feats)
+            x = _embeds_jit(self.graphdef, self.program_state, ids, slot, feats)
         return np.asarray(x[0, -int(lengths[0]) :], np.float32)
 
     def init_cache(self, batch: int, max_len: int) -> HybridCache:
@@ -538,7 +552,7 @@ class MiniCPMV46:
         cache = self.init_cache(len(requests), ids.shape[1] + _bucket(max(max_new_tokens, 1)))
         with self._precision():
             logits, cache = _prefill_jit(
-                self.graphdef, self.state, ids, slot, feats, valid, pos, cache
+                self.graphdef, self.program_state, ids, slot, feats, valid, pos, cache
             )
         return logits, cache, lengths
 
@@ -547,7 +561,7 @@ class MiniCPMV46:
         with self._precision():
             return _step_jit(
                 self.graphdef,
-                self.state,
+                self.program_state,
                 jnp.asarray(tokens, jnp.int32),
                 jnp.asarray(positions, jnp.int32),
                 cache,
@@ -614,7 +628,7 @@ class MiniCPMV46:
             if num_beams > 1:
                 tokens, length = _beam_jit(
                     self.graphdef,
-                    self.state,
+                    self.program_state,
                     logits,
                     lengths,
                     cache,
@@ -628,7 +642,7 @@ class MiniCPMV46:
             else:
                 tokens, length, _ = _sample_jit(
                     self.graphdef,
-                    self.state,
+                    self.program_state,
                     logits,
                     lengths,
                     cache,

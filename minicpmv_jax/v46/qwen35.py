@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpmv_jax.kv_cache import KVCache
-from minicpmv_jax.layers import attend, dense, embed, rope
-from minicpmv_jax.llm import Mlp
+from minicpmv_jax.layers import PACKED_BF16, attend, dense, embed, rope, unpack_bf16
+from minicpmv_jax.llm import Mlp, tiled_logits
 from minicpmv_jax.sharding import ACT_AXES, constrain
 from minicpmv_jax.v46.config import Qwen35Config
 from minicpmv_jax.v46.deltanet import GatedDeltaNet
@@ -143,6 +143,10 @@ class Qwen35TextModel(nnx.Module):
         self.cfg = cfg
 
     def embed(self, ids: jax.Array) -> jax.Array:
+        table = self.embed_tokens.embedding[...]
+        if table.dtype == PACKED_BF16:  # gather the rows' bit patterns, then reinterpret them
+            rows = unpack_bf16(jnp.take(table, ids.astype(jnp.int32), axis=0))
+            return rows.astype(self.embed_tokens.dtype or rows.dtype)  # as nnx.Embed
         return self.embed_tokens(ids.astype(jnp.int32))
 
     def logits(self, h: jax.Array) -> jax.Array:
@@ -150,8 +154,18 @@ class Qwen35TextModel(nnx.Module):
 
         The [V, D] table is the dot's left operand as stored: written as `h @ table.T`
         (`Embed.attend`), XLA:CPU copies the whole transposed table (1 GB in float32 at the
-        released size) on every call at batch 1, i.e. every decode step."""
-        e = self.embed_tokens.embedding[...].astype(self.cfg.dtype)
+        released size) on every call at batch 1, i.e. every decode step.
+
+        A packed bf16 table (the CPU programs' state, `MiniCPMV46.program_state`) is read in
+        tiles as 2.x's lm_head (`llm.tiled_logits`): XLA:CPU widens a bf16 operand of a loop
+        to float32 ahead of the loop, so the plain bf16 table made the decode loop hold three
+        float32 copies of it (3.0 GB at the released size: the gather's, the head's and its
+        transpose)."""
+        table = self.embed_tokens.embedding[...]
+        if table.dtype == PACKED_BF16:
+            dtype = self.cfg.dtype
+            return tiled_logits(h.astype(dtype), table, dtype).astype(jnp.float32)
+        e = table.astype(self.cfg.dtype)
         return jnp.einsum("vd,btd->btv", e, h.astype(self.cfg.dtype)).astype(jnp.float32)
 
     def hidden(self, x, positions, cache: HybridCache | None = None, token_valid=None):
