@@ -14,8 +14,9 @@ the cost a finished sampled request's row used to impose on greedy rows before t
 
 ``--move-layers L`` also times the row move alone on a slot cache of the preset's LLM widths with
 ``L`` decoder layers (no weights: ``L`` = 28 is the full 2.6 depth), ``--move-slots`` rows of
-``--max-len`` slots in ``--move-dtype``, and reports the compiled move's memory (the cache is
-updated in place when its bytes are aliased to the output).
+``--move-max-len`` slots in ``--move-dtype``: the engine's two programs (``take_row``, then
+``put_row`` in place) against the same move as one program, interleaved, with the compiled
+memory of each (a temp as large as the cache means the program copies the cache).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--move-slots", type=int, default=4)
     p.add_argument("--move-dtype", default="bfloat16")
+    p.add_argument("--move-max-len", type=int, default=None, help="default: --max-len")
     p.add_argument("--out", default=None, help="JSON report path")
     args = p.parse_args(argv)
 
@@ -143,31 +145,51 @@ def main(argv=None) -> int:
 
 
 def time_full_move(llm: LlmConfig, args) -> dict:
-    """Median time of ``slots.move`` on a weightless slot cache of ``--move-layers`` layers of
-    ``llm``'s widths."""
+    """Median times of a row move on a weightless slot cache of ``--move-layers`` layers of
+    ``llm``'s widths: as the engine runs it (``take_row`` then ``put_row``, two programs) and as
+    one program (``slots.move``), interleaved; with each compiled program's memory."""
     cfg = dataclasses.replace(llm, num_layers=args.move_layers)
     dtype = jnp.dtype(args.move_dtype)
-    cache = slot_programs.SlotCache.init(cfg, args.move_slots, args.max_len, dtype)
-    state = slot_programs.SlotState.init(args.move_slots, cfg.vocab_size)
-    move = jax.jit(slot_programs.move, donate_argnums=(0, 1))
-    src, dst = np.int32(args.move_slots - 1), np.int32(0)
-    compiled = move.lower(cache, state, src, dst).compile()
-    mem = compiled.memory_analysis()
-    times = []
-    for _ in range(args.rounds * args.calls):
-        t0 = time.perf_counter()
-        cache, state = compiled(cache, state, src, dst)
-        cache.end.block_until_ready()
-        cache.k.block_until_ready()
-        times.append(time.perf_counter() - t0)
-    row = (cache.k.nbytes + cache.v.nbytes) // args.move_slots
+    n, max_len = args.move_slots, args.move_max_len or args.max_len
+    cache = slot_programs.SlotCache.init(cfg, n, max_len, dtype)
+    state = slot_programs.SlotState.init(n, cfg.vocab_size)
+    src, dst = np.int32(n - 1), np.int32(0)
+    take = jax.jit(slot_programs.take_row).lower(cache, state, src).compile()
+    row, row_state = take(cache, state, src)
+    put = jax.jit(slot_programs.put_row, donate_argnums=(0, 1))
+    put = put.lower(cache, state, row, row_state, dst).compile()
+    one = jax.jit(slot_programs.move, donate_argnums=(0, 1))
+    one = one.lower(cache, state, src, dst).compile()
+    del row, row_state
+
+    def two_programs(cache, state):
+        row, row_state = take(cache, state, src)
+        return put(cache, state, row, row_state, dst)
+
+    variants = {"take_row + put_row": two_programs, "move (one program)": one}
+    times = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            for _ in range(args.calls):
+                t0 = time.perf_counter()
+                cache, state = (
+                    fn(cache, state) if fn is two_programs else fn(cache, state, src, dst)
+                )
+                cache.k.block_until_ready()
+                cache.v.block_until_ready()
+                times[name].append(time.perf_counter() - t0)
+
+    def memory(c):
+        m = c.memory_analysis()
+        return {"alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes)}
+
+    row_bytes = (cache.k.nbytes + cache.v.nbytes) // n
     return {
-        "layers": args.move_layers, "slots": args.move_slots, "max_len": args.max_len,
-        "dtype": str(dtype), "row_bytes": int(row),
-        "cache_bytes": int(cache.k.nbytes + cache.v.nbytes),
-        "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
-        "median_s": float(np.median(times)), "min_s": float(np.min(times)),
-        "row_gb_per_s": float(row / np.median(times) / 1e9),
+        "layers": args.move_layers, "slots": n, "max_len": max_len, "dtype": str(dtype),
+        "row_bytes": int(row_bytes), "cache_bytes": int(cache.k.nbytes + cache.v.nbytes),
+        "median_s": {k: float(np.median(v)) for k, v in times.items()},
+        "min_s": {k: float(np.min(v)) for k, v in times.items()},
+        "memory": {"take_row": memory(take), "put_row": memory(put), "move": memory(one)},
     }  # fmt: skip
 
 

@@ -18,8 +18,8 @@
   row's numbers are those of a batch-1 ``chat()``). Rows from ``rows`` on are left as they are;
   free rows below ``rows`` step too, greedily (the engine's busy-row mask clears their sample
   flag).
-* ``move``: copies one row (cache and state) to another row, so the engine can keep its busy rows
-  at the front and step a smaller bucket.
+* ``take_row`` / ``put_row``: copy one row (cache and state) to another row, so the engine can
+  keep its busy rows at the front and step a smaller bucket (two programs: see ``move``).
 
 Rows below ``rows`` that hold no request still run (static shapes); the host ignores their
 tokens. A row's selection depends only on its own logits, history and key, never on the other
@@ -110,7 +110,7 @@ class SlotRows:
     def append(self, token_valid: jax.Array) -> tuple[SlotRows, jax.Array]:
         """Reserve T slots per row at its own ``end``; returns (cache, start int32 [rows]).
 
-        A full row (an idle slot that kept stepping) stops advancing; its writes are dropped.
+        A full row (an idle slot that kept stepping) stops advancing.
         """
         n, t = self.rows, token_valid.shape[1]
         start = self.end[:n]
@@ -126,12 +126,19 @@ class SlotRows:
         return (self.valid[: self.rows, None, :] & causal)[:, None]
 
     def write(self, layer, start: jax.Array, k: jax.Array, v: jax.Array) -> SlotRows:
-        """Store k, v [rows, T, K, H] of one layer at each row's slots [start, start + T)."""
-        rows = jnp.arange(k.shape[0])[:, None]
-        slots = self._slots(start, k.shape[1])
+        """Store k, v [rows, T, K, H] of one layer at each row's slots [start, start + T).
+
+        One ``dynamic_update_slice`` per row: XLA:CPU updates a bfloat16 buffer in place that
+        way, while a scatter into it (one write for all rows) copies the whole cache every step.
+        A full row (a free slot that kept stepping) has its write clamped onto its last slots.
+        """
 
         def put(buf: LayerRows, x):
-            new = buf.buf.at[layer, rows, slots].set(x.astype(buf.buf.dtype), mode="drop")
+            new, x = buf.buf, x.astype(buf.buf.dtype)
+            for b in range(x.shape[0]):  # [1, 1, T, K, H] at (layer, b, start[b], 0, 0)
+                new = jax.lax.dynamic_update_slice(
+                    new, x[b][None, None], (layer, b, start[b], 0, 0)
+                )
             return LayerRows(new, self.rows)
 
         return self.replace(k=put(self.k, k), v=put(self.v, v))
@@ -285,16 +292,40 @@ def decode_step(
     return tok, constrain_cache(view.cache()), rows
 
 
-def move(cache: SlotCache, rows: SlotState, src: jax.Array, dst: jax.Array):
-    """Copy row ``src`` (cache and state) onto row ``dst``: int32 [] each. -> (cache, rows).
+def take_row(cache: SlotCache, rows: SlotState, src: jax.Array) -> tuple[SlotCache, SlotState]:
+    """Row ``src`` (int32 []) of the cache and state, as a one-row cache and state."""
 
-    Row ``src`` keeps its contents (the engine treats it as free)."""
+    def take(buf, axis):
+        return jax.lax.dynamic_slice_in_dim(buf, src, 1, axis)
 
-    def mv(buf, axis):
-        x = jax.lax.dynamic_slice_in_dim(buf, src, 1, axis)
+    row = SlotCache(
+        k=take(cache.k, 1), v=take(cache.v, 1), end=take(cache.end, 0), valid=take(cache.valid, 0)
+    )
+    return row, jax.tree.map(lambda x: take(x, 0), rows)
+
+
+def put_row(
+    cache: SlotCache, rows: SlotState, row: SlotCache, row_state: SlotState, dst: jax.Array
+) -> tuple[SlotCache, SlotState]:
+    """Write a one-row cache and state (``take_row``'s) onto row ``dst`` (int32 [])."""
+
+    def put(buf, x, axis):
         return jax.lax.dynamic_update_slice_in_dim(buf, x, dst, axis)
 
     cache = cache.replace(
-        k=mv(cache.k, 1), v=mv(cache.v, 1), end=mv(cache.end, 0), valid=mv(cache.valid, 0)
+        k=put(cache.k, row.k, 1),
+        v=put(cache.v, row.v, 1),
+        end=put(cache.end, row.end, 0),
+        valid=put(cache.valid, row.valid, 0),
     )
-    return constrain_cache(cache), jax.tree.map(lambda x: mv(x, 0), rows)
+    return constrain_cache(cache), jax.tree.map(lambda b, x: put(b, x, 0), rows, row_state)
+
+
+def move(cache: SlotCache, rows: SlotState, src: jax.Array, dst: jax.Array):
+    """Copy row ``src`` (cache and state) onto row ``dst``: int32 [] each. -> (cache, rows).
+
+    Row ``src`` keeps its contents (the engine treats it as free). In one program (``take_row``
+    then ``put_row``) for tests; the engine runs the two as separate programs: fused into one,
+    XLA:CPU copies a whole bfloat16 cache (twice) to move one row of it."""
+    row, row_state = take_row(cache, rows, src)
+    return put_row(cache, rows, row, row_state, dst)
