@@ -187,7 +187,7 @@ def _encode(graphdef, state, vision: VisionBatch):
     TRACE_COUNTS["encode"] += 1
     module = nnx.merge(graphdef, state)
     v = vision
-    feats = module.vpm(v.pixel_patches, v.position_ids, v.vision_mask)  # [I, P, Dv]
+    feats = module.vpm(v.pixel_patches, v.position_ids, v.vision_mask, v.group_index >= 0)
     out = module.resampler(
         feats, v.tgt_sizes, v.patch_valid, v.group_index, v.num_groups, v.temporal_ids
     )
@@ -447,6 +447,44 @@ def pack_weights(
     return nnx.from_flat_state(leaves), sources
 
 
+# XLA's compiler frees its working memory (LLVM modules, buffers; 0.15-0.3 GB for the 2.6
+# prefill / decode programs) back to the C heap, which keeps it: the process's resident memory
+# stays that much higher, and the first run of the program just compiled adds its temporaries
+# on top. On the CPU backend the samplers hand that freed memory back to the OS after each
+# compilation (glibc `malloc_trim`; elsewhere a no-op): peak memory of a bf16 chat turn on the
+# 1.05 B 2.6-layout model 2.92 -> 2.75 GB (BENCHMARKS.md). False leaves the heap alone (A/B).
+TRIM_AFTER_COMPILE = True
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring's event
+_trim_registered = False
+
+
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None where the C library has none."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+
+
+def _trim_listener(event: str, duration_secs: float, **kwargs) -> None:
+    if event == COMPILE_EVENT and TRIM_AFTER_COMPILE:
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
+
+
+def trim_after_compiles() -> bool:
+    """Register (once per process) the `jax.monitoring` listener that returns the heap's free
+    memory to the OS after each XLA backend compilation. Returns whether it is registered."""
+    global _trim_registered
+    if not _trim_registered and TRIM_AFTER_COMPILE and _malloc_trim() is not None:
+        jax.monitoring.register_event_duration_secs_listener(_trim_listener)
+        _trim_registered = True
+    return _trim_registered
+
+
 # the decoder stack whose layers a CPU program reads as separate arrays (layers.LayerParts)
 SPLIT_STACKS = ("llm.model.layers.",)
 # The samplers split float32 and bf16 stacks. A bf16 layer read in place needs no float32 copy
@@ -548,6 +586,8 @@ class Sampler:
         self.terminators = None
         if processor is not None:
             self.terminators = tuple(int(t) for t in processor.terminators)
+        if jax.default_backend() == "cpu":
+            trim_after_compiles()
         self.graphdef, state = nnx.split(model.module)
         # SPLIT_LAYERS is this module's switch only (the train step has its own); a split stack
         # is not packed (pack_weights takes whole arrays only)

@@ -275,7 +275,9 @@ class Engine:
     def _default_warmup(self) -> list[RequestShape]:
         q = int(self.model.config.query_num)
         shapes = [RequestShape(prompt_tokens=t) for t in self.buckets.tokens]
-        for n in (1, 2, 4, 8, 10):  # the two smallest token buckets that hold n slices
+        # every slice bucket up to one fully sliced image (10), in the two smallest token
+        # buckets that hold its slices
+        for n in (b for b in self.buckets.slices if b <= 10):
             fits = [t for t in self.buckets.tokens if t >= n * (q + 2) + 16][:2]
             shapes += [RequestShape(prompt_tokens=t, slices=n, patches=1024) for t in fits]
         return shapes
