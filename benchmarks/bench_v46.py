@@ -127,6 +127,10 @@ class Ours:
         )
         self.load_s = time.perf_counter() - t0
         self.image_token_id = self.model.config.image_token_id
+        # the parameters as the programs take them (earlier checkouts: a packed state, or none)
+        self.state = getattr(self.model, "program_state", self.model.state)
+        bits = getattr(self.model, "table_bits", None)
+        self.bits = {} if bits is None else {"bits": bits}
         self.info = {"package": str(pathlib.Path(m46.__file__).parents[1]), "jax": jax.__version__}
 
     def first_logits(self, req):
@@ -154,8 +158,9 @@ class Ours:
             with model._precision():
                 # no stop token (-1): exactly `steps` tokens per row
                 toks = m46._sample_jit(
-                    model.graphdef, model.state, logits, lengths, cache, params,
+                    model.graphdef, self.state, logits, lengths, cache, params,
                     jax.random.key(0), steps, mode=mode, terminators=(-1,), steps=bucket,
+                    **self.bits,
                 )[0]  # fmt: skip
             toks.block_until_ready()
             seconds.append(time.perf_counter() - t0)
@@ -291,8 +296,10 @@ class Remote:
         cmd = [sys.executable, "-m", "benchmarks.bench_v46", "--worker", kind]
         cmd += ["--checkpoint", str(folder), "--dtype", dtype]
         env = dict(os.environ)
-        if package:  # minicpmv_jax imported from `package` (e.g. another revision's checkout)
+        if package:  # minicpmv_jax imported from `package` (e.g. another revision's checkout);
+            # -P: the working directory (this checkout) does not go ahead of it on sys.path
             env["PYTHONPATH"] = os.pathsep.join([package, str(ROOT)])
+            cmd.insert(1, "-P")
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
         )
@@ -315,15 +322,33 @@ class Remote:
         self.proc.wait()
 
 
-def write_checkpoint(folder: pathlib.Path) -> None:
-    """Release-size random weights (seed 0, float32) as a native-transformers folder."""
+def truncated_config(text_layers: int | None, vision_layers: int | None) -> dict:
+    """The released config.json with the first `text_layers` Qwen3.5 layers (their
+    `layer_types` with them) and the first `vision_layers` SigLIP2 layers (None: all)."""
+    hf = json.loads(RELEASED.read_text())
+    text, vision = hf["text_config"], hf["vision_config"]
+    if text_layers is not None:
+        if not 0 < text_layers <= text["num_hidden_layers"]:
+            raise SystemExit(f"--layers must lie in [1, {text['num_hidden_layers']}]")
+        text["num_hidden_layers"] = text_layers
+        text["layer_types"] = text["layer_types"][:text_layers]
+    if vision_layers is not None:
+        if not hf["insert_layer_id"] < vision_layers <= vision["num_hidden_layers"]:
+            raise SystemExit(f"--vision-layers must lie in ({hf['insert_layer_id']}, full depth]")
+        vision["num_hidden_layers"] = vision_layers
+    return hf
+
+
+def write_checkpoint(folder: pathlib.Path, hf: dict | None = None) -> None:
+    """Random weights (seed 0, float32) in the shapes of `hf` (default: the released config.json)
+    as a native-transformers folder."""
     from safetensors.numpy import save_file
 
     from minicpmv_jax.v46 import model as m46
     from minicpmv_jax.v46.config import MiniCPMV46Config
     from minicpmv_jax.weights import to_hf_state_dict
 
-    hf = json.loads(RELEASED.read_text())
+    hf = json.loads(RELEASED.read_text()) if hf is None else hf
     model = m46.MiniCPMV46.from_config(MiniCPMV46Config.from_hf(hf, dtype="float32"), seed=0)
     state = {
         k: np.ascontiguousarray(v, np.float32) for k, v in to_hf_state_dict(model.state).items()
@@ -336,6 +361,20 @@ def write_checkpoint(folder: pathlib.Path) -> None:
 
 def checkpoint_folder(args) -> pathlib.Path:
     full = TINY
+    if args.preset == "release" and args.layers is not None:
+        # a truncated text model: its own random weights, written once (the embedding table and
+        # the vision layers kept have the released shapes; speed does not depend on the values)
+        name = f"minicpmv46-release-text{args.layers}-vision{args.vision_layers or 'all'}"
+        folder = args.checkpoint or pathlib.Path(tempfile.gettempdir()) / name
+        if not (folder / "model.safetensors").exists():
+            cmd = [sys.executable, "-m", "benchmarks.bench_v46", "--write-checkpoint", str(folder)]
+            cmd += ["--layers", str(args.layers)]
+            if args.vision_layers is not None:
+                cmd += ["--vision-layers", str(args.vision_layers)]
+            subprocess.run(cmd, check=True, cwd=ROOT)
+        return folder
+    if args.layers is not None:
+        raise SystemExit("--layers needs --preset release")
     if args.preset == "release":
         full = args.checkpoint or pathlib.Path(tempfile.gettempdir()) / "minicpmv46-release-random"
         if not (full / "model.safetensors").exists():
@@ -416,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline",
         type=pathlib.Path,
         default=None,
-        help="instead of the peer: our side again, minicpmv_jax imported from this folder",
+        help="our side again, minicpmv_jax imported from this folder (e.g. `git archive` of an "
+        "earlier commit): before / after in one run; with --peer, three sides",
     )
     p.add_argument(
         "--interleave",
@@ -437,13 +477,23 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="run only the first N SigLIP2 layers (memory; default: all)",
     )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="release preset: only the first N Qwen3.5 text layers (their layer kinds with them), "
+        "random weights of their own written once to a folder of that depth (default: all 24)",
+    )
     p.add_argument("--checkpoint", type=pathlib.Path, default=None, help="release weights folder")
     p.add_argument("--out", type=pathlib.Path, default=None)
     p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
     p.add_argument("--write-checkpoint", type=pathlib.Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.write_checkpoint:
-        write_checkpoint(args.write_checkpoint)
+        hf = None
+        if args.layers is not None or args.vision_layers is not None:
+            hf = truncated_config(args.layers, args.vision_layers)
+        write_checkpoint(args.write_checkpoint, hf)
         return 0
     if args.worker:
         return worker(args.worker, args.checkpoint, args.dtype)
@@ -461,10 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "load_start": load_average(),
     }
-    if args.peer and args.baseline:
-        raise SystemExit("--peer and --baseline are two different second sides: pick one")
-    other = "peer" if args.peer else "baseline" if args.baseline else None
-    names = ["ours"] + ([other] if other else [])
+    # the other sides: our side again from another checkout (before / after), and / or the peer
+    others = (["baseline"] if args.baseline else []) + (["peer"] if args.peer else [])
+    names = ["ours", *others]
     res: dict[str, dict[str, Any]] = {n: {} for n in names}
     tmp = tempfile.mkdtemp(prefix="bench_v46_")
     plan = []  # (key, op, kwargs) in order
@@ -490,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
 
     def start(n: str):
-        if not other:
+        if not others:
             return Local(folder, args.dtype)
         kind = "peer" if n == "peer" else "ours"
         package = str(args.baseline) if n == "baseline" else None
@@ -542,25 +591,28 @@ def main(argv: list[str] | None = None) -> int:
         if "decode" in sections
     ]
     rep["sides"] = res
-    if other:
-        rows, agree = [], {}
+    rows, agree = [], {}
+    for other in others:  # one row per (section, other side)
         for key in ours:
             if key in ("info", "memory"):
                 continue
             a, b = ours[key], res[other][key]
             if key.startswith("decode"):
-                rows.append({"row": f"{key} tokens/s", "ours": a["tokens_per_s"],
+                rows.append({"row": f"{key} tokens/s", "vs": other, "ours": a["tokens_per_s"],
                              other: b["tokens_per_s"],
                              "ratio": a["tokens_per_s"] / b["tokens_per_s"]})  # fmt: skip
             else:
                 ta, tb = a["seconds"]["median"], b["seconds"]["median"]
-                rows.append({"row": f"{key} s", "ours": ta, other: tb, "ratio": tb / ta})
-            pa, pb = (os.path.join(tmp, f"{n}-{key}.npy") for n in names)
+                rows.append({"row": f"{key} s", "vs": other, "ours": ta, other: tb,
+                             "ratio": tb / ta})  # fmt: skip
+            pa, pb = (os.path.join(tmp, f"{n}-{key}.npy") for n in ("ours", other))
             if os.path.exists(pa) and os.path.exists(pb):
-                agree[key] = agreement(pa, pb)
+                agree[f"{key} vs {other}"] = agreement(pa, pb)
         ma, mb = ours["memory"]["VmHWM"], res[other]["memory"]["VmHWM"]
-        rows.append({"row": "peak RSS GB", "ours": ma / 1e9, other: mb / 1e9, "ratio": ma / mb})
-        rep["rows"] = rows  # ratio: peer time / our time (> 1: ours faster); memory: ours / peer
+        rows.append({"row": "peak RSS GB", "vs": other, "ours": ma / 1e9, other: mb / 1e9,
+                     "ratio": ma / mb})  # fmt: skip
+    if others:  # ratio: the other side's time / ours (> 1: ours faster); memory: ours / other
+        rep["rows"] = rows
         rep["agreement"] = agree
     text = json.dumps(rep, indent=1, default=str)
     if args.out:

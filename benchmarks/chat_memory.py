@@ -148,9 +148,8 @@ print(json.dumps(res))
 """
 )
 
-PEER = (
-    PRELUDE
-    + r"""
+# the peer's modules, loaded from `folder` in `dtype` (chat_speed reuses it)
+PEER_LOAD = r"""
 t0 = time.perf_counter()
 import numpy as np, torch, transformers
 from safetensors import safe_open
@@ -232,6 +231,12 @@ res["load_s"] = time.perf_counter() - t0
 res["after_load"] = status()
 res["param_bytes"] = sum(t.numel() * t.element_size()
                          for m in parts.values() for t in m.parameters())
+"""
+
+PEER = (
+    PRELUDE
+    + PEER_LOAD
+    + r"""
 z = np.load(inputs)
 ids = torch.from_numpy(z["input_ids"][None])
 (h, w), (s, e) = z["tgt_sizes"][0], z["image_bound"][0]

@@ -20,8 +20,10 @@ answers end at ``max_tokens``, the model's end-of-turn tokens are never produced
   with the engine's slot compaction off (``low/continuous-no-compact``: a request left alone in
   a high slot keeps the decode bucket of that slot).
 
-The engine's decode steps by row bucket and its slot moves are reported per engine run
-(``--decode-buckets``: the engine's row buckets, default its own).
+The engine's decode steps by row bucket, its slot moves and its scheduler's wall time in
+prefills (with their inserts), decode steps and moves (``engine_s``: how much of a run chunked
+prefill could spread out) are reported per engine run (``--decode-buckets``: the engine's row
+buckets, default its own).
 
 Reported per run: requests/s and output tokens/s over the run's span (first arrival to last
 answer), p50 / p99 time to first token (TTFT, from submission) and per-token latency
@@ -333,7 +335,9 @@ def main(argv=None) -> int:
         now = engine.stats()
         steps = {b: n - before.decode_steps.get(b, 0) for b, n in sorted(now.decode_steps.items())}
         return {"decode_steps_by_rows": {str(b): n for b, n in steps.items() if n},
-                "slot_moves": now.rows_moved - before.rows_moved}  # fmt: skip
+                "slot_moves": now.rows_moved - before.rows_moved,
+                "engine_s": {k: getattr(now, f"{k}_s") - getattr(before, f"{k}_s")
+                             for k in ("prefill", "decode", "move")}}  # fmt: skip
 
     for name, server in (("continuous", EngineServer(engine)), ("static", static),
                          ("one-at-a-time", serial)):  # fmt: skip

@@ -48,8 +48,9 @@ class Buckets:
     tokens: tuple[int, ...] = (
         64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384,
     )  # fmt: skip
-    # 10 = one image fully sliced at max_slice_nums 9 (source + 9): the common large-image case
-    slices: tuple[int, ...] = (1, 2, 4, 8, 10, 16, 32, 64)
+    # 10 = one image fully sliced at max_slice_nums 9 (source + 9): the common large-image case;
+    # 5 = a 4:3 photo (source + a 2 x 2 grid), which bucket 8 padded by 60% more tower work
+    slices: tuple[int, ...] = (1, 2, 4, 5, 8, 10, 16, 32, 64)
     new_tokens: tuple[int, ...] = (64, 256, 1024, 2048, 4096)
     max_cache_len: int = 40960
 

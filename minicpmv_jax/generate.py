@@ -187,7 +187,7 @@ def _encode(graphdef, state, vision: VisionBatch):
     TRACE_COUNTS["encode"] += 1
     module = nnx.merge(graphdef, state)
     v = vision
-    feats = module.vpm(v.pixel_patches, v.position_ids, v.vision_mask)  # [I, P, Dv]
+    feats = module.vpm(v.pixel_patches, v.position_ids, v.vision_mask, v.group_index >= 0)
     out = module.resampler(
         feats, v.tgt_sizes, v.patch_valid, v.group_index, v.num_groups, v.temporal_ids
     )
@@ -410,9 +410,15 @@ PACKED_STACKS = ("llm.model.layers.", "vpm.encoder.layers.")
 PACKED_TABLES = ("llm.model.embed_tokens.embedding", "llm.lm_head.weight")
 
 
-def pack_weights(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
+def pack_weights(
+    state: nnx.State,
+    stacks: tuple[str, ...] = PACKED_STACKS,
+    tables: tuple[str, ...] = PACKED_TABLES,
+) -> tuple[nnx.State, list[jax.Array]]:
     """CPU backend: the layer stacks, embedding table and lm_head of a bf16 model as uint16
     views of the same memory (`layers.PACKED_BF16`); returns (state, the arrays now viewed).
+    `stacks` (name prefixes) and `tables` (whole names) say which parameters: by default the
+    2.x layout's; MiniCPM-V 4.6 packs its tied embedding table alone (`v46.model`).
 
     XLA:CPU converts each bf16 operand of a loop to a float32 copy before the loop; the packed
     weights are reinterpreted slice by slice inside it instead (`layers.scan_layers`,
@@ -430,7 +436,7 @@ def pack_weights(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
             isinstance(x, jax.Array)
             and x.dtype == jnp.bfloat16
             and len(x.sharding.device_set) == 1
-            and (name.startswith(PACKED_STACKS) or name in PACKED_TABLES)
+            and ((stacks and name.startswith(stacks)) or name in tables)
         ):
             bits = jax.device_put(np.asarray(x).view(np.uint16), x.sharding)
             if bits.unsafe_buffer_pointer() == x.unsafe_buffer_pointer():  # a view, not a copy
@@ -439,6 +445,44 @@ def pack_weights(state: nnx.State) -> tuple[nnx.State, list[jax.Array]]:
                 continue
         leaves.append((path, var))
     return nnx.from_flat_state(leaves), sources
+
+
+# XLA's compiler frees its working memory (LLVM modules, buffers; 0.15-0.3 GB for the 2.6
+# prefill / decode programs) back to the C heap, which keeps it: the process's resident memory
+# stays that much higher, and the first run of the program just compiled adds its temporaries
+# on top. On the CPU backend the samplers hand that freed memory back to the OS after each
+# compilation (glibc `malloc_trim`; elsewhere a no-op): peak memory of a bf16 chat turn on the
+# 1.05 B 2.6-layout model 2.92 -> 2.75 GB (BENCHMARKS.md). False leaves the heap alone (A/B).
+TRIM_AFTER_COMPILE = True
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring's event
+_trim_registered = False
+
+
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None where the C library has none."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+
+
+def _trim_listener(event: str, duration_secs: float, **kwargs) -> None:
+    if event == COMPILE_EVENT and TRIM_AFTER_COMPILE:
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
+
+
+def trim_after_compiles() -> bool:
+    """Register (once per process) the `jax.monitoring` listener that returns the heap's free
+    memory to the OS after each XLA backend compilation. Returns whether it is registered."""
+    global _trim_registered
+    if not _trim_registered and TRIM_AFTER_COMPILE and _malloc_trim() is not None:
+        jax.monitoring.register_event_duration_secs_listener(_trim_listener)
+        _trim_registered = True
+    return _trim_registered
 
 
 # the decoder stack whose layers a CPU program reads as separate arrays (layers.LayerParts)
@@ -542,6 +586,8 @@ class Sampler:
         self.terminators = None
         if processor is not None:
             self.terminators = tuple(int(t) for t in processor.terminators)
+        if jax.default_backend() == "cpu":
+            trim_after_compiles()
         self.graphdef, state = nnx.split(model.module)
         # SPLIT_LAYERS is this module's switch only (the train step has its own); a split stack
         # is not packed (pack_weights takes whole arrays only)

@@ -17,6 +17,9 @@ CPU_FAST_BF16 = True
 # With CPU_FAST_BF16: a bf16 product of a single row is taken as two rows (`_one_row_dot`).
 # Read at trace time; False restores the one-row dot (A/B measurements).
 CPU_ONE_ROW_BF16 = True
+# With CPU_FAST_BF16: bf16 attention ("xla" impl) takes both of its products with a float32
+# result (`_attend_cpu_bf16`). Read at trace time; False restores jax's attention (A/B).
+CPU_BF16_ATTENTION = True
 
 
 # XLA:CPU keeps no bf16 value in a loop: each bf16 operand of a while loop (a scanned layer
@@ -266,7 +269,7 @@ def scan_layers(step, carry, layers: nnx.Module, remat: str = "none"):
     return scan(carry, layers)
 
 
-def map_chunks(f, xs: tuple, size: int, pads: tuple):
+def map_chunks(f, xs: tuple, size: int, pads: tuple, valid: jax.Array | None = None):
     """`f(*xs)` computed `size` rows at a time inside one program (jax.lax.map over chunks).
 
     Peak activation memory is then that of one chunk, whatever the number of rows: the official
@@ -279,9 +282,11 @@ def map_chunks(f, xs: tuple, size: int, pads: tuple):
       xs: arrays with the same leading dim I.
       size: rows per chunk (static).
       pads: fill value of the padding rows, one per array of `xs`.
+      valid: optional bool [I]: a chunk without a valid row is not computed (its outputs are
+        zeros), e.g. the padding slices of a slice bucket.
     """
     i = xs[0].shape[0]
-    if i <= size:
+    if i <= size and valid is None:
         return f(*xs)
     n = -(-i // size)
 
@@ -289,7 +294,19 @@ def map_chunks(f, xs: tuple, size: int, pads: tuple):
         a = jnp.pad(a, [(0, n * size - i)] + [(0, 0)] * (a.ndim - 1), constant_values=value)
         return a.reshape(n, size, *a.shape[1:])
 
-    out = jax.lax.map(lambda a: f(*a), tuple(chunked(a, v) for a, v in zip(xs, pads, strict=True)))
+    chunks = tuple(chunked(a, v) for a, v in zip(xs, pads, strict=True))
+    if valid is None:
+        out = jax.lax.map(lambda a: f(*a), chunks)
+    else:
+        shapes = jax.eval_shape(f, *(c[0] for c in chunks))
+
+        def skip(_):
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def one(a):
+            return jax.lax.cond(jnp.any(a[0]), lambda r: f(*r), skip, a[1:])
+
+        out = jax.lax.map(one, (chunked(valid, False), *chunks))
     return jax.tree.map(lambda o: o.reshape(n * size, *o.shape[2:])[:i], out)
 
 
@@ -374,7 +391,14 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl: str = "xla", scale=None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    impl: str = "xla",
+    scale=None,
+    q_block: int | None = None,
 ) -> jax.Array:
     """Grouped-query attention, softmax in float32.
 
@@ -384,10 +408,67 @@ def attend(
       impl: "xla" (jax.nn.dot_product_attention, any backend), "cudnn" (GPU, bf16/fp16),
         "splash" (TPU Pallas splash attention for prefill) or "reference" (plain jnp); see
         kernels.py.
+      q_block: CPU bf16 "xla" attention only: the queries in blocks of this many, one block
+        after the other (its float32 scores are the program's largest temporaries).
     Returns: [B, T, N, H].
     """
     if impl == "xla":
+        if CPU_FAST_BF16 and CPU_BF16_ATTENTION and _cpu_bf16(q, k, v):
+            return _attend_cpu_bf16_blocks(q, k, v, mask, scale, q_block)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
     from minicpmv_jax import kernels  # Pallas imports only when a kernel is asked for
 
     return kernels.attention(q, k, v, mask, impl=impl, scale=scale)
+
+
+def _cpu_bf16(*xs) -> bool:
+    return jax.default_backend() == "cpu" and all(x.dtype == jnp.bfloat16 for x in xs)
+
+
+def _attend_cpu_bf16_blocks(q, k, v, mask, scale, q_block):
+    """`_attend_cpu_bf16` over query blocks of `q_block`, chained by optimization barriers so
+    that XLA runs them in turn and one block's scores are freed before the next one's exist
+    (2.6's vision tower, 1024 patches: prefill temporaries 170 -> 128 MB)."""
+    t = q.shape[1]
+    if q_block is None or t <= q_block:
+        return _attend_cpu_bf16(q, k, v, mask, scale)
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, N|1, T|1, S]
+    outs = []
+    for i in range(0, t, q_block):
+        qi = q[:, i : i + q_block]
+        if outs:  # this block starts once the previous one is done
+            qi, outs[-1] = jax.lax.optimization_barrier((qi, outs[-1]))
+        mi = mask if mask.shape[2] == 1 else mask[:, :, i : i + q_block]
+        outs.append(_attend_cpu_bf16(qi, k, v, mi, scale))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _attend_cpu_bf16(q, k, v, mask, scale):
+    """`jax.nn.dot_product_attention`'s "xla" attention of bf16 q / k / v, both products taken
+    with a float32 result (`cpu_aware_dot`'s rule): the same values up to summation order.
+
+    jax takes the probabilities-times-values product with a bf16 result, which XLA:CPU runs on
+    a slow loop. As there: scores in float32, scaled, masked to -0.7 x float32 max, float32
+    softmax, probabilities rounded to bf16 before the second product, result rounded to bf16.
+    The scores stay in the dot's own output order [B, K, T, G, S] (jax's [B, K, G, T, S] made
+    XLA:CPU copy them: 2.6's vision tower, 1024 patches, held two 67 MB float32 score arrays).
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    g = n // kv
+    scale = h**-0.5 if scale is None else scale
+    s = jnp.einsum(
+        "btkgh,bskh->bktgs", q.reshape(b, t, kv, g, h), k, preferred_element_type=jnp.float32
+    )
+    s = s * jnp.float32(scale)
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, N|1, T|1, S]
+    if mask.shape[1] == 1:
+        mask = mask[:, :, :, None]  # [B|1, 1, T|1, 1, S]
+    else:
+        mask = mask.reshape(mask.shape[0], kv, g, *mask.shape[2:]).transpose(0, 1, 3, 2, 4)
+    s = jnp.where(mask, s, jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
+    p = jax.nn.softmax(s, axis=-1).astype(jnp.bfloat16)
+    out = jnp.einsum("bktgs,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
+    return out.astype(jnp.bfloat16).reshape(b, t, n, h)

@@ -113,7 +113,7 @@ class LlmModel(nnx.Module):
 LOGITS_TILE = 1 << 20  # lm_head weights per tile of a packed (CPU bf16) lm_head
 
 
-def _tiled_logits(h: jax.Array, weight: jax.Array, dtype) -> jax.Array:
+def tiled_logits(h: jax.Array, weight: jax.Array, dtype) -> jax.Array:
     """h [..., D] times the packed bf16 lm_head weight uint16 [V, D] -> [..., V], in tiles.
 
     The product of `OutInDense` (`cpu_aware_dot`) taken `LOGITS_TILE` weights (whole vocabulary
@@ -167,7 +167,7 @@ class Llm(nnx.Module):
         head = self.lm_head  # OutInDense, or its int8 / LoRA-wrapped stand-in
         if isinstance(head, OutInDense) and head.weight[...].dtype == PACKED_BF16:
             dtype = head.dtype or jnp.bfloat16  # OutInDense's compute dtype
-            return _tiled_logits(h.astype(dtype), head.weight[...], dtype).astype(jnp.float32)
+            return tiled_logits(h.astype(dtype), head.weight[...], dtype).astype(jnp.float32)
         return head(h).astype(jnp.float32)
 
     def hidden(

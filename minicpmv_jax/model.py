@@ -78,7 +78,7 @@ def encode_images(
       num_groups: static G.
     Returns: [G, Q, D] in the compute dtype.
     """
-    feats = module.vpm(pixel_patches, position_ids, vision_mask)  # [I, P, Dv]
+    feats = module.vpm(pixel_patches, position_ids, vision_mask, group_index >= 0)  # [I, P, Dv]
     return module.resampler(feats, tgt_sizes, patch_valid, group_index, num_groups, temporal_ids)
 
 

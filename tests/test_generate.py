@@ -407,3 +407,21 @@ def test_warmup_rejects_bad_shapes(model):
         gen.RequestShape(num_beams=2, stream=True)
     with pytest.raises(PromptTooLongError):
         model.warmup([gen.RequestShape(prompt_tokens=10**6)])
+
+
+def test_cpu_sampler_returns_compiler_memory_after_each_compilation(model, monkeypatch):
+    """On the CPU backend a Sampler registers the listener that hands the heap's free memory
+    back to the OS (glibc malloc_trim) after each XLA compilation: a fresh compilation calls it
+    once, with pad 0; running a compiled program does not."""
+    if jax.default_backend() != "cpu" or gen._malloc_trim() is None:
+        pytest.skip("CPU backend with glibc only")
+    gen.Sampler(model)
+    assert gen.trim_after_compiles() and gen._trim_registered
+    calls = []
+    monkeypatch.setattr(gen, "_malloc_trim", lambda: calls.append)
+    f = jax.jit(lambda x: x * 3.0 + 1.0)
+    x = np.arange(13.0, dtype=np.float32)  # a shape no other test compiles this function for
+    f(x).block_until_ready()
+    assert calls == [0]
+    f(x).block_until_ready()
+    assert calls == [0]

@@ -180,3 +180,29 @@ def test_cpu_bf16_dense_takes_a_float32_result():
     jaxpr = str(jax.make_jaxpr(layer)(x))
     on_cpu = jax.default_backend() == "cpu"
     assert ("preferred_element_type=float32" in jaxpr) == on_cpu, jaxpr
+
+
+@pytest.mark.parametrize(("t", "kv_heads"), [(16, 2), (1, 2), (16, 8)])
+def test_cpu_bf16_attention_takes_float32_results(t, kv_heads):
+    """bf16 attention through `layers.attend` on the CPU backend takes both products with a
+    float32 result (XLA:CPU's fast bf16 form) and otherwise does what jax's "xla" attention
+    does: against the float64 attention of the same bf16 values it is off by the bf16 roundings
+    of the probabilities and the output only (tolerance 2^-7 relative, as the jax result), and
+    it is within one bf16 ulp of jax's own result."""
+    from minicpmv_jax import layers
+
+    q, k, v = _qkv(2, t, 24, 8, kv_heads, 64, jnp.bfloat16, seed=1)
+    mask = _prefill_mask(_valid(2, 24, 16), 16)[:, :, -t:]
+    got = layers.attend(q, k, v, mask)
+    want = _plain(q, k, v, mask)
+    jax_out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    assert got.dtype == jnp.bfloat16 and got.shape == q.shape
+    got, jax_out = np.asarray(got, np.float32), np.asarray(jax_out, np.float32)
+    np.testing.assert_allclose(got, want, rtol=2**-7, atol=2**-7)
+    np.testing.assert_allclose(jax_out, want, rtol=2**-7, atol=2**-7)
+    np.testing.assert_allclose(got, jax_out, rtol=2**-8, atol=1e-6)
+    dots = [e for e in jax.make_jaxpr(layers.attend)(q, k, v, mask).eqns
+            if e.primitive.name == "dot_general"]  # fmt: skip
+    assert len(dots) == 2
+    if jax.default_backend() == "cpu":  # elsewhere jax's attention runs (bf16 second product)
+        assert all(e.params["preferred_element_type"] == jnp.float32 for e in dots), dots

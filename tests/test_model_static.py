@@ -142,7 +142,7 @@ def test_vision_and_resampler_compile_once_per_bucket():
         out = m.resample(_synthetic_batch(tgt, 1024))
         assert out.shape[0] == len(tgt) and np.isfinite(out).all()
     assert TRACE_COUNTS["encode"] == before, "same bucket recompiled"
-    m.resample(_synthetic_batch([(8, 8)] * 5, 1024))  # 5 slices -> bucket 8: a new compilation
+    m.resample(_synthetic_batch([(8, 8)] * 5, 1024))  # 5 slices -> bucket 5: a new compilation
     assert TRACE_COUNTS["encode"] == before + 1
 
 
@@ -153,6 +153,42 @@ def test_padding_slices_do_not_change_outputs():
     three = m.resample(_synthetic_batch(tgt, 1024))
     alone = m.resample(_synthetic_batch(tgt[:1], 1024))
     np.testing.assert_allclose(three[0], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "skipped"),
+    [
+        (16, [False] * 5),  # one chunk: computed whole (padding slices too)
+        (2, [False, False, False, False, True]),  # chunks {0, 1}, {2, 3}, {4}: the last skipped
+    ],
+)
+def test_cpu_tower_skips_padding_slices(chunk, skipped):
+    """On the CPU backend the tower does not compute a chunk of padding slices only (its rows
+    are zero) and the other slices come out as without the skip (float32 summation-order
+    noise); a request within one chunk runs whole."""
+    from minicpmv_jax import vision
+
+    m = model()
+    batch = _synthetic_batch([(20, 30), (16, 16), (5, 70), (8, 8), (1, 1)], 1024)
+    xs = (batch["pixel_patches"], batch["position_ids"], batch["vision_mask"])
+    valid = np.array([True, False, True, False, False])
+    graphdef, state = nnx.split(m.module.vpm)
+    vpm = nnx.merge(graphdef, state)
+    vpm.cfg = dataclasses.replace(vpm.cfg, batch_size=chunk)
+
+    @jax.jit
+    def tower(xs, valid):
+        return vpm(*xs, valid)
+
+    got = np.asarray(tower(xs, valid))
+    try:
+        vision.CPU_SKIP_PADDING_SLICES = False
+        want = np.asarray(jax.jit(lambda xs: vpm(*xs))(xs))
+    finally:
+        vision.CPU_SKIP_PADDING_SLICES = True
+    skipped = np.array(skipped) & (jax.default_backend() == "cpu")
+    np.testing.assert_allclose(got[~skipped], want[~skipped], rtol=1e-5, atol=1e-5)
+    assert not got[skipped].any()
 
 
 @pytest.mark.parametrize("groups", [[3, 1, 2], [1, 1, 1, 1, 1, 1]])

@@ -328,34 +328,102 @@ def test_decode_bucket_changes_mid_answer_keep_answers_exact(engine26, monkeypat
     after = engine26.stats()
     steps = {b: after.decode_steps.get(b, 0) - before.decode_steps.get(b, 0) for b in (1, 2, 4)}
     assert all(n > 0 for n in steps.values()), steps
+    for kind in ("prefill_s", "decode_s", "move_s"):  # the scheduler's time in each program
+        assert getattr(after, kind) > getattr(before, kind), kind
     assert after.compilations_after_start == 0 and after.active_slots == 0
 
 
-def test_decode_step_updates_the_cache_in_place():
+def test_a_freed_sampled_row_stops_sampling(engine26, monkeypatch):
+    """A sampled request finishes in slot 1 while greedy ones decode in slots 0, 2 and 3 (bucket
+    4 either way: no move). Its row keeps stepping; the next step clears the row's sample flag
+    (the busy-row mask), so the greedy rows no longer pay for the sort of top-k / top-p. The
+    stale flag could not change a token (selection is per row), so the greedy answers equal
+    each request alone, before and after the fix alike. Steps are let through one by one."""
+    v = "minicpm-v-2_6"
+    model = engine26.model
+    gate, arrived = threading.Semaphore(0), threading.Semaphore(0)
+    step = engine26._step
+
+    def gated():
+        arrived.release()
+        gate.acquire()
+        step()
+
+    def step_once():
+        gate.release()
+        assert arrived.acquire(timeout=TIMEOUT)
+
+    def flags():
+        return np.asarray(engine26._state.do_sample).tolist()
+
+    monkeypatch.setattr(engine26, "_step", gated)
+    a = case_request(v, "text_only", 8)
+    b = case_request(v, "text_only", 2, temperature=0.9, top_p=0.9, top_k=40, seed=5)
+    c = case_request(v, "greedy_rep_penalty", 10, repetition_penalty=1.2)
+    try:
+        ha = engine26.submit(a)  # slot 0
+        assert arrived.acquire(timeout=TIMEOUT)
+        hb, hc, hd = engine26.submit(b), engine26.submit(c), engine26.submit(a)
+        step_once()  # bucket 1; then b, c and the second a take slots 1, 2 and 3
+        assert flags() == [False, True, False, False]
+        step_once()  # bucket 4: b's second and last token; its row is free
+        assert hb.result(TIMEOUT).completion_tokens == 2
+        assert [r is not None for r in engine26._rows] == [True, False, True, True]
+        assert flags() == [False, True, False, False]
+        step_once()  # bucket 4 again, with row 1 free
+        assert flags() == [False, False, False, False]
+        gate.release(10_000)
+        got = {"a": collect(ha)[1], "c": collect(hc)[1], "d": collect(hd)[1]}
+    finally:
+        gate.release(10_000)
+    assert got["a"] == got["d"] == alone(model, a)
+    assert got["c"] == alone(model, c)
+    assert engine26.stats().compilations_after_start == 0
+
+
+def test_decode_step_and_row_move_update_the_cache_in_place():
     """The compiled decode step of a small row bucket aliases the donated slot cache to its
     output and needs less scratch memory than one row of that cache (no copy of the cache per
-    step); the scratch grows with the bucket (it holds the attended layer's rows)."""
+    step); the scratch grows with the bucket (it holds the attended layer's rows). The same for
+    the row move's write (``put_row``), whose read (``take_row``) allocates one row. In bfloat16:
+    there XLA:CPU copied the whole cache per step when the rows were written by one scatter, and
+    per move when the move's read and write were one program."""
+    import jax.numpy as jnp
+
     from minicpmv_jax.serve import slots as slot_programs
 
     model = load_model("minicpm-v-2_6")
     s = model.sampler
-    rows, max_len = 8, 2048
+    rows, max_len = 8, 4096
     step = jax.jit(slot_programs.decode_step, static_argnums=0,
                    static_argnames=("terminators", "active"), donate_argnums=(2, 3))  # fmt: skip
     with s.context():
-        cache = slot_programs.SlotCache.init(s.llm_config, rows, max_len, s.cache_dtype)
+        cache = slot_programs.SlotCache.init(s.llm_config, rows, max_len, jnp.bfloat16)
         state = slot_programs.SlotState.init(rows, s.llm_config.vocab_size)
-        memory = {
-            a: step.lower(s.graphdef, s.state, cache, state, terminators=(0,), active=a)
-            .compile()
-            .memory_analysis()
+        busy = np.ones(rows, bool)
+        compiled = {
+            a: step.lower(
+                s.graphdef, s.state, cache, state, busy, terminators=(0,), active=a
+            ).compile()
             for a in (1, rows)
         }
+        src, dst = np.int32(rows - 1), np.int32(0)
+        take = jax.jit(slot_programs.take_row).lower(cache, state, src).compile()
+        row = jax.eval_shape(slot_programs.take_row, cache, state, src)
+        put = jax.jit(slot_programs.put_row, donate_argnums=(0, 1))
+        put = put.lower(cache, state, *row, dst).compile()
     nbytes = cache.k.nbytes + cache.v.nbytes
-    for m in memory.values():
-        assert m.alias_size_in_bytes >= nbytes
-    assert memory[1].temp_size_in_bytes < nbytes / rows
+    whole = "bf16[" + ",".join(map(str, cache.k.shape)) + "]"  # a K or V buffer
+    for c in (*compiled.values(), put):
+        assert c.memory_analysis().alias_size_in_bytes >= nbytes
+        assert not [ln for ln in c.as_text().splitlines() if whole in ln and " copy(" in ln]
+    memory = {a: c.memory_analysis() for a, c in compiled.items()}
+    # one row's scratch: the attended layer of that row (2 layers here), in float32 at most
+    assert memory[1].temp_size_in_bytes < nbytes / 4
     assert memory[rows].temp_size_in_bytes > 4 * memory[1].temp_size_in_bytes
+    assert put.memory_analysis().temp_size_in_bytes < nbytes / rows
+    taken = take.memory_analysis()
+    assert taken.temp_size_in_bytes + taken.output_size_in_bytes < 2 * nbytes / rows
 
 
 def test_decode_buckets_are_checked(engine26):

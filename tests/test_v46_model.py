@@ -321,3 +321,38 @@ def test_decode_loop_updates_the_donated_cache_in_place():
     mem = compiled.memory_analysis()
     assert mem.alias_size_in_bytes == cache_bytes
     assert mem.temp_size_in_bytes < 1.5 * cache_bytes
+
+
+def test_bf16_programs_gather_from_the_packed_table():
+    """CPU bf16: the programs gather token rows from the tied table's uint16 bit patterns (a
+    view of the same memory), and the LM head reads the bf16 table in place: with the bf16
+    table alone XLA:CPU widened it to float32 ahead of the decode loop (3.0 GB of temporaries
+    at the released size, 5 MB now; BENCHMARKS.md). The packed gather gives the same rows; the
+    head the float32 product of the bf16 values, rounded to bf16 (one rounding: 2^-8)."""
+    from flax import nnx
+
+    from minicpmv_jax.sharding import path_name
+    from minicpmv_jax.v46 import model as m46
+
+    model = m46.MiniCPMV46.from_pretrained(
+        F46 / "checkpoint", dtype="bfloat16", progress=False, load_processor=False
+    )
+    name = "model.language_model.embed_tokens.embedding"
+    table = {path_name(p): v.get_value() for p, v in nnx.to_flat_state(model.state)}[name]
+    bits = model.table_bits
+    assert bits.dtype == jnp.uint16 and bits.shape == table.shape
+    assert bits.unsafe_buffer_pointer() == table.unsafe_buffer_pointer()  # no copy
+
+    def rows(ids, bits):
+        return nnx.merge(model.graphdef, model.state).model.language_model.embed(ids, bits)
+
+    def head(h):
+        return nnx.merge(model.graphdef, model.state).model.language_model.logits(h)
+
+    ids = jnp.asarray([[0, 7, model.config.llm.vocab_size - 1]])
+    packed, plain = (jax.jit(rows)(ids, b) for b in (bits, None))
+    assert packed.dtype == plain.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(packed, np.float32), np.asarray(plain, np.float32))
+    h = jax.random.normal(jax.random.key(0), (1, 1, model.config.llm.hidden_size), jnp.bfloat16)
+    want = np.asarray(h, np.float32)[0] @ np.asarray(table, np.float32).T
+    np.testing.assert_allclose(np.asarray(jax.jit(head)(h))[0], want, rtol=2**-8, atol=1e-6)

@@ -21,8 +21,9 @@ default the powers of two below ``slots``, and ``slots``) and each step runs the
 that holds every busy row: rows [0, bucket) of the slot cache, read and written in place. To keep
 that bucket small, a request takes the lowest free slot, and when a finished request leaves a hole
 below a busy row that keeps the bucket larger than the number of busy rows needs, that row is
-moved down (``slots.move``: one row of cache and state, a fraction of a step's cost), as vLLM
-pads a batch up to its CUDA-graph batch sizes and JetStream keeps its decode slots.
+moved down (``slots.take_row`` / ``put_row``: one row of cache and state, a fraction of a
+step's cost), as vLLM pads a batch up to its CUDA-graph batch sizes and JetStream keeps its
+decode slots.
 
 Exactness: a row's numbers depend only on its own request (its own cache row, positions, token
 history and PRNG key, selection as ``sampling.sample_step`` does for a batch of one), so a greedy
@@ -243,8 +244,10 @@ class Engine:
             static_argnames=("terminators", "active"),
             donate_argnums=(2, 3),
         )
-        self._move = jax.jit(
-            _counted(slot_programs.move, self.traces, "move"), donate_argnums=(0, 1)
+        # a row move is two programs (slots.move says why)
+        self._take_row = jax.jit(_counted(slot_programs.take_row, self.traces, "take_row"))
+        self._put_row = jax.jit(
+            _counted(slot_programs.put_row, self.traces, "put_row"), donate_argnums=(0, 1)
         )
 
         self._lock = threading.Lock()
@@ -265,13 +268,16 @@ class Engine:
         self.decode_rows = 0  # rows of the last decode step (its bucket)
         self.decode_steps: Counter = Counter()  # decode steps by rows stepped
         self.rows_moved = 0
+        self.seconds: Counter = Counter()  # scheduler wall time by program kind (stats())
 
     # -- set-up -------------------------------------------------------------------------------
 
     def _default_warmup(self) -> list[RequestShape]:
         q = int(self.model.config.query_num)
         shapes = [RequestShape(prompt_tokens=t) for t in self.buckets.tokens]
-        for n in (1, 2, 4, 8, 10):  # the two smallest token buckets that hold n slices
+        # every slice bucket up to one fully sliced image (10), in the two smallest token
+        # buckets that hold its slices
+        for n in (b for b in self.buckets.slices if b <= 10):
             fits = [t for t in self.buckets.tokens if t >= n * (q + 2) + 16][:2]
             shapes += [RequestShape(prompt_tokens=t, slices=n, patches=1024) for t in fits]
         return shapes
@@ -325,6 +331,7 @@ class Engine:
                     self.sampler.state,
                     self._cache,
                     self._state,
+                    np.zeros(self.slots, bool),
                     terminators=self.terminators,
                     active=b,
                 )
@@ -447,6 +454,9 @@ class Engine:
             decode_rows=self.decode_rows,
             decode_steps=steps,
             rows_moved=self.rows_moved,
+            prefill_s=self.seconds["prefill"],
+            decode_s=self.seconds["decode"],
+            move_s=self.seconds["move"],
         )
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -525,7 +535,9 @@ class Engine:
             return self._finish(slot, "cancelled")
         try:
             seed = secrets.randbits(32) if h.settings.seed is None else h.settings.seed
+            t0 = time.perf_counter()
             tok = self._admit_arrays(h.prepared, slot, h.settings, seed)
+            self.seconds["prefill"] += time.perf_counter() - t0
         except Exception as e:
             log.exception("%s: prefill failed", h.request_id)
             return self._finish(slot, "error", f"prefill failed: {e}")
@@ -587,21 +599,26 @@ class Engine:
                 return
             src = busy[-1]
             dst = next(i for i, r in enumerate(self._rows) if r is None)
+            t0 = time.perf_counter()
             self._move_call(src, dst)
+            np.asarray(self._cache.end)  # the move's end (its time, not the next step's)
+            self.seconds["move"] += time.perf_counter() - t0
             with self._lock:
                 self._rows[dst], self._rows[src] = self._rows[src], None
             self.rows_moved += 1
 
     def _move_call(self, src: int, dst: int) -> None:
         with self.sampler.context():
-            self._cache, self._state = self._move(
-                self._cache, self._state, np.int32(src), np.int32(dst)
+            row, row_state = self._take_row(self._cache, self._state, np.int32(src))
+            self._cache, self._state = self._put_row(
+                self._cache, self._state, row, row_state, np.int32(dst)
             )
 
     def _step(self) -> None:
         s = self.sampler
-        top = max(i for i, r in enumerate(self._rows) if r is not None)
-        rows = self._bucket(top + 1)
+        busy = np.array([r is not None for r in self._rows])
+        rows = self._bucket(int(np.flatnonzero(busy)[-1]) + 1)
+        t0 = time.perf_counter()
         try:
             with s.context():
                 tok, self._cache, self._state = self._decode(
@@ -609,10 +626,12 @@ class Engine:
                     s.state,
                     self._cache,
                     self._state,
+                    busy,
                     terminators=self.terminators,
                     active=rows,
                 )
                 tokens = np.asarray(tok)
+            self.seconds["decode"] += time.perf_counter() - t0
             with self._lock:
                 self.decode_rows = rows
                 self.decode_steps[rows] += 1

@@ -15,9 +15,11 @@
 * ``decode_step``: one token for each of the first ``rows`` rows (a static row bucket: one
   program per bucket): the LLM on each row's last token at its own position, then per-row logits
   processing and selection (``sampling.process_logits`` / ``warp_for_sampling`` per row, so each
-  row's numbers are those of a batch-1 ``chat()``). Rows from ``rows`` on are left as they are.
-* ``move``: copies one row (cache and state) to another row, so the engine can keep its busy rows
-  at the front and step a smaller bucket.
+  row's numbers are those of a batch-1 ``chat()``). Rows from ``rows`` on are left as they are;
+  free rows below ``rows`` step too, greedily (the engine's busy-row mask clears their sample
+  flag).
+* ``take_row`` / ``put_row``: copy one row (cache and state) to another row, so the engine can
+  keep its busy rows at the front and step a smaller bucket (two programs: see ``move``).
 
 Rows below ``rows`` that hold no request still run (static shapes); the host ignores their
 tokens. A row's selection depends only on its own logits, history and key, never on the other
@@ -108,7 +110,7 @@ class SlotRows:
     def append(self, token_valid: jax.Array) -> tuple[SlotRows, jax.Array]:
         """Reserve T slots per row at its own ``end``; returns (cache, start int32 [rows]).
 
-        A full row (an idle slot that kept stepping) stops advancing; its writes are dropped.
+        A full row (an idle slot that kept stepping) stops advancing.
         """
         n, t = self.rows, token_valid.shape[1]
         start = self.end[:n]
@@ -124,12 +126,19 @@ class SlotRows:
         return (self.valid[: self.rows, None, :] & causal)[:, None]
 
     def write(self, layer, start: jax.Array, k: jax.Array, v: jax.Array) -> SlotRows:
-        """Store k, v [rows, T, K, H] of one layer at each row's slots [start, start + T)."""
-        rows = jnp.arange(k.shape[0])[:, None]
-        slots = self._slots(start, k.shape[1])
+        """Store k, v [rows, T, K, H] of one layer at each row's slots [start, start + T).
+
+        One ``dynamic_update_slice`` per row: XLA:CPU updates a bfloat16 buffer in place that
+        way, while a scatter into it (one write for all rows) copies the whole cache every step.
+        A full row (a free slot that kept stepping) has its write clamped onto its last slots.
+        """
 
         def put(buf: LayerRows, x):
-            new = buf.buf.at[layer, rows, slots].set(x.astype(buf.buf.dtype), mode="drop")
+            new, x = buf.buf, x.astype(buf.buf.dtype)
+            for b in range(x.shape[0]):  # [1, 1, T, K, H] at (layer, b, start[b], 0, 0)
+                new = jax.lax.dynamic_update_slice(
+                    new, x[b][None, None], (layer, b, start[b], 0, 0)
+                )
             return LayerRows(new, self.rows)
 
         return self.replace(k=put(self.k, k), v=put(self.v, v))
@@ -247,15 +256,28 @@ def insert(
     return tok[0], constrain_cache(cache), rows
 
 
-def decode_step(graphdef, state, cache: SlotCache, rows: SlotState, *, terminators, active: int):
+def decode_step(
+    graphdef,
+    state,
+    cache: SlotCache,
+    rows: SlotState,
+    busy: jax.Array,
+    *,
+    terminators,
+    active: int,
+):
     """One new token for each of rows [0, active) (static). -> (int32 [active], cache, rows).
 
+    ``busy``: bool [B], the rows that hold a request. A free row keeps stepping (static shapes)
+    but its sample flag is cleared, so a finished sampled request does not keep the sort of
+    top-k / top-p running for the greedy rows beside it (its tokens are ignored either way).
     The cache and state of rows >= ``active`` are returned unchanged; the cache buffers are
     updated in place (the caller donates them).
     """
     module = nnx.merge(graphdef, state)
     view = cache.rows(active)
     sub = jax.tree.map(lambda x: x[:active], rows)
+    sub = sub.replace(do_sample=sub.do_sample & busy[:active])
     x = module.llm.embed(sub.token[:, None])  # [active, 1, D]
     # generated tokens are always attended (generate() appends ones to the attention mask)
     valid = jnp.ones((x.shape[0], 1), bool)
@@ -270,16 +292,40 @@ def decode_step(graphdef, state, cache: SlotCache, rows: SlotState, *, terminato
     return tok, constrain_cache(view.cache()), rows
 
 
-def move(cache: SlotCache, rows: SlotState, src: jax.Array, dst: jax.Array):
-    """Copy row ``src`` (cache and state) onto row ``dst``: int32 [] each. -> (cache, rows).
+def take_row(cache: SlotCache, rows: SlotState, src: jax.Array) -> tuple[SlotCache, SlotState]:
+    """Row ``src`` (int32 []) of the cache and state, as a one-row cache and state."""
 
-    Row ``src`` keeps its contents (the engine treats it as free)."""
+    def take(buf, axis):
+        return jax.lax.dynamic_slice_in_dim(buf, src, 1, axis)
 
-    def mv(buf, axis):
-        x = jax.lax.dynamic_slice_in_dim(buf, src, 1, axis)
+    row = SlotCache(
+        k=take(cache.k, 1), v=take(cache.v, 1), end=take(cache.end, 0), valid=take(cache.valid, 0)
+    )
+    return row, jax.tree.map(lambda x: take(x, 0), rows)
+
+
+def put_row(
+    cache: SlotCache, rows: SlotState, row: SlotCache, row_state: SlotState, dst: jax.Array
+) -> tuple[SlotCache, SlotState]:
+    """Write a one-row cache and state (``take_row``'s) onto row ``dst`` (int32 [])."""
+
+    def put(buf, x, axis):
         return jax.lax.dynamic_update_slice_in_dim(buf, x, dst, axis)
 
     cache = cache.replace(
-        k=mv(cache.k, 1), v=mv(cache.v, 1), end=mv(cache.end, 0), valid=mv(cache.valid, 0)
+        k=put(cache.k, row.k, 1),
+        v=put(cache.v, row.v, 1),
+        end=put(cache.end, row.end, 0),
+        valid=put(cache.valid, row.valid, 0),
     )
-    return constrain_cache(cache), jax.tree.map(lambda x: mv(x, 0), rows)
+    return constrain_cache(cache), jax.tree.map(lambda b, x: put(b, x, 0), rows, row_state)
+
+
+def move(cache: SlotCache, rows: SlotState, src: jax.Array, dst: jax.Array):
+    """Copy row ``src`` (cache and state) onto row ``dst``: int32 [] each. -> (cache, rows).
+
+    Row ``src`` keeps its contents (the engine treats it as free). In one program (``take_row``
+    then ``put_row``) for tests; the engine runs the two as separate programs: fused into one,
+    XLA:CPU copies a whole bfloat16 cache (twice) to move one row of it."""
+    row, row_state = take_row(cache, rows, src)
+    return put_row(cache, rows, row, row_state, dst)

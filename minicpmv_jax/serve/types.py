@@ -105,3 +105,7 @@ class EngineStats:
     decode_rows: int = 0  # rows the last decode step ran (its bucket)
     decode_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # steps by rows
     rows_moved: int = 0  # busy rows moved down to shrink the decode bucket
+    # wall time of the scheduler thread in each kind of program call (dispatch to result)
+    prefill_s: float = 0.0  # prefills and their inserts into a slot
+    decode_s: float = 0.0  # decode steps
+    move_s: float = 0.0  # row moves

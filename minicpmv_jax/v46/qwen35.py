@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpmv_jax.kv_cache import KVCache
-from minicpmv_jax.layers import attend, dense, embed, rope
+from minicpmv_jax.layers import attend, cpu_aware_dot, dense, embed, rope, unpack_bf16
 from minicpmv_jax.llm import Mlp
 from minicpmv_jax.sharding import ACT_AXES, constrain
 from minicpmv_jax.v46.config import Qwen35Config
@@ -142,7 +142,13 @@ class Qwen35TextModel(nnx.Module):
         )
         self.cfg = cfg
 
-    def embed(self, ids: jax.Array) -> jax.Array:
+    def embed(self, ids: jax.Array, bits: jax.Array | None = None) -> jax.Array:
+        """ids int [B, T] -> [B, T, D]. bits: the bf16 table's uint16 bit patterns (the CPU
+        programs': XLA:CPU widens a bf16 table that a gather reads to float32 first, the
+        whole table), gathered and reinterpreted; None: the table itself."""
+        if bits is not None:
+            rows = unpack_bf16(jnp.take(bits, ids.astype(jnp.int32), axis=0))
+            return rows.astype(self.embed_tokens.dtype or rows.dtype)  # as nnx.Embed
         return self.embed_tokens(ids.astype(jnp.int32))
 
     def logits(self, h: jax.Array) -> jax.Array:
@@ -150,8 +156,17 @@ class Qwen35TextModel(nnx.Module):
 
         The [V, D] table is the dot's left operand as stored: written as `h @ table.T`
         (`Embed.attend`), XLA:CPU copies the whole transposed table (1 GB in float32 at the
-        released size) on every call at batch 1, i.e. every decode step."""
-        e = self.embed_tokens.embedding[...].astype(self.cfg.dtype)
+        released size) on every call at batch 1, i.e. every decode step.
+
+        A bf16 table is the right operand of `layers.cpu_aware_dot` instead (on CPU a float32
+        result, a single row taken as two), which reads it in place: the plain bf16 einsum
+        made XLA:CPU widen the table to float32 (twice, transposed) ahead of the decode
+        loop."""
+        table = self.embed_tokens.embedding[...]
+        if table.dtype == jnp.bfloat16 and self.cfg.dtype == jnp.bfloat16:
+            y = cpu_aware_dot(h.astype(jnp.bfloat16), table, (((h.ndim - 1,), (1,)), ((), ())))
+            return y.astype(jnp.float32)
+        e = table.astype(self.cfg.dtype)
         return jnp.einsum("vd,btd->btv", e, h.astype(self.cfg.dtype)).astype(jnp.float32)
 
     def hidden(self, x, positions, cache: HybridCache | None = None, token_valid=None):
