@@ -255,13 +255,13 @@ def test_decode_step_reads_the_tied_table_in_place(model):
 
 
 def test_vision_attention_in_query_blocks_matches_the_fixture(model, monkeypatch):
-    """A block budget below one unit's scores splits every unit's queries into blocks (80 of
-    the 1280 slots here, the padding unit skipped): the stages still match the fixture."""
+    """A block budget below one unit's scores splits every unit's queries into blocks (96 of
+    the 1152 slots here, the padding unit skipped): the stages still match the fixture."""
     from minicpmv_jax.v46 import model as m46
     from minicpmv_jax.v46 import siglip2
 
     monkeypatch.setattr(siglip2, "ATTN_BLOCK_BYTES", 2 << 20)
-    assert siglip2.attention_blocks(8, 1280, 4) == (1, 80)
+    assert siglip2.attention_blocks(8, 1152, 4) == (1, 96)
     m46._encode_jit.clear_cache()  # the budget is read while tracing
     traces = m46.TRACE_COUNTS["encode"]
     try:
@@ -278,7 +278,7 @@ def test_vision_attention_in_query_blocks_matches_the_fixture(model, monkeypatch
 
 def test_vision_tower_never_holds_all_units_scores(model):
     """The compiled tower's temporaries stay below ONE all-units float32 score buffer
-    [U, N, P, P] (8 x 4 x 1280 x 1280, 210 MB here; the all-at-once attention held three such,
+    [U, N, P, P] (8 x 4 x 1152 x 1152, 170 MB here; the all-at-once attention held three such,
     2.5 GB of temporaries at the released size for a 1344x896 image)."""
     from minicpmv_jax.v46 import model as m46
     from minicpmv_jax.v46 import vision_inputs
