@@ -127,8 +127,10 @@ class Ours:
         )
         self.load_s = time.perf_counter() - t0
         self.image_token_id = self.model.config.image_token_id
-        # the parameters as the programs take them (an earlier checkout's: its plain state)
+        # the parameters as the programs take them (earlier checkouts: a packed state, or none)
         self.state = getattr(self.model, "program_state", self.model.state)
+        bits = getattr(self.model, "table_bits", None)
+        self.bits = {} if bits is None else {"bits": bits}
         self.info = {"package": str(pathlib.Path(m46.__file__).parents[1]), "jax": jax.__version__}
 
     def first_logits(self, req):
@@ -158,6 +160,7 @@ class Ours:
                 toks = m46._sample_jit(
                     model.graphdef, self.state, logits, lengths, cache, params,
                     jax.random.key(0), steps, mode=mode, terminators=(-1,), steps=bucket,
+                    **self.bits,
                 )[0]  # fmt: skip
             toks.block_until_ready()
             seconds.append(time.perf_counter() - t0)
@@ -293,8 +296,10 @@ class Remote:
         cmd = [sys.executable, "-m", "benchmarks.bench_v46", "--worker", kind]
         cmd += ["--checkpoint", str(folder), "--dtype", dtype]
         env = dict(os.environ)
-        if package:  # minicpmv_jax imported from `package` (e.g. another revision's checkout)
+        if package:  # minicpmv_jax imported from `package` (e.g. another revision's checkout);
+            # -P: the working directory (this checkout) does not go ahead of it on sys.path
             env["PYTHONPATH"] = os.pathsep.join([package, str(ROOT)])
+            cmd.insert(1, "-P")
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
         )

@@ -318,6 +318,9 @@ def test_cpu_decoder_reads_layer_weights_in_place(model, monkeypatch):
     np.testing.assert_array_equal(got.sequences[0], want.sequences[0])
 
 
+# generation on a mesh is in the default run through test_sharding.py's (2, 2, 2) mesh and
+# test_cli.py's --mesh answer; this (2, 1, 4) batch-and-beam case runs with the slow tests
+@pytest.mark.slow
 def test_sharded_generation_matches_fixtures():
     """On a (data=2, fsdp=1, tensor=4) mesh a batch of two conversations decodes the official ids
     (greedy + repetition penalty and beam search): params, cache and batch are sharded."""

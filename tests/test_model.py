@@ -162,6 +162,9 @@ def test_bf16_params_are_bf16():
     assert dtypes == {np.dtype(jax.numpy.bfloat16)}
 
 
+# runs with the slow tests; test_generate.py's test_cpu_decoder_reads_layer_weights_in_place
+# checks the same samplers' bf16 layer views in the default run
+@pytest.mark.slow
 def test_cpu_bf16_weights_enter_the_programs_packed(monkeypatch):
     """CPU backend, bf16: the sampler passes the layer stacks, the embedding table and lm_head
     as uint16 views of their memory (`generate.pack_weights`), and the decoder stack as its

@@ -224,6 +224,9 @@ def test_tiled_cpu_dot_equals_dequantized_matmul(monkeypatch, k_out, out_in):
     np.testing.assert_allclose(np.asarray(got), np.asarray(x) @ w, rtol=1e-5, atol=1e-5)
 
 
+# the compiled-memory measurement (two int8 programs and a bf16 one at hidden 512) runs with the
+# slow tests; the int8 exactness tests above stay in the default run
+@pytest.mark.slow
 def test_int8_decode_program_stays_int8(monkeypatch):
     """The compiled decode program of an int8 model needs < 60% of the bf16 program's memory
     (XLA memory_analysis: arguments + temporaries, CPU).

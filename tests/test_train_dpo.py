@@ -431,6 +431,9 @@ def test_lora_reference_is_the_adapter_disabled_base():
     assert np.abs(adapted - base).max() > 1e-2  # the adapter does change the policy
 
 
+# the DPO command line end to end (train, kill, resume, skip) runs with the slow tests; the DPO
+# loss, log-probs and reference cache stay in the default run
+@pytest.mark.slow
 def test_dpo_cli_trains_resumes_and_skips(tmp_path, capsys, monkeypatch):
     """`minicpmv-jax dpo` (text-only pairs: cheap programs): a bad pair stops the run naming it;
     with --skip-bad-samples it is counted; the run writes the metrics, the cached reference

@@ -104,6 +104,9 @@ def test_peft_adapter_logits(version):
     np.testing.assert_allclose(alone, want, atol=5e-4)
 
 
+# a non-default regex / rank / alpha runs with the slow tests; the official LoRA defaults are
+# checked against the fixtures in the default run
+@pytest.mark.slow
 def test_lora_config_rank_alpha_regex():
     """Any regex / list, rank and alpha: fresh LoRA has B = 0, so the loss is the base loss and
     dL/dA = 0, while dL/dB = s * (dL/dW)^T-projected: for W' = W + s B A, dL/dB = s G^T A^T

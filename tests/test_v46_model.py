@@ -255,13 +255,13 @@ def test_decode_step_reads_the_tied_table_in_place(model):
 
 
 def test_vision_attention_in_query_blocks_matches_the_fixture(model, monkeypatch):
-    """A block budget below one unit's scores splits every unit's queries into blocks (80 of
-    the 1280 slots here, the padding unit skipped): the stages still match the fixture."""
+    """A block budget below one unit's scores splits every unit's queries into blocks (96 of
+    the 1152 slots here, the padding unit skipped): the stages still match the fixture."""
     from minicpmv_jax.v46 import model as m46
     from minicpmv_jax.v46 import siglip2
 
     monkeypatch.setattr(siglip2, "ATTN_BLOCK_BYTES", 2 << 20)
-    assert siglip2.attention_blocks(8, 1280, 4) == (1, 80)
+    assert siglip2.attention_blocks(8, 1152, 4) == (1, 96)
     m46._encode_jit.clear_cache()  # the budget is read while tracing
     traces = m46.TRACE_COUNTS["encode"]
     try:
@@ -278,7 +278,7 @@ def test_vision_attention_in_query_blocks_matches_the_fixture(model, monkeypatch
 
 def test_vision_tower_never_holds_all_units_scores(model):
     """The compiled tower's temporaries stay below ONE all-units float32 score buffer
-    [U, N, P, P] (8 x 4 x 1280 x 1280, 210 MB here; the all-at-once attention held three such,
+    [U, N, P, P] (8 x 4 x 1152 x 1152, 170 MB here; the all-at-once attention held three such,
     2.5 GB of temporaries at the released size for a 1344x896 image)."""
     from minicpmv_jax.v46 import model as m46
     from minicpmv_jax.v46 import vision_inputs
@@ -323,12 +323,12 @@ def test_decode_loop_updates_the_donated_cache_in_place():
     assert mem.temp_size_in_bytes < 1.5 * cache_bytes
 
 
-def test_bf16_programs_take_the_packed_table():
-    """CPU bf16: the programs take the tied embedding table as its uint16 bit patterns (a view),
-    read by the LM head in tiles: with the plain bf16 table XLA:CPU widened it to float32 ahead
-    of the decode loop three times (3.0 GB of temporaries at the released size, 6 MB packed;
-    BENCHMARKS.md). The tiled head gives the plain head's logits (bf16 rounding apart), the packed
-    gather the same rows."""
+def test_bf16_programs_gather_from_the_packed_table():
+    """CPU bf16: the programs gather token rows from the tied table's uint16 bit patterns (a
+    view of the same memory), and the LM head reads the bf16 table in place: with the bf16
+    table alone XLA:CPU widened it to float32 ahead of the decode loop (3.0 GB of temporaries
+    at the released size, 5 MB now; BENCHMARKS.md). The packed gather gives the same rows; the
+    head the float32 product of the bf16 values, rounded to bf16 (one rounding: 2^-8)."""
     from flax import nnx
 
     from minicpmv_jax.sharding import path_name
@@ -338,21 +338,21 @@ def test_bf16_programs_take_the_packed_table():
         F46 / "checkpoint", dtype="bfloat16", progress=False, load_processor=False
     )
     name = "model.language_model.embed_tokens.embedding"
-    flat = {path_name(p): v.get_value() for p, v in nnx.to_flat_state(model.program_state)}
     table = {path_name(p): v.get_value() for p, v in nnx.to_flat_state(model.state)}[name]
-    assert flat[name].dtype == jnp.uint16
-    assert flat[name].unsafe_buffer_pointer() == table.unsafe_buffer_pointer()  # no copy
+    bits = model.table_bits
+    assert bits.dtype == jnp.uint16 and bits.shape == table.shape
+    assert bits.unsafe_buffer_pointer() == table.unsafe_buffer_pointer()  # no copy
 
-    def head(state, h):
-        return nnx.merge(model.graphdef, state).model.language_model.logits(h)
+    def rows(ids, bits):
+        return nnx.merge(model.graphdef, model.state).model.language_model.embed(ids, bits)
 
-    def rows(state, ids):
-        return nnx.merge(model.graphdef, state).model.language_model.embed(ids)
+    def head(h):
+        return nnx.merge(model.graphdef, model.state).model.language_model.logits(h)
 
-    h = jax.random.normal(jax.random.key(0), (1, 3, model.config.llm.hidden_size), jnp.bfloat16)
-    tiled, plain = (np.asarray(jax.jit(head)(s, h)) for s in (model.program_state, model.state))
-    np.testing.assert_allclose(tiled, plain, rtol=2**-7, atol=1e-6)
     ids = jnp.asarray([[0, 7, model.config.llm.vocab_size - 1]])
-    packed, plain = (jax.jit(rows)(s, ids) for s in (model.program_state, model.state))
+    packed, plain = (jax.jit(rows)(ids, b) for b in (bits, None))
     assert packed.dtype == plain.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(packed, np.float32), np.asarray(plain, np.float32))
+    h = jax.random.normal(jax.random.key(0), (1, 1, model.config.llm.hidden_size), jnp.bfloat16)
+    want = np.asarray(h, np.float32)[0] @ np.asarray(table, np.float32).T
+    np.testing.assert_allclose(np.asarray(jax.jit(head)(h))[0], want, rtol=2**-8, atol=1e-6)

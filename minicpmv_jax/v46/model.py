@@ -27,9 +27,10 @@ from minicpmv_jax import quant as quantization
 from minicpmv_jax import sampling as smp
 from minicpmv_jax.chat import _TextStream
 from minicpmv_jax.errors import CheckpointError, MiniCPMVError
+from minicpmv_jax.layers import PACKED_BF16
 from minicpmv_jax.model import AbstractRngs
 from minicpmv_jax.settings import GenerationSettings
-from minicpmv_jax.sharding import RULES, _fit, make_mesh, mesh_shape
+from minicpmv_jax.sharding import RULES, _fit, make_mesh, mesh_shape, path_name
 from minicpmv_jax.v46 import vision_inputs
 from minicpmv_jax.v46.config import MiniCPMV46Config, check_downsample_mode
 from minicpmv_jax.v46.projector import Projector
@@ -101,9 +102,18 @@ GENERATION_KEYS = (
 TOKEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
 # the weights the CPU programs take as packed bf16 (`generate.pack_weights`): the tied table
 PACKED_TABLES = ("model.language_model.embed_tokens.embedding",)
-# Read when a model is built; False hands the programs the bf16 table as it is (A/B
-# measurements: the decode loop then holds float32 copies of the table, BENCHMARKS.md).
+# Read when a model is built; False gives the programs no packed table (A/B measurements: the
+# programs then hold float32 copies of the bf16 table, BENCHMARKS.md).
 PACK_BF16 = True
+
+
+def table_bits(state: nnx.State) -> jax.Array | None:
+    """The tied embedding table as uint16 bit patterns (a view, no copy) where
+    `generate.pack_weights` packs it (CPU, bf16, one device); else None."""
+    packed, _ = generate.pack_weights(state, stacks=(), tables=PACKED_TABLES)
+    flat = {path_name(p): v.get_value() for p, v in nnx.to_flat_state(packed)}
+    bits = flat[PACKED_TABLES[0]]
+    return bits if bits.dtype == PACKED_BF16 else None
 
 
 class Inner(nnx.Module):
@@ -131,9 +141,10 @@ def encode_units(module: MiniCPMV46Module, v: dict, mode: str, intermediates: bo
     return out
 
 
-def merge_embeds(module: MiniCPMV46Module, ids, slot, feats):
-    """ids int [B, T]; slot int32 [B, T] row of feats [R, D] per pad token (-1 = text)."""
-    text = module.model.language_model.embed(ids)
+def merge_embeds(module: MiniCPMV46Module, ids, slot, feats, bits=None):
+    """ids int [B, T]; slot int32 [B, T] row of feats [R, D] per pad token (-1 = text);
+    bits: the packed embedding table or None (`MiniCPMV46.table_bits`)."""
+    text = module.model.language_model.embed(ids, bits)
     rows = feats[jnp.clip(slot, 0, feats.shape[0] - 1)].astype(text.dtype)
     return jnp.where((slot >= 0)[..., None], rows, text)
 
@@ -145,52 +156,50 @@ def _encode_jit(graphdef, state, v, mode):
     return encode_units(module, v, mode, intermediates=True)
 
 
+# `bits` (every program that embeds tokens): `MiniCPMV46.table_bits`, the bf16 embedding table
+# as uint16 for the token gathers on CPU (None: gather from the table itself).
+
+
 @jax.jit
-def _embeds_jit(graphdef, state, ids, slot, feats):
+def _embeds_jit(graphdef, state, ids, slot, feats, bits=None):
     TRACE_COUNTS["embeds"] += 1
-    return merge_embeds(nnx.merge(graphdef, state), ids, slot, feats)
+    return merge_embeds(nnx.merge(graphdef, state), ids, slot, feats, bits)
 
 
 @jax.jit
-def _forward_jit(graphdef, state, ids, slot, feats, valid, positions):
+def _forward_jit(graphdef, state, ids, slot, feats, valid, positions, bits=None):
     """Full prompt (no cache): (logits [B, T, V], embeds [B, T, D])."""
     TRACE_COUNTS["forward"] += 1
     module = nnx.merge(graphdef, state)
     lm = module.model.language_model
-    x = merge_embeds(module, ids, slot, feats)
+    x = merge_embeds(module, ids, slot, feats, bits)
     h, _ = lm.hidden(x, positions, None, valid)
     return lm.logits(h), x
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
-def _prefill_jit(graphdef, state, ids, slot, feats, valid, positions, cache):
+def _prefill_jit(graphdef, state, ids, slot, feats, valid, positions, cache, bits=None):
     """Prompt into the cache: (last-position logits [B, V], cache)."""
     TRACE_COUNTS["prefill"] += 1
     module = nnx.merge(graphdef, state)
     lm = module.model.language_model
-    x = merge_embeds(module, ids, slot, feats)
+    x = merge_embeds(module, ids, slot, feats, bits)
     h, cache = lm.hidden(x, positions, cache, valid)
     return lm.logits(h[:, -1:])[:, 0], cache
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
-def _step_jit(graphdef, state, tokens, positions, cache):
+def _step_jit(graphdef, state, tokens, positions, cache, bits=None):
     """One cached decode step: tokens, positions int32 [B] -> (logits [B, V], cache)."""
     TRACE_COUNTS["step"] += 1
-    module = nnx.merge(graphdef, state)
-    lm = module.model.language_model
-    b = tokens.shape[0]
-    h, cache = lm.hidden(
-        lm.embed(tokens[:, None]), positions[:, None], cache, jnp.ones((b, 1), bool)
-    )
-    return lm.logits(h)[:, 0], cache
+    return _lm_step(nnx.merge(graphdef, state).model.language_model, tokens, positions, cache, bits)
 
 
-def _lm_step(lm, tokens, positions, cache):
+def _lm_step(lm, tokens, positions, cache, bits=None):
     """One cached step of the text model: tokens, positions int [R] -> (logits [R, V], cache)."""
     r = tokens.shape[0]
     h, cache = lm.hidden(
-        lm.embed(tokens[:, None]), positions[:, None], cache, jnp.ones((r, 1), bool)
+        lm.embed(tokens[:, None], bits), positions[:, None], cache, jnp.ones((r, 1), bool)
     )
     return lm.logits(h)[:, 0], cache
 
@@ -199,7 +208,18 @@ def _lm_step(lm, tokens, positions, cache):
     jax.jit, static_argnames=("mode", "terminators", "steps"), donate_argnames=("cache",)
 )
 def _sample_jit(
-    graphdef, state, first, positions, cache, params, key, limit, mode, terminators, steps
+    graphdef,
+    state,
+    first,
+    positions,
+    cache,
+    params,
+    key,
+    limit,
+    mode,
+    terminators,
+    steps,
+    bits=None,
 ):
     """Greedy / sampling loop on device (transformers `_sample`): the prefill's last logits
     `first` [B, V] give token 0; at most `limit` (traced) of `steps` (static buffer) tokens.
@@ -216,7 +236,7 @@ def _sample_jit(
 
     def body(c):
         st, cache, pos = c
-        logits, cache = _lm_step(lm, st.last_tokens(), pos, cache)
+        logits, cache = _lm_step(lm, st.last_tokens(), pos, cache, bits)
         return smp.sample_step(st, logits, mode, params, terminators), cache, pos + 1
 
     st, cache, _ = jax.lax.while_loop(cond, body, (st, cache, positions))
@@ -236,6 +256,7 @@ def _beam_jit(
     terminators,
     steps,
     early_stopping,
+    bits=None,
 ):
     """Beam search on device; the hybrid cache (K/V and the DeltaNet conv / recurrent states)
     is reordered with the beams every step. Returns (tokens [B, steps], lengths [B])."""
@@ -248,7 +269,7 @@ def _beam_jit(
     def forward(carry, tokens, parent, step):
         cache, pos = carry
         cache = cache.reorder((jnp.arange(b)[:, None] * n + parent).reshape(-1))
-        logits, cache = _lm_step(lm, tokens.reshape(-1), pos, cache)
+        logits, cache = _lm_step(lm, tokens.reshape(-1), pos, cache, bits)
         return (cache, pos + 1), logits.reshape(b, n, -1)
 
     st, _ = smp.beam_search(
@@ -288,15 +309,14 @@ class MiniCPMV46:
         self.processor = processor
         self.mesh = mesh
         self.graphdef, self.state = nnx.split(module)
-        # the parameters as the compiled programs take them: on CPU, a bf16 tied embedding
-        # table as its uint16 bit patterns (a view: no copy), read in tiles by the LM head
-        # (`Qwen35TextModel.logits`). The decoder layers are separate arrays (`nnx.List`), so
-        # their dots read them in place already (`layers.cpu_aware_dot`); nothing to split.
-        self.program_state, _ = (
-            generate.pack_weights(self.state, stacks=(), tables=PACKED_TABLES)
-            if PACK_BF16
-            else (self.state, [])
-        )
+        # CPU, bf16: the tied embedding table also as its uint16 bit patterns (a view of the
+        # same memory), which every program gathers token rows from (`bits`), while the LM head
+        # reads the bf16 table in place (`Qwen35TextModel.logits`). XLA:CPU widens a bf16 table
+        # that a gather reads to float32, ahead of the decode loop or per call: 1 GB at the
+        # released size, 3 GB with the head's copies. The decoder layers are separate arrays
+        # (`nnx.List`) whose dots read them in place already (`layers.cpu_aware_dot`): nothing
+        # to split. None elsewhere.
+        self.table_bits = table_bits(self.state) if PACK_BF16 else None
         self.record = versions.spec(config.version)  # the per-version record (defaults)
 
     # ------------------------------------------------------------------ construction
@@ -409,7 +429,7 @@ class MiniCPMV46:
         keys += ("window_perm", "rows2", "slots2", "valid2")
         with self._precision():
             feats, inter = _encode_jit(
-                self.graphdef, self.program_state, {k: v[k] for k in keys if k in v}, mode
+                self.graphdef, self.state, {k: v[k] for k in keys if k in v}, mode
             )
         return feats, inter, v["tokens"][: v["num_units"]], sizes, mode
 
@@ -528,7 +548,7 @@ class MiniCPMV46:
         t = int(lengths[0])
         with self._precision():
             logits, embeds = _forward_jit(
-                self.graphdef, self.program_state, p_ids, p_slot, feats, valid, pos
+                self.graphdef, self.state, p_ids, p_slot, feats, valid, pos, self.table_bits
             )
         logits = np.asarray(logits[0, -t:], np.float32)
         if return_intermediates:
@@ -539,7 +559,7 @@ class MiniCPMV46:
         """float32 [T, D]: token embeddings with the projector rows scattered into the pads."""
         ids, slot, _, _, feats, lengths = self._pack([batch])
         with self._precision():
-            x = _embeds_jit(self.graphdef, self.program_state, ids, slot, feats)
+            x = _embeds_jit(self.graphdef, self.state, ids, slot, feats, self.table_bits)
         return np.asarray(x[0, -int(lengths[0]) :], np.float32)
 
     def init_cache(self, batch: int, max_len: int) -> HybridCache:
@@ -552,7 +572,7 @@ class MiniCPMV46:
         cache = self.init_cache(len(requests), ids.shape[1] + _bucket(max(max_new_tokens, 1)))
         with self._precision():
             logits, cache = _prefill_jit(
-                self.graphdef, self.program_state, ids, slot, feats, valid, pos, cache
+                self.graphdef, self.state, ids, slot, feats, valid, pos, cache, self.table_bits
             )
         return logits, cache, lengths
 
@@ -561,10 +581,11 @@ class MiniCPMV46:
         with self._precision():
             return _step_jit(
                 self.graphdef,
-                self.program_state,
+                self.state,
                 jnp.asarray(tokens, jnp.int32),
                 jnp.asarray(positions, jnp.int32),
                 cache,
+                self.table_bits,
             )
 
     def generate(
@@ -628,7 +649,7 @@ class MiniCPMV46:
             if num_beams > 1:
                 tokens, length = _beam_jit(
                     self.graphdef,
-                    self.program_state,
+                    self.state,
                     logits,
                     lengths,
                     cache,
@@ -638,11 +659,12 @@ class MiniCPMV46:
                     terminators=terminators,
                     steps=steps,
                     early_stopping=mode.early_stopping,
+                    bits=self.table_bits,
                 )
             else:
                 tokens, length, _ = _sample_jit(
                     self.graphdef,
-                    self.program_state,
+                    self.state,
                     logits,
                     lengths,
                     cache,
@@ -652,6 +674,7 @@ class MiniCPMV46:
                     mode=mode,
                     terminators=terminators,
                     steps=steps,
+                    bits=self.table_bits,
                 )
         tokens, length = np.asarray(tokens, np.int64), np.asarray(length)
         res = [tokens[i, : length[i]] for i in range(len(reqs))]

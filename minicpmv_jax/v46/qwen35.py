@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpmv_jax.kv_cache import KVCache
-from minicpmv_jax.layers import PACKED_BF16, attend, dense, embed, rope, unpack_bf16
-from minicpmv_jax.llm import Mlp, tiled_logits
+from minicpmv_jax.layers import attend, cpu_aware_dot, dense, embed, rope, unpack_bf16
+from minicpmv_jax.llm import Mlp
 from minicpmv_jax.sharding import ACT_AXES, constrain
 from minicpmv_jax.v46.config import Qwen35Config
 from minicpmv_jax.v46.deltanet import GatedDeltaNet
@@ -142,10 +142,12 @@ class Qwen35TextModel(nnx.Module):
         )
         self.cfg = cfg
 
-    def embed(self, ids: jax.Array) -> jax.Array:
-        table = self.embed_tokens.embedding[...]
-        if table.dtype == PACKED_BF16:  # gather the rows' bit patterns, then reinterpret them
-            rows = unpack_bf16(jnp.take(table, ids.astype(jnp.int32), axis=0))
+    def embed(self, ids: jax.Array, bits: jax.Array | None = None) -> jax.Array:
+        """ids int [B, T] -> [B, T, D]. bits: the bf16 table's uint16 bit patterns (the CPU
+        programs': XLA:CPU widens a bf16 table that a gather reads to float32 first, the
+        whole table), gathered and reinterpreted; None: the table itself."""
+        if bits is not None:
+            rows = unpack_bf16(jnp.take(bits, ids.astype(jnp.int32), axis=0))
             return rows.astype(self.embed_tokens.dtype or rows.dtype)  # as nnx.Embed
         return self.embed_tokens(ids.astype(jnp.int32))
 
@@ -156,15 +158,14 @@ class Qwen35TextModel(nnx.Module):
         (`Embed.attend`), XLA:CPU copies the whole transposed table (1 GB in float32 at the
         released size) on every call at batch 1, i.e. every decode step.
 
-        A packed bf16 table (the CPU programs' state, `MiniCPMV46.program_state`) is read in
-        tiles as 2.x's lm_head (`llm.tiled_logits`): XLA:CPU widens a bf16 operand of a loop
-        to float32 ahead of the loop, so the plain bf16 table made the decode loop hold three
-        float32 copies of it (3.0 GB at the released size: the gather's, the head's and its
-        transpose)."""
+        A bf16 table is the right operand of `layers.cpu_aware_dot` instead (on CPU a float32
+        result, a single row taken as two), which reads it in place: the plain bf16 einsum
+        made XLA:CPU widen the table to float32 (twice, transposed) ahead of the decode
+        loop."""
         table = self.embed_tokens.embedding[...]
-        if table.dtype == PACKED_BF16:
-            dtype = self.cfg.dtype
-            return tiled_logits(h.astype(dtype), table, dtype).astype(jnp.float32)
+        if table.dtype == jnp.bfloat16 and self.cfg.dtype == jnp.bfloat16:
+            y = cpu_aware_dot(h.astype(jnp.bfloat16), table, (((h.ndim - 1,), (1,)), ((), ())))
+            return y.astype(jnp.float32)
         e = table.astype(self.cfg.dtype)
         return jnp.einsum("vd,btd->btv", e, h.astype(self.cfg.dtype)).astype(jnp.float32)
 

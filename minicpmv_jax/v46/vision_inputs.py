@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-PATCH_BUCKET = 256  # N and P are multiples of this (keeps the tower's compilations few)
+PATCH_BUCKET = 256  # N is a multiple of this (keeps the tower's compilations few)
+# P (one unit's padded attention row) is a multiple of this: the per-unit attention's work
+# grows with P^2 (a 1344x896 image: an 1120-patch overview + six 1024-patch slices; P = 1280
+# made the attention 1.52x its real work, P = 1152 1.23x)
+UNIT_ROW_BUCKET = 128
 UNIT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -65,9 +69,10 @@ def layout(
 
     Every per-token stage (patch embedding, projections, MLPs, norms) runs on the packed real
     patches, units back to back, each in raster order of its grid, padded only at the end to a
-    multiple of PATCH_BUCKET (N); only the attention reads one padded row per unit ([U, P], the
-    official block-diagonal attention). A unit of h*w patches is a multiple of 4 in both modes
-    (grids are even; 16x: multiples of 4), so the 2x2 windows and groups never straddle units.
+    multiple of PATCH_BUCKET (N); only the attention reads one padded row per unit ([U, P], P a
+    multiple of UNIT_ROW_BUCKET; the official block-diagonal attention). A unit of h*w patches
+    is a multiple of 4 in both modes (grids are even; 16x: multiples of 4), so the 2x2 windows
+    and groups never straddle units.
 
     Returns: patches f32 [N, 588], position_ids i32 [N]; the attention layout `rows` i32 [U, P]
       (packed row of each slot), `valid` bool [U, P] (slot < h*w), `slots` i32 [N] (slot of each
@@ -81,7 +86,7 @@ def layout(
     u = len(units)
     ub = _bucket(max(u, 1), UNIT_BUCKETS)
     counts = [x.shape[0] for x in units]
-    p = max(PATCH_BUCKET, -(-max(counts, default=1) // PATCH_BUCKET) * PATCH_BUCKET)
+    p = max(UNIT_ROW_BUCKET, -(-max(counts, default=1) // UNIT_ROW_BUCKET) * UNIT_ROW_BUCKET)
     n = max(PATCH_BUCKET, -(-sum(counts) // PATCH_BUCKET) * PATCH_BUCKET)
     dim = units[0].shape[1] if units else 588
     merged = mode == "16x"
