@@ -206,3 +206,19 @@ def test_cpu_bf16_attention_takes_float32_results(t, kv_heads):
     assert len(dots) == 2
     if jax.default_backend() == "cpu":  # elsewhere jax's attention runs (bf16 second product)
         assert all(e.params["preferred_element_type"] == jnp.float32 for e in dots), dots
+
+
+def test_cpu_attention_in_query_blocks_matches_reference():
+    """`layers.attend(..., q_block=...)` (the vision tower's CPU bf16 attention, queries in
+    blocks run one after the other) against the float64 attention of the same bf16 values: the
+    blocks cover every query once, uneven last block included, each with its own key mask."""
+    from minicpmv_jax import layers
+
+    dtype, tol = jnp.bfloat16, 2**-7
+    q, k, v = _qkv(2, 21, 21, 4, 4, 32, dtype, seed=2)
+    valid = _valid(2, 21, 21, seed=3)
+    for mask in (jnp.asarray(valid)[:, None, None, :], _prefill_mask(valid, 21)):
+        got = layers.attend(q, k, v, mask, q_block=8)
+        assert got.dtype == dtype and got.shape == q.shape
+        want = _plain(q, k, v, mask)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
