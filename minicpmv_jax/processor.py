@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -324,6 +324,15 @@ def _read_json(path: pathlib.Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def _vocabulary_test(tokenizer) -> Callable[[str], bool]:
+    """`token in vocabulary` without building the vocabulary: a fast tokenizer looks one token up
+    (`get_vocab()` builds a 151k-entry dict for the real Qwen2 vocabulary, 0.16 s per load)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return lambda token: backend.token_to_id(token) is not None
+    return tokenizer.get_vocab().__contains__
+
+
 class MiniCPMVProcessor:
     """Turns one conversation into model inputs exactly as the official processor does.
 
@@ -395,14 +404,14 @@ class MiniCPMVProcessor:
         eos = tokenizer.eos_token or "<|end_of_text|>"
         self.terminators = [self._token_id(t.replace("{eos}", eos)) for t in spec.terminators]
         self.bos_id = tokenizer.bos_token_id
-        vocab = tokenizer.get_vocab()
+        in_vocab = _vocabulary_test(tokenizer)
         self._control_tokens = tuple(
             t
             for t in dict.fromkeys(
                 [*_CONTROL_TOKENS, tokenizer.bos_token, tokenizer.eos_token]
                 + tokenizer.convert_ids_to_tokens(self.terminators)
             )
-            if t and t in vocab and t in tokenizer.all_special_tokens
+            if t and in_vocab(t) and t in tokenizer.all_special_tokens
         )
         # image_bound start/end tokens (2.5 counts only <image>: its slices are wrapped in
         # <image>...</image> inside one <slice>...</slice>)

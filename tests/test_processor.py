@@ -395,3 +395,17 @@ def test_output_pickles(processors):
     assert isinstance(back, ProcessorOutput) and back.prompt == out.prompt
     with pytest.raises(AttributeError):
         _ = out.not_a_key
+
+
+@pytest.mark.parametrize("name", sorted(FOLDERS))
+def test_control_token_lookup_agrees_with_the_vocabulary(processors, name):
+    """The control tokens are found by single-token lookups, not by building the vocabulary: the
+    lookup answers as `token in tokenizer.get_vocab()` on every special token and on tokens
+    that are not in the vocabulary."""
+    from minicpmv_jax.processor import _vocabulary_test
+
+    tokenizer = processors(name).tokenizer
+    vocab, in_vocab = tokenizer.get_vocab(), _vocabulary_test(tokenizer)
+    tokens = [*tokenizer.all_special_tokens, "<|not a token|>", "</nope>", "!", "hello"]
+    assert [in_vocab(t) for t in tokens] == [t in vocab for t in tokens]
+    assert not in_vocab("<|not a token|>")

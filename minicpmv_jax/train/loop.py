@@ -45,9 +45,9 @@ from tqdm.auto import tqdm
 
 from minicpmv_jax.batching import Buckets
 from minicpmv_jax.errors import MiniCPMVError
-from minicpmv_jax.generate import split_layers
-from minicpmv_jax.layers import REMAT_POLICIES
-from minicpmv_jax.sharding import batch_sharding
+from minicpmv_jax.generate import SPLIT_STACKS, split_layers
+from minicpmv_jax.layers import REMAT_POLICIES, LayerParts, _is_parts
+from minicpmv_jax.sharding import batch_sharding, path_name
 from minicpmv_jax.train.data import DEFAULT_MAX_LENGTH, IGNORE_INDEX, collate
 from minicpmv_jax.train.lora import (
     Adapter,
@@ -136,17 +136,52 @@ class TrainConfig:
     def optimizer(self) -> optax.GradientTransformation:
         """clip -> AdamW (decay on matrices only) [-> MultiSteps]; one object per equal config,
         so runs with the same settings share compiled steps."""
-        return _optimizer(self)
+        return _optimizer(self, SCALAR_CLIP)
+
+
+# Read when an optimizer is built: gradient clipping as one scalar factor (`clip_by_global_norm`);
+# False: optax's clip_by_global_norm (A/B measurements).
+SCALAR_CLIP = True
 
 
 @functools.cache
-def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    decay = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)  # no decay on vectors
+def _optimizer(config: TrainConfig, scalar_clip: bool) -> optax.GradientTransformation:
     tx = optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm),
-        optax.adamw(config.schedule(), weight_decay=config.weight_decay, mask=decay),
+        (clip_by_global_norm if scalar_clip else optax.clip_by_global_norm)(config.max_grad_norm),
+        optax.adamw(config.schedule(), weight_decay=config.weight_decay, mask=_decay_mask),
     )
     return optax.MultiSteps(tx, config.grad_accum) if config.grad_accum > 1 else tx
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` with the clip as one scalar factor: g x where(norm < max_norm,
+    1, max_norm / norm). optax selects between g and (g / norm) x max_norm per element; XLA:CPU
+    then writes the divided gradients as a temporary array (a division is not repeated in each
+    consumer) that AdamW's moment updates read beside the raw gradients, one more write and two
+    more reads of every gradient (the full step at 2.6 widths: a 2.1 GB temporary, BENCHMARKS.md).
+    A multiply by a scalar fuses into the moment updates. Rounding: one multiply instead of a
+    divide and a multiply (1 ulp)."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        g_norm = optax.tree.norm(updates)
+        scale = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
+        return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def _decay_mask(tree):
+    """True where AdamW decays: arrays of 2 or more dimensions (no decay on vectors). A stack
+    kept as per-layer arrays (`LayerParts`) is judged by the stacked array's ndim, so a run
+    decays the same tensors whether its decoder stack is split or stacked."""
+
+    def leaf(x):
+        if isinstance(x, LayerParts):
+            return LayerParts([p.ndim + 1 >= 2 for p in x.parts])
+        return x.ndim >= 2
+
+    return jax.tree.map(leaf, tree, is_leaf=_is_parts)
 
 
 # Read when a Trainer is built. On the CPU backend the frozen float32 decoder-stack weights (LoRA:
@@ -157,6 +192,16 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
 # keep their layout; int8 and bfloat16 stacks stay scanned; other backends scan. False: the
 # stacked, scanned step everywhere (A/B measurements).
 SPLIT_FROZEN_LAYERS = True
+# Read when a Trainer is built. On the CPU backend the trainable float32 decoder-stack weights
+# (modes "full" and "freeze_vision") are kept in the train state as L per-layer arrays, and so
+# are their gradients and AdamW moments: the step reads each layer's weights in place and
+# writes each layer's gradient into its own buffer, where a scanned stack copies every layer's
+# weight slices out of the stacks (forward and backward), zero-fills stacked gradient buffers
+# and writes the layer gradients into them (the 2-layer, 512-token full step of 2.6 widths:
+# BENCHMARKS.md "Full fine-tuning: the trainable decoder stack as per-layer arrays"). Saves,
+# `trained_model` and `memory.plan` see the stacked layout; single-device states only (a
+# sharded stack stays stacked). False: the stacked state everywhere (A/B measurements).
+SPLIT_TRAINABLE_LAYERS = True
 
 STATICS = ("graphdef", "targets", "scaling", "lora_path", "num_groups")
 
@@ -387,6 +432,8 @@ class Trainer:
         replicated = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
         lora = jax.device_put(lora, replicated)
         rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated)
+        if SPLIT_TRAINABLE_LAYERS:
+            params = split_trainable(params)
         self.tx = config.optimizer()
         with model._precision():
             self.state = {
@@ -436,7 +483,8 @@ class Trainer:
 
     # -------------------------------------------------------------------- state files
     def _leaves(self) -> dict[str, Any]:
-        return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(self.state))}
+        """The state's arrays in the stacked layout (per-layer parts stacked), by index."""
+        return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(stack_parts(self.state)))}
 
     def save(self) -> pathlib.Path | None:
         """Atomic save of the train state into checkpoints/step_XXXXXXXX (keeps keep_saves)."""
@@ -461,17 +509,15 @@ class Trainer:
         saves = [p for p in saves if (p / checkpoint.TRAIN_STATE_FILE).is_file()]
         if not saves:
             return False
-        leaves, treedef = jax.tree.flatten(self.state)
-        abstract = {
-            f"{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-            for i, x in enumerate(leaves)
-        }
+        leaves, treedef = jax.tree.flatten(stack_parts(self.state, abstract=True))
+        abstract = {f"{i:05d}": x for i, x in enumerate(leaves)}
         arrays, meta = checkpoint.restore_train_state(saves[-1], abstract)
         if meta.get("seed") != self.config.seed:
             raise MiniCPMVError(
                 f"{saves[-1]}: saved with seed {meta.get('seed')}, not {self.config.seed}"
             )
-        self.state = jax.tree.unflatten(treedef, [arrays[k] for k in sorted(arrays)])
+        state = jax.tree.unflatten(treedef, [arrays[k] for k in sorted(arrays)])
+        self.state = split_like(state, self.state)
         self.step, self.micro = int(meta["step"]), int(meta["micro_batches"])
         log.info("resumed from %s (step %d)", saves[-1], self.step)
         return True
@@ -564,13 +610,69 @@ class Trainer:
         """A MiniCPMV with the trained weights (LoRA merged in; `.adapter` keeps it)."""
         from minicpmv_jax.train.lora import _replace
 
-        params = jax.tree.map(lambda x, d: x.astype(d), self.state["params"], self.param_dtypes)
+        params = stack_parts(self.state["params"])
+        params = jax.tree.map(lambda x, d: x.astype(d), params, self.param_dtypes)
         graphdef = self.model.graphdef  # the model's own (no training remat)
         new = _replace(self.model, nnx.merge(graphdef, params, self.frozen_as_loaded))
         if self.config.mode != "lora":
             return new
         new.adapter = self.model.adapter  # merged already: merge_lora subtracts it
         return merge_lora(new, Adapter(self.lora_config, self.state["lora"]))
+
+
+def split_trainable(params: nnx.State) -> nnx.State:
+    """CPU backend: each float32 decoder-stack parameter [L, ...] of `params` as L separate
+    per-layer arrays (`LayerParts`, copies: the stacked arrays are dropped by the caller); others
+    unchanged. Single-device arrays only (see SPLIT_TRAINABLE_LAYERS)."""
+    if jax.default_backend() != "cpu":
+        return params
+    flat = nnx.to_flat_state(params)
+
+    def splittable(path, x) -> bool:
+        return (
+            path_name(path).startswith(SPLIT_STACKS)
+            and isinstance(x, jax.Array)
+            and x.ndim >= 1
+            and x.dtype == jnp.float32
+            and len(x.sharding.device_set) == 1
+        )
+
+    leaves = []
+    for path, var in flat:
+        x = var.get_value()
+        if splittable(path, x):
+            var = var.replace(LayerParts([x[i] for i in range(x.shape[0])]))
+        leaves.append((path, var))
+    return nnx.from_flat_state(leaves)
+
+
+def stack_parts(tree, *, abstract: bool = False):
+    """`tree` with every `LayerParts` stacked back into one [L, ...] array (abstract: shapes
+    only, `jax.ShapeDtypeStruct`s with each array's sharding, for restoring into)."""
+
+    def leaf(x):
+        if isinstance(x, LayerParts):
+            p = x.parts[0]
+            if abstract:
+                return jax.ShapeDtypeStruct((len(x),) + p.shape, p.dtype, sharding=p.sharding)
+            return jnp.stack(x.parts)
+        if abstract:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return x
+
+    return jax.tree.map(leaf, tree, is_leaf=_is_parts)
+
+
+def split_like(tree, like):
+    """`tree` (stacked layout) with every array whose place in `like` holds `LayerParts` split
+    into its layers the same way."""
+
+    def leaf(x, ref):
+        if isinstance(ref, LayerParts):
+            return LayerParts([x[i] for i in range(x.shape[0])])
+        return x
+
+    return jax.tree.map(leaf, tree, like, is_leaf=_is_parts)
 
 
 def device_batch(model, batch: Mapping[str, Any], config: TrainConfig) -> tuple[dict, int]:
