@@ -9,9 +9,9 @@ text-only batch of `--batch` rows x `--seq` tokens with every label trained. Eac
 function `jax_<kind>(bench, batch, remat)` / `torch_<kind>(bench, batch, remat)` registered in
 STEP_KINDS: "full" (every LLM weight, AdamW) and "lora" (LoRA r 64 / alpha 64 on the LLM's
 q/k/v, AdamW on the adapters only; "lora_delta" the same with our LoRA as a weight delta,
-`TrainConfig(lora_path="delta")`, against the same peer, timed once per run; "full_stacked"
-the same as "full" with the CPU step's trainable decoder stack kept stacked and scanned,
-`train.loop.SPLIT_TRAINABLE_LAYERS = False`, the step before that change), "dpo" /
+`TrainConfig(lora_path="delta")`, against the same peer, timed once per run; "full_base"
+the same as "full" with `train.loop.SPLIT_TRAINABLE_LAYERS` and `SCALAR_CLIP` off, the CPU
+step before those changes), "dpo" /
 "dpo_lora" (the same weights trained with RLAIF-V's DPO loss: the batch's first half of rows
 are the chosen answers, the second half the rejected ones of the same pairs, one forward +
 backward over all rows, summed label log-probs per row, -logsigmoid(beta * margin) against fixed
@@ -152,16 +152,18 @@ def jax_full(bench, batch: Batch, remat: str) -> Callable:
     return _jax_trainer_step(bench, batch, remat, {"mode": "full"})
 
 
-def jax_full_stacked(bench, batch: Batch, remat: str) -> Callable:
-    """`full` with the trainable decoder stack kept stacked and scanned (the CPU step before
-    `train.loop.SPLIT_TRAINABLE_LAYERS`): the before row of an A/B in one run."""
+def jax_full_base(bench, batch: Batch, remat: str) -> Callable:
+    """`full` as the CPU step was before `train.loop.SPLIT_TRAINABLE_LAYERS` and
+    `train.loop.SCALAR_CLIP` (the trainable decoder stack stacked and scanned, optax's clip):
+    the before row of an A/B in one run."""
     from minicpmv_jax.train import loop
 
-    split, loop.SPLIT_TRAINABLE_LAYERS = loop.SPLIT_TRAINABLE_LAYERS, False
+    saved = loop.SPLIT_TRAINABLE_LAYERS, loop.SCALAR_CLIP
+    loop.SPLIT_TRAINABLE_LAYERS = loop.SCALAR_CLIP = False
     try:
         return jax_full(bench, batch, remat)
     finally:
-        loop.SPLIT_TRAINABLE_LAYERS = split
+        loop.SPLIT_TRAINABLE_LAYERS, loop.SCALAR_CLIP = saved
 
 
 def jax_lora(bench, batch: Batch, remat: str, lora_path: str = "input") -> Callable:
@@ -340,7 +342,7 @@ def torch_dpo_lora(bench, batch: Batch, remat: str) -> Callable:
 
 STEP_KINDS: dict[str, tuple[Callable, Callable]] = {
     "full": (jax_full, torch_full),
-    "full_stacked": (jax_full_stacked, torch_full),
+    "full_base": (jax_full_base, torch_full),
     "lora": (jax_lora, torch_lora),
     "lora_delta": (jax_lora_delta, torch_lora),
     "dpo": (jax_dpo, torch_dpo),

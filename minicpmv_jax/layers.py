@@ -17,8 +17,9 @@ CPU_FAST_BF16 = True
 # With CPU_FAST_BF16: a bf16 product of a single row is taken as two rows (`_one_row_dot`).
 # Read at trace time; False restores the one-row dot (A/B measurements).
 CPU_ONE_ROW_BF16 = True
-# With CPU_FAST_BF16: bf16 attention ("xla" impl) takes both of its products with a float32
-# result (`_attend_cpu_bf16`). Read at trace time; False restores jax's attention (A/B).
+# CPU: bf16 attention ("xla" impl; with CPU_FAST_BF16) takes both of its products with a float32
+# result, scores in the dot's order, queries in blocks where the caller asks (`_attend_cpu`).
+# Read at trace time; False restores jax's attention (A/B).
 CPU_BF16_ATTENTION = True
 
 
@@ -413,25 +414,33 @@ def attend(
     Returns: [B, T, N, H].
     """
     if impl == "xla":
-        if CPU_FAST_BF16 and CPU_BF16_ATTENTION and _cpu_bf16(q, k, v):
-            return _attend_cpu_bf16_blocks(q, k, v, mask, scale, q_block)
+        if _cpu_attention(q, k, v):
+            return _attend_cpu_blocks(q, k, v, mask, scale, q_block)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
     from minicpmv_jax import kernels  # Pallas imports only when a kernel is asked for
 
     return kernels.attention(q, k, v, mask, impl=impl, scale=scale)
 
 
-def _cpu_bf16(*xs) -> bool:
-    return jax.default_backend() == "cpu" and all(x.dtype == jnp.bfloat16 for x in xs)
+def _cpu_attention(q, k, v) -> bool:
+    """Whether `attend` takes the CPU form (`_attend_cpu`): bf16 attention of more than one
+    query on the CPU backend (a decode step keeps jax's attention, as measured)."""
+    return (
+        CPU_FAST_BF16
+        and CPU_BF16_ATTENTION
+        and jax.default_backend() == "cpu"
+        and q.dtype == k.dtype == v.dtype == jnp.bfloat16
+        and q.shape[1] > 1
+    )
 
 
-def _attend_cpu_bf16_blocks(q, k, v, mask, scale, q_block):
-    """`_attend_cpu_bf16` over query blocks of `q_block`, chained by optimization barriers so
+def _attend_cpu_blocks(q, k, v, mask, scale, q_block):
+    """`_attend_cpu` over query blocks of `q_block`, chained by optimization barriers so
     that XLA runs them in turn and one block's scores are freed before the next one's exist
     (2.6's vision tower, 1024 patches: prefill temporaries 170 -> 128 MB)."""
     t = q.shape[1]
     if q_block is None or t <= q_block:
-        return _attend_cpu_bf16(q, k, v, mask, scale)
+        return _attend_cpu(q, k, v, mask, scale)
     mask = jnp.asarray(mask)
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, N|1, T|1, S]
     outs = []
@@ -440,11 +449,11 @@ def _attend_cpu_bf16_blocks(q, k, v, mask, scale, q_block):
         if outs:  # this block starts once the previous one is done
             qi, outs[-1] = jax.lax.optimization_barrier((qi, outs[-1]))
         mi = mask if mask.shape[2] == 1 else mask[:, :, i : i + q_block]
-        outs.append(_attend_cpu_bf16(qi, k, v, mi, scale))
+        outs.append(_attend_cpu(qi, k, v, mi, scale))
     return jnp.concatenate(outs, axis=1)
 
 
-def _attend_cpu_bf16(q, k, v, mask, scale):
+def _attend_cpu(q, k, v, mask, scale):
     """`jax.nn.dot_product_attention`'s "xla" attention of bf16 q / k / v, both products taken
     with a float32 result (`cpu_aware_dot`'s rule): the same values up to summation order.
 
@@ -469,6 +478,6 @@ def _attend_cpu_bf16(q, k, v, mask, scale):
     else:
         mask = mask.reshape(mask.shape[0], kv, g, *mask.shape[2:]).transpose(0, 1, 3, 2, 4)
     s = jnp.where(mask, s, jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
-    p = jax.nn.softmax(s, axis=-1).astype(jnp.bfloat16)
+    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
     out = jnp.einsum("bktgs,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
-    return out.astype(jnp.bfloat16).reshape(b, t, n, h)
+    return out.astype(q.dtype).reshape(b, t, n, h)

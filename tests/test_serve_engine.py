@@ -386,8 +386,9 @@ def test_decode_step_and_row_move_update_the_cache_in_place():
     output and needs less scratch memory than one row of that cache (no copy of the cache per
     step); the scratch grows with the bucket (it holds the attended layer's rows). The same for
     the row move's write (``put_row``), whose read (``take_row``) allocates one row. In bfloat16:
-    there XLA:CPU copied the whole cache per step when the rows were written by one scatter, and
-    per move when the move's read and write were one program."""
+    there XLA:CPU copied the whole cache per step when one row was written by a scatter (steps of
+    more than two rows still are), and per move when the move's read and write were one
+    program."""
     import jax.numpy as jnp
 
     from minicpmv_jax.serve import slots as slot_programs

@@ -128,18 +128,29 @@ class SlotRows:
     def write(self, layer, start: jax.Array, k: jax.Array, v: jax.Array) -> SlotRows:
         """Store k, v [rows, T, K, H] of one layer at each row's slots [start, start + T).
 
-        One ``dynamic_update_slice`` per row: XLA:CPU updates a bfloat16 buffer in place that
-        way, while a scatter into it (one write for all rows) copies the whole cache every step.
-        A full row (a free slot that kept stepping) has its write clamped onto its last slots.
+        Up to two rows: one ``dynamic_update_slice`` per row, which XLA:CPU runs in place in
+        bfloat16 too (one scatter for all rows copies a whole bfloat16 cache every step). More
+        rows: one scatter (in place in float32; in bfloat16 a chain of per-row updates measured
+        slower still: 1.9 s against 0.32 s for a 16-row step, 1 layer, 16 x 4096 slots).
+        A full row (a free slot that kept stepping) has its write clamped onto its last slots
+        (per row) or dropped (scatter); only free rows get there.
         """
+        if k.shape[0] > 2:
+            rows = jnp.arange(k.shape[0])[:, None]
+            slots = self._slots(start, k.shape[1])
 
-        def put(buf: LayerRows, x):
-            new, x = buf.buf, x.astype(buf.buf.dtype)
-            for b in range(x.shape[0]):  # [1, 1, T, K, H] at (layer, b, start[b], 0, 0)
-                new = jax.lax.dynamic_update_slice(
-                    new, x[b][None, None], (layer, b, start[b], 0, 0)
-                )
-            return LayerRows(new, self.rows)
+            def put(buf: LayerRows, x):
+                new = buf.buf.at[layer, rows, slots].set(x.astype(buf.buf.dtype), mode="drop")
+                return LayerRows(new, self.rows)
+
+        else:
+
+            def put(buf: LayerRows, x):
+                new, x = buf.buf, x.astype(buf.buf.dtype)
+                for b in range(x.shape[0]):  # [1, 1, T, K, H] at (layer, b, start[b], 0, 0)
+                    at = (layer, b, start[b], 0, 0)
+                    new = jax.lax.dynamic_update_slice(new, x[b][None, None], at)
+                return LayerRows(new, self.rows)
 
         return self.replace(k=put(self.k, k), v=put(self.v, v))
 
