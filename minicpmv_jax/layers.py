@@ -423,12 +423,14 @@ def attend(
 
 
 def _cpu_attention(q, k, v) -> bool:
-    """Whether `attend` takes the CPU form (`_attend_cpu`): bf16 attention on the CPU backend."""
+    """Whether `attend` takes the CPU form (`_attend_cpu`): bf16 attention of more than one
+    query on the CPU backend (a decode step keeps jax's attention, as measured)."""
     return (
         CPU_FAST_BF16
         and CPU_BF16_ATTENTION
         and jax.default_backend() == "cpu"
         and q.dtype == k.dtype == v.dtype == jnp.bfloat16
+        and q.shape[1] > 1
     )
 
 
