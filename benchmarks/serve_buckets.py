@@ -9,8 +9,9 @@ program call that copies one row of cache and state; it saves the difference bet
 step times on every following step). The engine compiles its programs in ``start()``; the timed
 calls run the compiled programs on the engine's own cache (the same programs and shapes as
 serving, every row passed as busy). ``decode N rows, one sampling`` is the largest bucket with
-one row sampling (top-k / top-p: the sort over the vocabulary runs for every row of the step),
-the cost a finished sampled request's row used to impose on greedy rows before the busy-row mask.
+one row sampling, ``all sampling`` with every row sampling (top-k / top-p: the sort over the
+vocabulary, whatever the rows' top-k / top-p values), ``decode 1 rows, sampling`` one sampling
+row alone.
 
 ``--move-layers L`` also times the row move alone on a slot cache of the preset's LLM widths with
 ``L`` decoder layers (no weights: ``L`` = 28 is the full 2.6 depth), ``--move-slots`` rows of
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     greedy = np.zeros(args.slots, bool)
     one_sampling = greedy.copy()
     one_sampling[0] = True
+    all_sampling = np.ones(args.slots, bool)
 
     def flags(do_sample):  # untimed: each row's greedy / sampled flag
         old = engine._state.do_sample  # the same placement: no new program
@@ -103,6 +105,9 @@ def main(argv=None) -> int:
     top = engine.decode_buckets[-1]
     programs[f"decode {top} rows, one sampling"] = (lambda: flags(one_sampling),
                                                     lambda: decode(top))  # fmt: skip
+    programs[f"decode {top} rows, all sampling"] = (lambda: flags(all_sampling),
+                                                    lambda: decode(top))  # fmt: skip
+    programs["decode 1 rows, sampling"] = (lambda: flags(one_sampling), lambda: decode(1))
     programs["move one row"] = (lambda: None, move)
     times: dict[str, list[float]] = {k: [] for k in programs}
     load_before = os.getloadavg()

@@ -336,7 +336,7 @@ def test_decode_bucket_changes_mid_answer_keep_answers_exact(engine26, monkeypat
 def test_a_freed_sampled_row_stops_sampling(engine26, monkeypatch):
     """A sampled request finishes in slot 1 while greedy ones decode in slots 0, 2 and 3 (bucket
     4 either way: no move). Its row keeps stepping; the next step clears the row's sample flag
-    (the busy-row mask), so the greedy rows no longer pay for the sort of top-k / top-p. The
+    (the busy-row mask), so the free row no longer runs the sort of top-k / top-p. The
     stale flag could not change a token (selection is per row), so the greedy answers equal
     each request alone, before and after the fix alike. Steps are let through one by one."""
     v = "minicpm-v-2_6"
@@ -386,8 +386,9 @@ def test_decode_step_and_row_move_update_the_cache_in_place():
     output and needs less scratch memory than one row of that cache (no copy of the cache per
     step); the scratch grows with the bucket (it holds the attended layer's rows). The same for
     the row move's write (``put_row``), whose read (``take_row``) allocates one row. In bfloat16:
-    there XLA:CPU copied the whole cache per step when the rows were written by one scatter, and
-    per move when the move's read and write were one program."""
+    there XLA:CPU copied the whole cache per step when one row was written by a scatter (steps of
+    more than two rows still are), and per move when the move's read and write were one
+    program."""
     import jax.numpy as jnp
 
     from minicpmv_jax.serve import slots as slot_programs
