@@ -237,3 +237,44 @@ def test_clip_by_global_norm_matches_optax():
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         else:
             np.testing.assert_allclose(float(optax.tree.norm(ours)), max_norm, rtol=1e-6)
+
+
+def test_weight_decay_spares_biases_and_norms_as_the_official_trainer_does():
+    """AdamW decays what transformers' Trainer decays (`get_decay_parameter_names`: every
+    parameter but biases and norm weights), judged here by name on the 2.6 fixture model, with
+    its decoder and vision stacks scanned ([L, D] biases and norm scales are not decayed) and
+    with the decoder stack as per-layer arrays. The frozen-weight cast (`frozen_dtype`) follows
+    the same rule: stacked norms and biases stay float32."""
+    import re
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from minicpmv_jax.layers import LayerParts
+    from minicpmv_jax.sharding import path_name
+    from minicpmv_jax.train import loop
+
+    model = small_model()
+    _, params = nnx.split(model.module, nnx.Param)
+    spared = re.compile(r"\.bias$|layernorm|layer_norm|(^|\.)ln_|(^|\.)norm\.")
+    want = {path_name(p): not spared.search(path_name(p)) for p, _ in nnx.to_flat_state(params)}
+    assert sum(want.values()) >= 20 and sum(not v for v in want.values()) >= 20
+
+    for tree in (params, loop.split_trainable(params)):
+        mask = loop._decay_mask(tree)
+        got = {}
+        for path, var in nnx.to_flat_state(mask):
+            value = var.get_value() if hasattr(var, "get_value") else var
+            if isinstance(value, LayerParts):  # every layer judged alike
+                assert len(set(value.parts)) == 1, path_name(path)
+                value = value.parts[0]
+            got[path_name(path)] = bool(value)
+        assert got == want
+
+    trainer = loop.Trainer(
+        model, [{"input_ids": [1]}], train.TrainConfig(mode="lora", frozen_dtype="bfloat16")
+    )
+    for path, var in nnx.to_flat_state(loop.stack_parts(trainer.frozen)):
+        name, x = path_name(path), var.get_value()
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            assert (x.dtype == jnp.bfloat16) == want[name], (name, x.dtype)

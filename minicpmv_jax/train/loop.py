@@ -68,6 +68,7 @@ from minicpmv_jax.train.loss import (
     train_logits,
     trainable_filter,
 )
+from minicpmv_jax.weights import STACKS
 
 log = logging.getLogger(__name__)
 
@@ -172,16 +173,26 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 def _decay_mask(tree):
-    """True where AdamW decays: arrays of 2 or more dimensions (no decay on vectors). A stack
-    kept as per-layer arrays (`LayerParts`) is judged by the stacked array's ndim, so a run
-    decays the same tensors whether its decoder stack is split or stacked."""
+    """True where AdamW decays: tensors of 2 or more dimensions per layer. The official trainer
+    (transformers' `Trainer.get_decay_parameter_names`) decays every parameter but biases and
+    norm weights, which in these models are exactly the vectors; a scanned stack's leading layer
+    axis does not count (a stacked bias [L, D] is a vector), and a stack kept as per-layer
+    arrays (`LayerParts`) is judged by its parts, so a run decays the same tensors whether its
+    decoder stack is split or stacked."""
 
-    def leaf(x):
+    def leaf(path, x):
         if isinstance(x, LayerParts):
-            return LayerParts([p.ndim + 1 >= 2 for p in x.parts])
-        return x.ndim >= 2
+            return LayerParts([p.ndim >= 2 for p in x.parts])
+        return layer_ndim(path, x) >= 2
 
-    return jax.tree.map(leaf, tree, is_leaf=_is_parts)
+    return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=_is_parts)
+
+
+def layer_ndim(path, x) -> int:
+    """The number of dimensions of one layer's tensor: `x.ndim` less the leading layer axis of
+    a scanned stack (`weights.STACKS`, wherever it sits in `path`)."""
+    name = f".{path_name(path)}."
+    return x.ndim - any(f".{stack}." in name for stack in STACKS)
 
 
 # Read when a Trainer is built. On the CPU backend the frozen float32 decoder-stack weights (LoRA:
@@ -393,9 +404,9 @@ class Trainer:
         self.frozen_as_loaded = self.frozen
         if config.frozen_dtype is not None:  # frozen float matrices stored in frozen_dtype
             fdt = jnp.dtype(config.frozen_dtype)  # (vectors: norms, biases, int8 scales stay)
-            floating = lambda x: jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2
-            cast = lambda x: x.astype(fdt) if floating(x) else x
-            self.frozen = jax.tree.map(cast, self.frozen)
+            floating = lambda p, x: jnp.issubdtype(x.dtype, jnp.floating) and layer_ndim(p, x) >= 2
+            cast = lambda p, x: x.astype(fdt) if floating(p, x) else x
+            self.frozen = jax.tree_util.tree_map_with_path(cast, self.frozen)
         self.graphdef = _with_remat(
             self.graphdef, params, self.frozen, config.remat, config.vision_remat
         )
