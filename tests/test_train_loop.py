@@ -132,6 +132,11 @@ def test_train_step_on_mesh_matches_single_device():
         np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
 
 
+# Two three-step runs, their compiled step's text and four restores (40 s): runs with the slow
+# tests, as do the other full-mode train steps (test_it_learns, the mesh step, the remat plan).
+# The default suite checks full mode's loss and gradients against the official trainer
+# (test_train_loss.py) and the optimizer pieces (the clip and the decay mask above and below).
+@pytest.mark.slow
 def test_cpu_full_step_keeps_decoder_layers_split(tmp_path, monkeypatch):
     """CPU, full fine-tuning: the trainable decoder stack, its AdamW moments and so its
     gradients are per-layer arrays in the train state (loop.SPLIT_TRAINABLE_LAYERS), and the

@@ -133,6 +133,9 @@ def test_weight_delta_steps_equal_input_path():
         train.TrainConfig(lora_path="merged")
 
 
+# Runs with the slow tests (two compiled steps and their text, 20 s); every default-run LoRA step
+# on the CPU takes the frozen per-layer views (train.loop.SPLIT_FROZEN_LAYERS is the default).
+@pytest.mark.slow
 def test_cpu_step_reads_frozen_decoder_layers_in_place(monkeypatch):
     """CPU, float32 base: the train step gets the frozen decoder stack as per-layer arrays
     (layers.LayerParts) and its compiled program makes no dynamic-slice copy of a decoder layer
