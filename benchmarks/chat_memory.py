@@ -342,6 +342,12 @@ def main(argv=None):
                     f"{m['after_import']['VmRSS'] / 1e9:4.2f} GB)  load avg {m['load_average']}",
                     flush=True,
                 )
+    return finish_report(report, args, summarize)
+
+
+def finish_report(report: dict, args: argparse.Namespace, summarize) -> dict:
+    """The end of a run: the load average, the per-dtype summary (printed, one JSON line per
+    row), the report written to `--json`, the checkpoint folder removed unless `--keep`."""
     report["load_average_end"] = loadavg()
     report["summary"] = summarize(report["runs"])
     for row in report["summary"]:

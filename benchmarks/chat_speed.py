@@ -49,6 +49,7 @@ from benchmarks.chat_memory import (
     ROOT,
     TOKENIZER,
     config_658m,
+    finish_report,
     loadavg,
 )
 from benchmarks.load_memory import write_checkpoint
@@ -317,16 +318,7 @@ def main(argv=None):
                   f" ms/token  peak {m['end']['VmHWM'] / 1e9:5.2f} GB  "
                   f"({time.perf_counter() - t0:.0f} s, load avg {m['load_average']})",
                   flush=True)  # fmt: skip
-    report["load_average_end"] = loadavg()
-    report["summary"] = summarize(report["runs"])
-    for row in report["summary"]:
-        print(json.dumps(row))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    if not args.keep:
-        shutil.rmtree(args.out)
-    return report
+    return finish_report(report, args, summarize)
 
 
 if __name__ == "__main__":
