@@ -5,8 +5,9 @@ a background thread on 127.0.0.1.
 The stand-in's answer to a conversation is ``"echo:"`` followed by the words of the last user
 text, one token per word (``" w"``), then the end of the answer; images count 10 prompt tokens
 each. It runs ``slots`` requests at a time (one token per slot per step, ``step_s`` apart), queues
-up to ``max_queue`` more (``QueueFull`` beyond), honours stop strings and ``max_tokens``, refuses
-prompts longer than ``max_len`` (``RequestError``) and records every cancelled request.
+up to ``max_queue`` more beyond the free slots (``QueueFull`` beyond, as the engine), honours stop
+strings and ``max_tokens``, refuses prompts longer than ``max_len`` (``RequestError``) and records
+every cancelled request.
 """
 
 from __future__ import annotations
@@ -115,8 +116,11 @@ class FakeEngine:
                 f"the prompt has {handle.prompt_tokens} tokens; the cache holds {self.max_len}"
             )
         with self._lock:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting", retry_after=1.5)
+            # as the engine: queued requests that free slots will take are not waiting for one,
+            # so what is refused does not depend on when the loop thread last ran
+            waiting = len(self._waiting) - (self.slots - len(self._active))
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting for a slot", retry_after=1.5)
             self._waiting.append(handle)
             self.submitted.append(request)
         self._wake.set()

@@ -441,18 +441,21 @@ def test_decode_buckets_are_checked(engine26):
 def test_cancel_frees_the_slot_and_the_queue_is_bounded(engine26):
     v = "minicpm-v-2_6"
     long = case_request(v, "text_only", MAX_LEN - 60, repetition_penalty=1.3)
-    busy = [engine26.submit(long) for _ in range(engine26.slots)]
-    for h in busy:  # all slots taken
-        assert isinstance(next(h.events(TIMEOUT)), Delta)
     old = engine26.max_queue
     engine26.max_queue = 2
     try:
+        # a burst of slots + max_queue is accepted however far the scheduler has got with it
+        busy = [engine26.submit(long) for _ in range(engine26.slots)]
         waiting = [engine26.submit(long) for _ in range(2)]
         with pytest.raises(QueueFull) as e:
             engine26.submit(long)
         assert e.value.retry_after > 0
+        for h in busy:  # all slots taken
+            assert isinstance(next(h.events(TIMEOUT)), Delta)
         s = engine26.stats()
         assert (s.active_slots, s.queue_length) == (engine26.slots, 2)
+        with pytest.raises(QueueFull, match="2 requests are waiting for a slot"):
+            engine26.submit(long)
     finally:
         engine26.max_queue = old
     busy[0].cancel()

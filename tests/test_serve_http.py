@@ -156,7 +156,8 @@ async def _many(url: str, bodies: list[dict]) -> list:
 
 
 def test_full_queue_answers_429_with_retry_after(server):
-    """2 slots + 4 queued are accepted while the engine is paused; the rest get 429."""
+    """2 slots + 4 queued are accepted while the engine is paused; the next one gets 429 with
+    Retry-After, and the six complete once the engine runs."""
     url, engine, _ = server
     engine.paused.set()
     try:
@@ -167,17 +168,22 @@ def test_full_queue_answers_429_with_retry_after(server):
             )
         )
         t.start()
+        # wait for all six to be accepted (in a slot or queued), not for the queue to hold 4: how
+        # many the paused loop has moved into slots yet depends on thread scheduling
         deadline = time.monotonic() + TIMEOUT
-        while engine.stats().queue_length < 4:
-            assert time.monotonic() < deadline
+        while (s := engine.stats()).active_slots + s.queue_length < 6:
+            assert time.monotonic() < deadline and t.is_alive(), (s, results)
             time.sleep(0.01)
         with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
             r = c.post("/v1/chat/completions", json=ask("one too many"))
         assert r.status_code == 429 and r.headers["retry-after"] == "2"
         assert "busy" in r.json()["error"]["message"]
+        s = engine.stats()
+        assert s.active_slots + s.queue_length == 6, s
     finally:
         engine.paused.clear()
     t.join(TIMEOUT)
+    assert [status for status, _, _ in results] == [200] * 6, results
     assert sorted(r[2]["stream_text"] for r in results) == [f"echo: q{i}" for i in range(6)]
 
 

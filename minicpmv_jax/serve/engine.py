@@ -170,7 +170,8 @@ class Engine:
       model: a ``pipeline.MiniCPMV`` with its processor (2.5, 2.6 or 4.5).
       slots: decode rows (requests decoded together).
       max_len: cache slots per row; a request needs prompt tokens + max_tokens <= max_len.
-      max_queue: requests waiting for a slot beyond which ``submit`` raises ``QueueFull``.
+      max_queue: requests waiting for a slot beyond which ``submit`` raises ``QueueFull``
+        (queued requests that free rows will take do not count).
       max_images: images (or video frames) per request.
       decode_buckets: row counts the decode step is compiled for (each step runs the smallest
         that holds the busy rows); default: 1, 2, 4, ... below ``slots``, and ``slots``.
@@ -367,11 +368,14 @@ class Engine:
         return handle
 
     def _check_queue(self) -> None:
-        if len(self._waiting) >= self.max_queue:
-            busy = sum(r is not None for r in self._rows)
+        # queued requests that a free row takes at the next step boundary are not waiting for a
+        # slot: a burst into free rows is accepted however late the scheduler thread runs
+        busy = sum(r is not None for r in self._rows)
+        waiting = len(self._waiting) - (self.slots - busy)
+        if waiting >= self.max_queue:
             retry = self._service_s * (len(self._waiting) + busy) / self.slots
             raise QueueFull(
-                f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})",
+                f"{waiting} requests are waiting for a slot (max_queue={self.max_queue})",
                 retry_after=max(0.5, retry),
             )
 
