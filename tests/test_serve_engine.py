@@ -36,8 +36,9 @@ from minicpmv_jax.settings import GenerationSettings
 TIMEOUT = 120.0
 MAX_LEN = 256  # one token bucket (256): one insert program per engine
 
+SAMPLED = {"temperature": 0.9, "top_p": 0.9, "top_k": 40}
 # (case, max_tokens, extra Request fields); every case once or twice with different lengths,
-# about three requests per slot
+# three or more requests per slot
 WORKLOAD = {
     "minicpm-v-2_6": [
         ("text_only", 16, {}),
@@ -54,19 +55,38 @@ WORKLOAD = {
         ("multi_turn", 16, {}),
         ("multi_turn", 1, {}),
     ],
+    # 24 requests through one engine: text, thinking, single image, sliced images, several images,
+    # video (alone and after an image), different lengths; greedy and seeded sampled (one of
+    # them twice: the same request gives the same answer beside itself)
     "minicpm-v-4_5": [
         ("text_only", 16, {}),
+        ("text_only", 5, {}),
+        ("mask_id0_text_only", 12, {}),
         ("thinking_on", 16, {}),
         ("thinking_off", 16, {}),
+        ("system_prompt", 10, {}),
+        ("multi_turn", 14, {}),
+        ("greedy_rep_penalty", 24, {"repetition_penalty": 1.2}),
+        ("greedy_rep_penalty", 9, {"repetition_penalty": 1.2}),
+        ("single_448x448", 4, {}),
+        ("single_448x448", 16, {}),
+        ("single_1024x768", 11, {}),  # sliced
+        ("single_1024x768", 20, {"repetition_penalty": 1.2}),
+        ("single_300x1200", 8, {}),  # sliced, tall
+        ("multi_image", 16, {}),
+        ("multi_image", 6, {}),
         ("video_8f_pack3", 16, {}),  # video: frames + temporal_ids
         ("video_8f_pack3", 9, {}),
+        ("video_12f_pack2", 12, {}),
         ("image_and_video", 16, {}),
-        ("single_448x448", 4, {}),
-        ("system_prompt", 10, {}),
-        ("greedy_rep_penalty", 24, {"repetition_penalty": 1.2}),
+        ("text_only", 20, {"seed": 7, **SAMPLED}),
+        ("text_only", 20, {"seed": 7, **SAMPLED}),
+        ("single_448x448", 16, {"seed": 11, "repetition_penalty": 1.05, **SAMPLED}),
+        ("video_8f_pack3", 12, {"seed": 3, **SAMPLED}),
     ],
 }
-SLOTS = {"minicpm-v-2_6": 4, "minicpm-v-4_5": 3}
+SLOTS = {"minicpm-v-2_6": 4, "minicpm-v-4_5": 4}
+MAX_IMAGES = {"minicpm-v-2_6": 12, "minicpm-v-4_5": 16}  # video_12f_pack2: 13 frames
 
 
 @functools.cache
@@ -147,7 +167,12 @@ def make_engine(version: str) -> Engine:
         for name, n, _ in WORKLOAD[version]
     ]
     engine = Engine(
-        model, slots=SLOTS[version], max_len=MAX_LEN, max_queue=64, max_images=12, warmup=shapes
+        model,
+        slots=SLOTS[version],
+        max_len=MAX_LEN,
+        max_queue=64,
+        max_images=MAX_IMAGES[version],
+        warmup=shapes,
     )
     engine.start()
     return engine
@@ -168,32 +193,44 @@ def engine45():
 
 
 def check_workload(engine, version: str, literal_chat: tuple[str, ...]):
+    """Run WORKLOAD[version] concurrently; each answer must equal the request run alone: greedy
+    through chat()'s generation path, seeded sampled through chat()'s seeded sampling."""
     model = engine.model
     requests = [case_request(version, name, n, **kw) for name, n, kw in WORKLOAD[version]]
     assert len(requests) > engine.slots
     results = run_together(engine, requests)
     terminators = set(model.processor.terminators)
-    # Requests that differ only in max_tokens share one run alone with the largest max_tokens:
-    # max_new_tokens picks the same decode buffer (one new-token bucket), so the run is the same
-    # programs on the same cache shape, and a greedy answer of n tokens is its first n tokens
-    # (the decode loop only stops later; an answer that ends with a stop token ends there).
+    # Greedy requests that differ only in max_tokens share one run alone with the largest
+    # max_tokens: max_new_tokens picks the same decode buffer (one new-token bucket), so the run
+    # is the same programs on the same cache shape, and a greedy answer of n tokens is its first
+    # n tokens (the decode loop only stops later; an answer that ends with a stop token ends
+    # there). A sampled request runs alone as it is.
     assert len(model.sampler.buckets.new_tokens) == 1
     assert max(r.max_tokens for r in requests) <= model.sampler.buckets.new_tokens[0]
     longest: dict[str, Request] = {}
     for r in requests:
-        key = repr(dataclasses.replace(r, max_tokens=0))
+        key = repr(dataclasses.replace(r, max_tokens=0)) if r.temperature == 0 else repr(r)
         if key not in longest or longest[key].max_tokens < r.max_tokens:
             longest[key] = r
-    runs = {key: alone(model, r) for key, r in longest.items()}
+
+    def run_alone(r):
+        if r.temperature == 0:
+            return alone(model, r)
+        assert r.seed is not None
+        return alone(model, r, sampling=True, seed=r.seed, temperature=r.temperature,
+                     top_p=r.top_p, top_k=r.top_k)  # fmt: skip
+
+    runs = {key: run_alone(r) for key, r in longest.items()}
     for (name, _, _), r, (fin, ids, text) in zip(WORKLOAD[version], requests, results):
-        expected = runs[repr(dataclasses.replace(r, max_tokens=0))][: r.max_tokens]
-        assert ids == expected, name
+        key = repr(dataclasses.replace(r, max_tokens=0)) if r.temperature == 0 else repr(r)
+        expected = runs[key][: r.max_tokens]
+        assert ids == expected, (name, r.max_tokens, r.seed)
         answer = postprocess(np.asarray(expected), model.processor, r.enable_thinking)
         assert fin.text == answer and text == answer, name
         assert fin.reason == ("stop" if expected[-1] in terminators else "length"), name
         assert fin.completion_tokens == len(expected)
         assert fin.prompt_tokens == np.asarray(processed(model, r)["input_ids"]).shape[-1]
-        if name in literal_chat:
+        if name in literal_chat and r.temperature == 0:
             kw = processor_kwargs(load_case(version, name))
             got = model.chat(r.messages, sampling=False, num_beams=1, max_new_tokens=r.max_tokens,
                              repetition_penalty=r.repetition_penalty, **kw)  # fmt: skip
@@ -201,9 +238,10 @@ def check_workload(engine, version: str, literal_chat: tuple[str, ...]):
     stats = engine.stats()
     assert stats.active_slots == 0 and stats.queue_length == 0
     assert stats.compilations_after_start == 0
+    return requests, results
 
 
-# Slow (.ci/run): 13 requests on 4 slots, and the 4.5 workload below (images, video, thinking).
+# Slow (.ci/run): 13 requests on 4 slots, and the 4.5 workload below (24 requests).
 # The default suite runs, on this 2.6 engine, test_per_request_parameters (6 concurrent requests,
 # each equal to the request alone), the seeded sampling test and the decode-bucket test.
 @pytest.mark.slow
@@ -211,11 +249,26 @@ def test_concurrent_greedy_26_equals_each_request_alone(engine26):
     check_workload(engine26, "minicpm-v-2_6", literal_chat=("multi_image",))
 
 
-# Also with the slow tests (.ci/run): the default suite keeps the per-request checks and the
-# decode-bucket exactness test (requests arriving and finishing across buckets).
+# Also with the slow tests (.ci/run): 24 concurrent requests of every kind through one 4-slot
+# engine. The default suite keeps its cheaper siblings on the 2.6 engine: the per-request checks,
+# seeded sampling beside other requests and the decode-bucket exactness test.
 @pytest.mark.slow
-def test_concurrent_greedy_45_video_thinking_equals_each_request_alone(engine45):
-    check_workload(engine45, "minicpm-v-4_5", literal_chat=("thinking_on", "video_8f_pack3"))
+def test_concurrent_mixed_45_equals_each_request_alone(engine45):
+    """Greedy answers equal chat() of each request alone, token for token; seeded sampled
+    answers equal chat()'s seeded sampling alone (the same request twice: the same answer)."""
+    v = "minicpm-v-4_5"
+    names = [name for name, _, _ in WORKLOAD[v]]
+    assert len(names) >= 20
+    for kind in ("text_only", "single_448x448", "single_1024x768", "multi_image", "video_8f_pack3",
+                 "image_and_video", "thinking_on"):  # fmt: skip
+        assert kind in names
+    requests, results = check_workload(
+        engine45, v, literal_chat=("thinking_on", "video_8f_pack3", "single_1024x768")
+    )
+    twice = [res[1] for r, res in zip(requests, results) if r.seed == 7]
+    assert len(twice) == 2 and twice[0] == twice[1]
+    # sampling is in effect: the sampled text_only answer is not its greedy answer
+    assert names[0] == "text_only" and twice[0][:16] != results[0][1]
 
 
 def test_per_request_parameters(engine26):
