@@ -20,6 +20,9 @@ answers end at ``max_tokens``, the model's end-of-turn tokens are never produced
   with the engine's slot compaction off (``low/continuous-no-compact``: a request left alone in
   a high slot keeps the decode bucket of that slot).
 
+``--dot-logits`` runs the engine's multi-row decode steps with the lm_head's dense dot instead of
+``slots.step_logits`` (an A/B switch for that change).
+
 The engine's decode steps by row bucket, its slot moves and its scheduler's wall time in
 prefills (with their inserts), decode steps and moves (``engine_s``: how much of a run chunked
 prefill could spread out) are reported per engine run (``--decode-buckets``: the engine's row
@@ -53,6 +56,7 @@ from minicpmv_jax import generate
 from minicpmv_jax.batching import Buckets
 from minicpmv_jax.generate import RequestShape
 from minicpmv_jax.serve import engine as engine_mod
+from minicpmv_jax.serve import slots as slot_programs
 from minicpmv_jax.serve.engine import Engine
 from minicpmv_jax.serve.types import Delta, Request
 from minicpmv_jax.settings import GenerationSettings
@@ -268,9 +272,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--decode-buckets", default=None, metavar="N,N,...",
                    help="the engine's decode row buckets (default: the engine's)")  # fmt: skip
+    p.add_argument("--dot-logits", action="store_true",
+                   help="multi-row decode steps take the lm_head's logits as the dense layer's "
+                        "dot (the engine before slots.step_logits; an A/B switch)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON report path")
     args = p.parse_args(argv)
+    slot_programs.ROW_REDUCE_LOGITS = not args.dot_logits
 
     t0 = time.perf_counter()
     bench = models.build(args.preset, dtype=args.dtype, layers=args.layers,

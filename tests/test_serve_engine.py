@@ -597,3 +597,37 @@ def test_46_is_refused():
 
     with pytest.raises(MiniCPMVError, match="4.6"):
         Engine(Model46())
+
+
+def test_step_logits_do_not_depend_on_the_bucket_or_the_row():
+    """A multi-row decode step's logits (``slots.step_logits``, the float32 lm_head as a
+    multiply-and-sum over the engine's slot count): a row's values are the same bit for bit in
+    every row bucket and at every position, and equal the dense layer's within summation order
+    (1e-5 relative, float32)."""
+    import types
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from minicpmv_jax.layers import OutInDense
+    from minicpmv_jax.llm import Llm
+    from minicpmv_jax.serve import slots as slot_programs
+    from minicpmv_jax.sharding import RULES, make_mesh
+
+    d, v, slots = 3584, 1000, 16  # 2.6's width: unpadded, the sum's order changes with the rows
+    with jax.set_mesh(make_mesh()), nnx.logical_axis_rules(RULES):
+        head = OutInDense(d, v, ("vocab", "embed"), dtype=jnp.float32, param_dtype=jnp.float32,
+                          rngs=nnx.Rngs(0))  # fmt: skip
+    llm = types.SimpleNamespace(lm_head=head, logits=lambda h: Llm.logits(llm, h))
+    h = jnp.asarray(np.random.default_rng(0).standard_normal((slots, d)), jnp.float32)
+    logits = jax.jit(lambda h: slot_programs.step_logits(llm, h, slots))
+    full = np.asarray(logits(h))
+    for rows in (3,):
+        np.testing.assert_array_equal(np.asarray(logits(h[:rows])), full[:rows])
+    perm = np.random.default_rng(1).permutation(slots)
+    np.testing.assert_array_equal(np.asarray(logits(h[perm])), full[perm])
+    dense = np.asarray(jax.jit(lambda h: Llm.logits(llm, h[:, None])[:, 0])(h))
+    np.testing.assert_allclose(full, dense, rtol=1e-5, atol=1e-5 * np.abs(dense).max())
+    # one row: the dense layer's own product (chat()'s)
+    one = jax.jit(lambda h: Llm.logits(llm, h[:, None])[:, 0])(h[:1])
+    np.testing.assert_array_equal(np.asarray(logits(h[:1])), np.asarray(one))

@@ -36,6 +36,7 @@ from flax import nnx
 from minicpmv_jax import sampling
 from minicpmv_jax.config import LlmConfig
 from minicpmv_jax.kv_cache import KVCache
+from minicpmv_jax.layers import OutInDense
 from minicpmv_jax.sampling import SamplingParams
 from minicpmv_jax.sharding import constrain_cache
 
@@ -270,6 +271,47 @@ def insert(
     return tok[0], constrain_cache(cache), rows
 
 
+# Multi-row decode steps of engines with at most this many slots take a float32 lm_head's
+# logits as a multiply-and-sum over D (``step_logits``); False: the dense layer's dot.
+ROW_REDUCE_LOGITS = True
+ROW_REDUCE_MAX_SLOTS = 16
+
+
+def step_logits(llm, h: jax.Array, slots: int) -> jax.Array:
+    """float32 logits [R, V] of a decode step's final hidden states h [R, D].
+
+    On the CPU backend, for R >= 2 rows of an engine of at most ``ROW_REDUCE_MAX_SLOTS`` slots and
+    a float32 ``OutInDense`` lm_head: ``sum_d W[v, d] * h[r, d]``, always over ``slots`` rows (h
+    zero-padded), so a row's logits do not depend on the step's row bucket (the reduction's
+    order depends on the row count) nor on its position (checked in the tests). XLA:CPU runs the
+    [V, D] x [D, R] product for a few rows as a general matrix product that repacks the whole
+    weight (2.6's 3584 x 151,666 float32 lm_head: 139 ms at 16 rows, 117 ms at 2, against 50 ms
+    for one row); the fused multiply-and-sum reads it once: 91 ms over 16 rows
+    (BENCHMARKS.md "Serving", the lm_head of a 16-row step). Its values differ from the dot's
+    by summation order only, as the dot's for several rows already differ from its one-row
+    product (max |diff| 4e-6 on 2.6's logits). One row (and every other case) takes
+    ``llm.logits``: a lone request's step is chat()'s.
+    """
+    head = llm.lm_head
+    r = h.shape[0]
+    if (
+        not ROW_REDUCE_LOGITS
+        or r < 2
+        or slots > ROW_REDUCE_MAX_SLOTS
+        or jax.default_backend() != "cpu"
+        or not isinstance(head, OutInDense)
+        or head.bias is not None
+        or head.dtype not in (None, jnp.float32)
+        or head.weight[...].dtype != jnp.float32
+        or h.dtype != jnp.float32
+    ):
+        return llm.logits(h[:, None])[:, 0]
+    w = head.weight[...]  # [V, D]
+    hp = jnp.zeros((slots, h.shape[1]), h.dtype).at[:r].set(h)  # [slots, D]
+    y = (w[:, None, :] * hp[None, :, :]).sum(-1)  # [V, slots]
+    return y[:, :r].T.astype(jnp.float32)
+
+
 def decode_step(
     graphdef,
     state,
@@ -295,8 +337,9 @@ def decode_step(
     x = module.llm.embed(sub.token[:, None])  # [active, 1, D]
     # generated tokens are always attended (generate() appends ones to the attention mask)
     valid = jnp.ones((x.shape[0], 1), bool)
-    logits, view = module.llm(x, sub.position[:, None], view, valid)
-    tok, sub = select(sub, logits[:, 0], terminators)
+    h, view = module.llm.hidden(x, sub.position[:, None], view, valid)
+    logits = step_logits(module.llm, h[:, 0], rows.token.shape[0])
+    tok, sub = select(sub, logits, terminators)
     sub = sub.replace(position=sub.position + 1)
     rows = jax.tree.map(
         lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), 0, 0),
