@@ -117,3 +117,32 @@ def test_workload_warmed_up_from_declared_shapes_compiles_nothing():
     assert res["warmup_signatures"] == res["distinct_signatures"] > 1
     assert res["warmup_compiles"] > 0
     assert res["compiles_after_warmup"] == 0 and res["traces_after_warmup"] == 0
+
+
+# Slow (10 s: about 15 tiny programs compiled, the decoder unrolled per layer)
+@pytest.mark.slow
+def test_decode_parts_times_each_part_and_counts_its_weights():
+    """benchmarks.decode_parts on the tiny 2.6 fixture in bf16: every part timed, and the weight
+    bytes it charges each part equal the parameter count from the config (2 bytes each)."""
+    from gen_helpers import load_model
+
+    from benchmarks import decode_parts
+
+    model = load_model("minicpm-v-2_6", "bfloat16")
+    res = decode_parts.measure(model, prompt_words=8, new_tokens=3, repeats=1)
+    for part in ("loop", "step", "decoder", "lm_head", "sample", "mlp", "attention"):
+        assert _positive(res["ms"][part]), part
+    c = model.config.llm
+    d, f, q, kv = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+    )
+    attention = d * q + 2 * d * kv + q * d + (q + 2 * kv) * c.qkv_bias
+    mlp = 3 * d * f
+    w = res["weight_bytes"]
+    assert w["mlp"] == 2 * mlp and w["attention"] == 2 * attention
+    assert w["decoder"] == 2 * c.num_layers * (attention + mlp + 2 * d)  # + the two RMSNorms
+    assert w["lm_head"] == 2 * c.vocab_size * d
+    assert len(res["ids"]) == 3
