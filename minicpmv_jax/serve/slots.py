@@ -15,7 +15,8 @@
 * ``decode_step``: one token for each of the first ``rows`` rows (a static row bucket: one
   program per bucket): the LLM on each row's last token at its own position, then per-row logits
   processing and selection (``sampling.process_logits`` / ``warp_for_sampling`` per row, so each
-  row's numbers are those of a batch-1 ``chat()``). Rows from ``rows`` on are left as they are;
+  row's numbers are those of a batch-1 ``chat()``; a multi-row step's float32 logits come from
+  ``step_logits``). Rows from ``rows`` on are left as they are;
   free rows below ``rows`` step too, greedily (the engine's busy-row mask clears their sample
   flag).
 * ``take_row`` / ``put_row``: copy one row (cache and state) to another row, so the engine can
