@@ -131,5 +131,10 @@ def test_int8_weight_only(quant="int8+vision"):
     ref = MiniCPMV46(ref.config, ref.module, ref.processor, mesh=ref.mesh)
     batch, data = fixture_batch("single_448x448")
     got, want = model.prompt_logits(batch), ref.prompt_logits(batch)
-    np.testing.assert_allclose(got, want, atol=1e-3)  # scale after vs before the dot
+    # The same products up to where the scale is applied (after the dot here, before it in the
+    # reference); the tiny random tower amplifies that rounding: 6.6e-5 with float vision layers,
+    # 1.3e-3 with int8 ones (1.9e-4 before the heads-first unit attention, a different summation
+    # order of the same arithmetic). 2e-3 bounds it; the answer's argmax must not move.
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
     assert np.abs(want - data["llm"]["prompt_logits"]).max() > 0.1  # int8 really changed them
