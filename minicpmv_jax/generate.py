@@ -560,6 +560,57 @@ def split_layers(
     return nnx.from_flat_state(leaves), sources
 
 
+# the bf16 lm_head a CPU program reads as row tiles, each its own array (`split_head`)
+SPLIT_HEAD_TABLES = ("llm.lm_head.weight",)
+# Read when a Sampler is built; False passes the bf16 lm_head packed and whole (A/B
+# measurements): the tiled product then slices each tile out of it, a copy (BENCHMARKS.md).
+SPLIT_HEAD = True
+
+
+def split_head(
+    state: nnx.State, tables: tuple[str, ...] = SPLIT_HEAD_TABLES
+) -> tuple[nnx.State, list[jax.Array]]:
+    """CPU backend: a bf16 lm_head weight [V, D] as its row tiles of `llm.LOGITS_TILE`
+    weights (whole vocabulary rows; the rows after the last whole tile form one more), zero-copy
+    views of the same memory (`layers.LayerParts`); returns (state, the arrays now viewed).
+
+    XLA:CPU copies a dot's weight operand that is a slice of a larger array before the dot, so
+    the tiled product of a whole (packed) lm_head wrote and read every tile once more per step;
+    given as separate arrays the tiles' dots read the bf16 weights in place (`llm.Llm.logits`),
+    and as bf16 operands of the decode loop that only dots read they need no float32 copy.
+    Only single-device bf16 arrays whose every tile aliases their memory are split; other
+    backends, dtypes and shardings are left as they are (the whole weight, packed on CPU).
+    """
+    from minicpmv_jax.llm import LOGITS_TILE
+
+    if jax.default_backend() != "cpu":
+        return state, []
+    leaves, sources = [], []
+    for path, var in nnx.to_flat_state(state):
+        x = var.get_value()
+        if (
+            path_name(path) in tables
+            and isinstance(x, jax.Array)
+            and x.dtype == jnp.bfloat16
+            and x.ndim == 2
+            and len(x.sharding.device_set) == 1
+        ):
+            v, d = x.shape
+            rows = max(1, min(v, LOGITS_TILE // d))
+            host = np.asarray(x)
+            parts = []
+            for a in range(0, v, rows):
+                part = jax.device_put(host[a : a + rows], x.sharding)
+                same = part.unsafe_buffer_pointer() == x.unsafe_buffer_pointer() + a * d * 2
+                parts.append(part if same else None)
+            if all(p is not None for p in parts):
+                leaves.append((path, var.replace(LayerParts(parts))))
+                sources.append(x)
+                continue
+        leaves.append((path, var))
+    return nnx.from_flat_state(leaves), sources
+
+
 class Sampler:
     """Compiled prompt / prefill / decode programs of one model, with their shape buckets.
 
@@ -590,10 +641,11 @@ class Sampler:
             trim_after_compiles()
         self.graphdef, state = nnx.split(model.module)
         # SPLIT_LAYERS is this module's switch only (the train step has its own); a split stack
-        # is not packed (pack_weights takes whole arrays only)
+        # or lm_head is not packed (pack_weights takes whole arrays only)
         state, split_from = split_layers(state, SPLIT_DTYPES) if SPLIT_LAYERS else (state, [])
+        state, head_from = split_head(state) if SPLIT_HEAD else (state, [])
         self._state, packed_from = pack_weights(state)
-        self._packed_from = packed_from + split_from
+        self._packed_from = packed_from + split_from + head_from
         self.pool = CachePool(cache_pool)
         # Shardings live on these top-level jits only (the traced functions nest no jit).
         # Host-read outputs are replicated over the model's mesh: a multi-host process can only

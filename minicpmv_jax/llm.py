@@ -20,6 +20,7 @@ from minicpmv_jax.config import LlmConfig
 from minicpmv_jax.kv_cache import KVCache
 from minicpmv_jax.layers import (
     PACKED_BF16,
+    LayerParts,
     OutInDense,
     RMSNorm,
     attend,
@@ -165,6 +166,15 @@ class Llm(nnx.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         """h: [B, T, D] final hidden (after norm) -> float32 [B, T, V] (HF casts logits to fp32)."""
         head = self.lm_head  # OutInDense, or its int8 / LoRA-wrapped stand-in
+        if isinstance(head, OutInDense) and isinstance(head.weight.get_value(), LayerParts):
+            # the CPU samplers' bf16 lm_head as row tiles (`generate.split_head`): each tile's
+            # dot reads its own array in place
+            dtype = head.dtype or jnp.bfloat16  # OutInDense's compute dtype
+            h = h.astype(dtype)
+            dims = (((h.ndim - 1,), (1,)), ((), ()))
+            tiles = head.weight.get_value().parts
+            y = [cpu_aware_dot(h, w.astype(dtype), dims) for w in tiles]
+            return jnp.concatenate(y, axis=-1).astype(jnp.float32)
         if isinstance(head, OutInDense) and head.weight[...].dtype == PACKED_BF16:
             dtype = head.dtype or jnp.bfloat16  # OutInDense's compute dtype
             return tiled_logits(h.astype(dtype), head.weight[...], dtype).astype(jnp.float32)

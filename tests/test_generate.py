@@ -318,6 +318,45 @@ def test_cpu_decoder_reads_layer_weights_in_place(model, monkeypatch):
     np.testing.assert_array_equal(got.sequences[0], want.sequences[0])
 
 
+def test_cpu_bf16_lm_head_tiles_read_in_place(monkeypatch):
+    """CPU, bf16: `generate.split_head` gives the lm_head [V, D] as row tiles of
+    `llm.LOGITS_TILE` weights plus the rest rows, views of its memory, and `Llm.logits` over the
+    tiles equals the product of the whole weight: a float32 reference (x W^T of the bf16
+    values) within the bf16 rounding of the result (2^-8 relative), and the whole (unsplit)
+    weight's logits within one bf16 ulp."""
+    from flax import nnx
+
+    from minicpmv_jax import llm, sharding
+    from minicpmv_jax.config import LlmConfig
+    from minicpmv_jax.layers import LayerParts
+    from minicpmv_jax.sharding import make_mesh
+
+    cfg = LlmConfig(vocab_size=203, hidden_size=64, intermediate_size=96, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=32)  # fmt: skip
+    with jax.set_mesh(make_mesh()), nnx.logical_axis_rules(sharding.RULES):
+        module = llm.Llm(cfg, rngs=nnx.Rngs(0))
+    monkeypatch.setattr(llm, "LOGITS_TILE", 50 * cfg.hidden_size)  # 4 tiles of 50 rows + 3 rows
+    graphdef, state = nnx.split(module)
+    split, sources = gen.split_head(state, tables=("lm_head.weight",))
+    weight = module.lm_head.weight[...]
+    h = jax.random.normal(jax.random.key(1), (2, 3, cfg.hidden_size), jnp.bfloat16)
+    whole = np.asarray(jax.jit(lambda m, h: m.logits(h))(module, h))
+    if jax.default_backend() != "cpu":  # other backends take the weight whole
+        assert not sources
+        return
+    tiles = split["lm_head"]["weight"].get_value()
+    assert sources == [weight] and isinstance(tiles, LayerParts)
+    assert [t.shape[0] for t in tiles.parts] == [50, 50, 50, 50, 3]
+    step = tiles.parts[0].nbytes
+    for i, t in enumerate(tiles.parts):  # a view: no copy, the model's memory unchanged
+        assert t.unsafe_buffer_pointer() == weight.unsafe_buffer_pointer() + i * step
+    got = np.asarray(jax.jit(lambda s, h: nnx.merge(graphdef, s).logits(h))(split, h))
+    want = np.asarray(h, np.float32) @ np.asarray(weight, np.float32).T
+    assert got.shape == want.shape == (2, 3, cfg.vocab_size)
+    np.testing.assert_allclose(got, want, rtol=2.0**-8, atol=1e-6)
+    np.testing.assert_allclose(got, whole, rtol=2.0**-7, atol=0)
+
+
 # generation on a mesh is in the default run through test_sharding.py's (2, 2, 2) mesh and
 # test_cli.py's --mesh answer; this (2, 1, 4) batch-and-beam case runs with the slow tests
 @pytest.mark.slow

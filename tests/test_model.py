@@ -166,9 +166,10 @@ def test_bf16_params_are_bf16():
 # checks the same samplers' bf16 layer views in the default run
 @pytest.mark.slow
 def test_cpu_bf16_weights_enter_the_programs_packed(monkeypatch):
-    """CPU backend, bf16: the sampler passes the layer stacks, the embedding table and lm_head
-    as uint16 views of their memory (`generate.pack_weights`), and the decoder stack as its
-    per-layer bf16 views (`generate.split_layers`). Packing changes no logit bit; the compiled
+    """CPU backend, bf16: the sampler passes the layer stacks and the embedding table as
+    uint16 views of their memory (`generate.pack_weights`), the decoder stack as its per-layer
+    bf16 views (`generate.split_layers`) and the lm_head as bf16 row tiles, views as well
+    (`generate.split_head`; in every sampler below). Packing changes no logit bit; the compiled
     decode program holds no float32 copies of the weights (XLA:CPU widens every bf16 loop operand
     that a dot would convert before the loop)."""
     from flax import nnx
@@ -197,8 +198,19 @@ def test_cpu_bf16_weights_enter_the_programs_packed(monkeypatch):
     if jax.default_backend() != "cpu":  # bf16-native backends take the weights as they are
         assert not views
         return
-    assert set(generate.PACKED_TABLES) <= views.keys()
+    assert set(generate.PACKED_TABLES) - set(generate.SPLIT_HEAD_TABLES) <= views.keys()
     assert all(n.startswith(generate.PACKED_STACKS + generate.PACKED_TABLES) for n in views)
+    # the lm_head is not packed but read tile by tile in place, as bf16 views of its rows
+    # (`generate.split_head`)
+    head = {
+        path_name(p): v.get_value()
+        for p, v in nnx.to_flat_state(packed.state)
+        if path_name(p) in generate.SPLIT_HEAD_TABLES
+    }
+    assert head and not head.keys() & views.keys()
+    for value in head.values():
+        assert isinstance(value, LayerParts)
+        assert all(x.dtype == jax.numpy.bfloat16 for x in value.parts)
     # the decoder stack is not packed but read layer by layer in place, as bf16 views of the
     # stack (`generate.split_layers`): its dots take bf16 weights as they are
     decoder = {
