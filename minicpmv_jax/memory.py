@@ -6,7 +6,8 @@ their logical names go through the same `sharding.rules_for` table (with its
 fallbacks) that loading uses, so the parameter and KV-cache numbers are exact per-device shard
 sizes. Activations are an analytic estimate of the largest set live at once in a prefill with
 the XLA attention path (the one that materialises [N, T, S] scores); XLA fusion usually needs
-less, collective buffers and the compiled program's code are not counted. Vision activations
+less, collective buffers and the compiled program's code are not counted. On the CPU backend the vision tower's attention
+holds the scores of a few heads at a time (`vision._attend_heads_first`). Vision activations
 count every slice's inputs and tower output plus ONE chunk of `vision_batch_size` slices in the
 tower and resampler (they run chunk by chunk); they agree with XLA's memory analysis of the
 compiled vision program within 25% (tests/test_vision_memory.py).
@@ -28,6 +29,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 from minicpmv_jax import quant as quant_lib
+from minicpmv_jax import vision
 from minicpmv_jax.config import MiniCPMVConfig
 from minicpmv_jax.sharding import (
     ACT_AXES,
@@ -200,6 +202,10 @@ def plan(
         # [N, P, P] buffers per slice in XLA's attention (scores, masked scores, probabilities)
         x = 2 * c * p * dv * cb
         v_attn = 3 * c * p * nv * vis.head_dim * cb + 3 * c * nv * p * p * f32
+        if vision.heads_first():  # CPU: heads-first copies of q / k / v and of the output, the
+            # float32 scores of a few heads at a time (`vision._attend_heads_first`)
+            g = vision.heads_per_step(c * nv, p)
+            v_attn = 7 * c * p * nv * vis.head_dim * cb + 3 * g * p * p * f32
         v_mlp = 2 * c * p * fv * cb
         # one chunk of the resampler: kv, keys (+ position terms), values [c, P, D], float32
         # [N, Q, P] scores and exponentials; per-slice softmax partials of every slice

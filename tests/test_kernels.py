@@ -224,3 +224,25 @@ def test_cpu_attention_in_query_blocks_matches_reference():
         assert got.dtype == dtype and got.shape == q.shape
         want = _plain(q, k, v, mask)
         np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2**-7)])
+def test_vision_heads_first_attention_matches_reference(dtype, tol, monkeypatch):
+    """The vision tower's CPU attention (`vision._attend_heads_first`, a few (slice, head) pairs
+    per loop step) against the float64 attention of the same values, with a key mask per slice
+    (a slice that attends only 3 keys included); steps of 1 and of 3 heads (uneven step counts
+    are impossible: the step divides slices x heads); within one bf16 ulp of jax's attention."""
+    from minicpmv_jax import vision
+
+    q, k, v = _qkv(3, 20, 20, 4, 4, 24, dtype, seed=4)
+    mask = jnp.asarray(np.arange(20)[None] < np.array([20, 11, 3])[:, None])[:, None, None, :]
+    want = _plain(q, k, v, mask)
+    for step_bytes, g in ((20 * 20 * 4, 1), (3 * 20 * 20 * 4, 3)):
+        monkeypatch.setattr(vision, "HEADS_STEP_BYTES", step_bytes)
+        assert vision.heads_per_step(12, 20) == g
+        got = vision._attend_heads_first(q, k, v, mask)
+        assert got.dtype == dtype and got.shape == q.shape
+        got = np.asarray(got, np.float32)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+        jax_out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        np.testing.assert_allclose(got, np.asarray(jax_out, np.float32), rtol=2**-8, atol=1e-6)

@@ -80,7 +80,10 @@ def test_plan_matches_compiled_vision_program(folder, slices, patches, tmp_path_
     one_pass = memory.plan(
         model.config.with_vision_batch_size(slices), num_slices=slices, patch_bucket=patches
     )
-    assert one_pass.detail["vision_activations"] > 4 * measured
+    # the unchunked program holds every slice's activations at once (4x this chunked program
+    # with XLA's attention, whose [N, P, P] scores dominate; 2.3x on the CPU backend, whose
+    # heads-first attention holds a few heads' scores only: over 2x)
+    assert one_pass.detail["vision_activations"] > 2 * measured
 
 
 @pytest.mark.slow
