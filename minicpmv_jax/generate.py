@@ -570,7 +570,7 @@ SPLIT_HEAD = True
 def split_head(
     state: nnx.State, tables: tuple[str, ...] = SPLIT_HEAD_TABLES
 ) -> tuple[nnx.State, list[jax.Array]]:
-    """CPU backend: a bf16 lm_head weight [V, D] as its row tiles of `llm.LOGITS_TILE`
+    """CPU backend: a bf16 lm_head weight [V, D] as its row tiles of `llm.SPLIT_TILE`
     weights (whole vocabulary rows; the rows after the last whole tile form one more), zero-copy
     views of the same memory (`layers.LayerParts`); returns (state, the arrays now viewed).
 
@@ -581,7 +581,7 @@ def split_head(
     Only single-device bf16 arrays whose every tile aliases their memory are split; other
     backends, dtypes and shardings are left as they are (the whole weight, packed on CPU).
     """
-    from minicpmv_jax.llm import LOGITS_TILE
+    from minicpmv_jax.llm import SPLIT_TILE
 
     if jax.default_backend() != "cpu":
         return state, []
@@ -596,7 +596,7 @@ def split_head(
             and len(x.sharding.device_set) == 1
         ):
             v, d = x.shape
-            rows = max(1, min(v, LOGITS_TILE // d))
+            rows = max(1, min(v, SPLIT_TILE // d))
             host = np.asarray(x)
             parts = []
             for a in range(0, v, rows):

@@ -320,7 +320,7 @@ def test_cpu_decoder_reads_layer_weights_in_place(model, monkeypatch):
 
 def test_cpu_bf16_lm_head_tiles_read_in_place(monkeypatch):
     """CPU, bf16: `generate.split_head` gives the lm_head [V, D] as row tiles of
-    `llm.LOGITS_TILE` weights plus the rest rows, views of its memory, and `Llm.logits` over the
+    `llm.SPLIT_TILE` weights plus the rest rows, views of its memory, and `Llm.logits` over the
     tiles equals the product of the whole weight: a float32 reference (x W^T of the bf16
     values) within the bf16 rounding of the result (2^-8 relative), and the whole (unsplit)
     weight's logits within one bf16 ulp."""
@@ -335,7 +335,7 @@ def test_cpu_bf16_lm_head_tiles_read_in_place(monkeypatch):
                     num_heads=2, num_kv_heads=1, head_dim=32)  # fmt: skip
     with jax.set_mesh(make_mesh()), nnx.logical_axis_rules(sharding.RULES):
         module = llm.Llm(cfg, rngs=nnx.Rngs(0))
-    monkeypatch.setattr(llm, "LOGITS_TILE", 50 * cfg.hidden_size)  # 4 tiles of 50 rows + 3 rows
+    monkeypatch.setattr(llm, "SPLIT_TILE", 50 * cfg.hidden_size)  # 4 tiles of 50 rows + 3 rows
     graphdef, state = nnx.split(module)
     split, sources = gen.split_head(state, tables=("lm_head.weight",))
     weight = module.lm_head.weight[...]
