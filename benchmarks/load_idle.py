@@ -40,7 +40,14 @@ def main(argv=None):
         time.sleep(args.idle)
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.path.abspath(tree))
         env.pop("XLA_FLAGS", None)
-        argv_ = [sys.executable, "-P", "-c", CHILD, args.folder, args.dtype]  # -P: the tree, not the cwd
+        argv_ = [
+            sys.executable,
+            "-P",
+            "-c",
+            CHILD,
+            args.folder,
+            args.dtype,
+        ]  # -P: the tree, not the cwd
         out = subprocess.run(argv_, check=True, env=env, capture_output=True, text=True).stdout
         load = json.loads(out.strip().splitlines()[-1])["load_s"]
         print(f"{tree}: {args.dtype} load {load:.2f} s  load avg {os.getloadavg()}", flush=True)

@@ -121,6 +121,7 @@ def plan(
     full_logits: bool = False,
     quant: Any = None,
     strict: bool = False,
+    platform: str | None = None,
 ) -> MemoryPlan:
     """Per-device bytes of parameters, KV cache and peak activations.
 
@@ -136,8 +137,17 @@ def plan(
       full_logits: count [B, T, V] float32 logits (prompt_logits) instead of the last row only.
       quant: None, "int8", "int8+vision" or a quant.QuantConfig: the dense kernels it selects
         count as int8 plus a float32 per-output-channel scale (quant.py).
+      platform: the backend the programs run on ("cpu", "gpu", "tpu"): the CPU's vision
+        attention holds fewer scores (`vision.heads_first`). Default: the devices of a `Mesh`,
+        otherwise the current backend.
     """
     shape = mesh_shape(mesh)
+    if platform is None:
+        platform = (
+            mesh.devices.flat[0].platform
+            if isinstance(mesh, jax.sharding.Mesh)
+            else jax.default_backend()
+        )
     rules = rules_for(config, shape, strict=strict)
     llm, vis = config.llm, config.vision
     pdt = jnp.dtype(param_dtype) if param_dtype is not None else None
@@ -202,8 +212,9 @@ def plan(
         # [N, P, P] buffers per slice in XLA's attention (scores, masked scores, probabilities)
         x = 2 * c * p * dv * cb
         v_attn = 3 * c * p * nv * vis.head_dim * cb + 3 * c * nv * p * p * f32
-        if vision.heads_first():  # CPU: heads-first copies of q / k / v and of the output, the
-            # float32 scores of a few heads at a time (`vision._attend_heads_first`)
+        # CPU: heads-first copies of q / k / v and of the output, the float32 scores of a few
+        # heads at a time (`vision._attend_heads_first`)
+        if vision.heads_first(platform):
             g = vision.heads_per_step(c * nv, p)
             v_attn = 7 * c * p * nv * vis.head_dim * cb + 3 * g * p * p * f32
         v_mlp = 2 * c * p * fv * cb
@@ -264,7 +275,8 @@ def markdown_table(
     for pname, cfg in presets.items():
         for sname, _, hbm, mesh in slices:
             for req in requests:
-                p = plan(cfg, mesh, quant=quant, **req)
+                platform = "tpu" if sname.startswith("v") else "gpu"
+                p = plan(cfg, mesh, quant=quant, platform=platform, **req)
                 fb = [n for n, tgt in RULES if tgt and dict(p.detail["rules"])[n] != tgt]
                 rows.append(
                     f"| {pname} | {sname} | {mesh} | {req['batch']} x {req['cache_len']} "

@@ -43,9 +43,10 @@ CPU_HEADS_FIRST = True
 HEADS_STEP_BYTES = 12 << 20
 
 
-def heads_first() -> bool:
-    """Whether the tower's attention takes `_attend_heads_first` (read at trace time)."""
-    return CPU_HEADS_FIRST and jax.default_backend() == "cpu"
+def heads_first(platform: str | None = None) -> bool:
+    """Whether the tower's key-masked attention takes `_attend_heads_first` on `platform`
+    ("cpu", "gpu", "tpu"; default: the current backend, read at trace time)."""
+    return CPU_HEADS_FIRST and (platform or jax.default_backend()) == "cpu"
 
 
 def heads_per_step(rows: int, p: int) -> int:
@@ -118,14 +119,15 @@ class VisionAttention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, mask):
-        """x [I, P, Dv], mask bool [I, 1, 1, P] (key mask) -> [I, P, Dv]."""
+        """x [I, P, Dv], mask bool [I, 1, 1, P] (key mask; or any mask `layers.attend` takes,
+        e.g. 4.6's window merger's [1, 1, P, P]) -> [I, P, Dv]."""
         i, p, _ = x.shape
         n, h = self.cfg.num_heads, self.cfg.head_dim
         q = self.q_proj(x).reshape(i, p, n, h)  # [I, P, N, H]
         k = self.k_proj(x).reshape(i, p, n, h)
         v = self.v_proj(x).reshape(i, p, n, h)
         # Official eager path: scores * H^-0.5 + additive mask, softmax in float32.
-        if heads_first():
+        if heads_first() and mask.shape[-2] == 1:  # a key mask (4.6's merger passes [.., P, P])
             out = _attend_heads_first(q, k, v, mask)  # [I, P, N, H]
         else:
             out = attend(q, k, v, mask, q_block=ATTENTION_Q_BLOCK)  # [I, P, N, H]
