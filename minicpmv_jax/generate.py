@@ -498,6 +498,13 @@ SPLIT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 SPLIT_LAYERS = True
 
 
+def _view(x: jax.Array, piece: np.ndarray, offset: int, sharding) -> jax.Array | None:
+    """`piece` (a slice of x's numpy view starting `offset` bytes in) as an array aliasing x's
+    memory, or None where the runtime would copy it (an unaligned slice)."""
+    part = jax.device_put(piece, sharding)
+    return part if part.unsafe_buffer_pointer() == x.unsafe_buffer_pointer() + offset else None
+
+
 def _layer_view(x: jax.Array, host: np.ndarray, i: int) -> jax.Array | None:
     """Layer i of the stacked single-device array `x` (`host` = its numpy view) as an array
     aliasing x's memory, or None where the runtime would copy it (an unaligned slice)."""
@@ -505,9 +512,7 @@ def _layer_view(x: jax.Array, host: np.ndarray, i: int) -> jax.Array | None:
     if isinstance(sharding, NamedSharding):  # drop the "layers" axis of the spec
         spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
         sharding = NamedSharding(sharding.mesh, PS(*spec[1:]))
-    part = jax.device_put(host[i], sharding)
-    offset = i * host[0].nbytes
-    return part if part.unsafe_buffer_pointer() == x.unsafe_buffer_pointer() + offset else None
+    return _view(x, host[i], i * host[0].nbytes, sharding)
 
 
 def split_layers(
@@ -598,11 +603,10 @@ def split_head(
             v, d = x.shape
             rows = max(1, min(v, SPLIT_TILE // d))
             host = np.asarray(x)
-            parts = []
-            for a in range(0, v, rows):
-                part = jax.device_put(host[a : a + rows], x.sharding)
-                same = part.unsafe_buffer_pointer() == x.unsafe_buffer_pointer() + a * d * 2
-                parts.append(part if same else None)
+            parts = [
+                _view(x, host[a : a + rows], a * d * host.itemsize, x.sharding)
+                for a in range(0, v, rows)
+            ]
             if all(p is not None for p in parts):
                 leaves.append((path, var.replace(LayerParts(parts))))
                 sources.append(x)

@@ -61,6 +61,24 @@ def heads_per_step(rows: int, p: int) -> int:
     return g
 
 
+def attend_heads(q, k, v, mask) -> jax.Array:
+    """Softmax attention of operands with heads ahead of positions: q [..., T, H], k / v
+    [..., S, H], mask bool broadcastable to [..., T, S] -> [..., T, H].
+
+    The arithmetic of jax's "xla" `dot_product_attention` (and of `layers._attend_cpu` for
+    bf16): scores with a float32 result, scaled by H^-0.5, masked to -0.7 x float32 max, float32
+    softmax, the probabilities in the operand dtype, the second product with a float32 result.
+    Both products are plain batched matmuls over the leading axes (`_attend_heads_first`, the
+    4.6 tower's unit attention).
+    """
+    scale = jnp.float32(q.shape[-1] ** -0.5)
+    s = jnp.einsum("...qh,...ph->...qp", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask, s, jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
+    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    out = jnp.einsum("...qp,...ph->...qh", p, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
 def _attend_heads_first(q, k, v, mask) -> jax.Array:
     """Softmax attention of every (slice, head) pair in turn, a few pairs per loop step.
 
@@ -79,21 +97,13 @@ def _attend_heads_first(q, k, v, mask) -> jax.Array:
     """
     i, p, n, h = q.shape
     g = heads_per_step(i * n, p)
-    scale = jnp.float32(h**-0.5)
-    floor = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
 
     def heads(a):  # [I, P, N, H] -> [I * N / g, g, P, H]
         return a.transpose(0, 2, 1, 3).reshape(i * n // g, g, p, h)
 
-    def step(a):  # g heads: [g, P, H] x 3, mask [g, 1, P] -> [g, P, H]
-        qi, ki, vi, mi = a
-        s = jnp.einsum("gqh,gph->gqp", qi, ki, preferred_element_type=jnp.float32) * scale
-        s = jax.nn.softmax(jnp.where(mi, s, floor), axis=-1).astype(q.dtype)
-        out = jnp.einsum("gqp,gph->gqh", s, vi, preferred_element_type=jnp.float32)
-        return out.astype(q.dtype)
-
     mask = jnp.broadcast_to(mask, (i, n, 1, p)).reshape(i * n // g, g, 1, p)
-    out = jax.lax.map(step, (heads(q), heads(k), heads(v), mask))  # [I * N / g, g, P, H]
+    # one step: g heads, [g, P, H] x 3 and mask [g, 1, P] -> [g, P, H]
+    out = jax.lax.map(lambda a: attend_heads(*a), (heads(q), heads(k), heads(v), mask))
     return out.reshape(i, n, p, h).transpose(0, 2, 1, 3)
 
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from minicpmv_jax.layers import LayerNorm, dense, embed, param
 from minicpmv_jax.v46.config import Siglip2Config
-from minicpmv_jax.vision import VisionAttention, VisionLayer
+from minicpmv_jax.vision import VisionAttention, VisionLayer, attend_heads
 
 ATTN_BLOCK_BYTES = 32 << 20  # float32 scores of one attention block [g, N, q, P]
 
@@ -36,25 +36,6 @@ def attention_blocks(units: int, p: int, heads: int) -> tuple[int, int]:
     return g, p
 
 
-def _attend_heads_first(q, k, v, mask) -> jax.Array:
-    """Softmax attention with heads ahead of positions: q [g, N, q, H], k / v [g, N, P, H], mask
-    bool [g, 1, 1, P] -> [g, N, q, H].
-
-    The arithmetic of jax's "xla" `dot_product_attention` (and of `layers._attend_cpu` for bf16):
-    scores with a float32 result, scaled, masked to -0.7 x float32 max, float32 softmax, the
-    probabilities in the operand dtype, the second product with a float32 result. Only the
-    layout differs: with [g, N, *, H] operands both products are plain batched matmuls over
-    (g, N), where `[g, q, N, H]` operands made XLA:CPU transpose every block (measured on the
-    release tower's blocks, 7 units x 1280 slots, 16 heads of 72, float32: 806 vs 959 ms).
-    """
-    scale = jnp.float32(q.shape[-1] ** -0.5)
-    s = jnp.einsum("gnqh,gnph->gnqp", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask, s, jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
-    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-    out = jnp.einsum("gnqp,gnph->gnqh", p, v, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype)
-
-
 def unit_attention(attn: VisionAttention, x, rows, slots, valid, count) -> jax.Array:
     """Attention of packed tokens restricted to their unit.
 
@@ -62,7 +43,9 @@ def unit_attention(attn: VisionAttention, x, rows, slots, valid, count) -> jax.A
     `attention_blocks` per loop step, so the live float32 scores stay under ATTN_BLOCK_BYTES
     (all units at once: [U, N, P, P], 0.8 GB for 8 units of 1280 patches, three such buffers
     live), and blocks of padding units (past `count`) are skipped. Heads go ahead of positions
-    once per layer (`_attend_heads_first`), not once per block.
+    once per layer (`vision.attend_heads`), not once per block: with [g, q, N, H] operands
+    XLA:CPU transposed every block (release tower, 7 units x 1280 slots, 16 heads of 72, float32:
+    959 vs 806 ms).
 
     Args:
       x: [N, Dv] packed tokens; rows: int [U, P] packed row of each slot of a unit's padded row;
@@ -90,7 +73,7 @@ def unit_attention(attn: VisionAttention, x, rows, slots, valid, count) -> jax.A
             qi = take(take(buf, 0, u0, g), 2, q0, qb)  # [g, N, qb, H]
             ki, vi = take(k, 0, u0, g), take(v, 0, u0, g)  # [g, N, P, H]
             mask = take(valid, 0, u0, g)[:, None, None, :]  # [g, 1, 1, P]
-            out = _attend_heads_first(qi, ki, vi, mask)
+            out = attend_heads(qi, ki, vi, mask)
             return jax.lax.dynamic_update_slice(buf, out, (u0, 0, q0, 0))
 
         return jax.lax.cond(u0 < count, run, lambda buf: buf, buf)
