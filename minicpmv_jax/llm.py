@@ -43,7 +43,8 @@ def projection(
     """The decoder projection `name`: an nnx.Linear `kernel` [in, out], or an OutInDense
     `weight` [out, in] (torch's layout) when `cfg.out_in` names it; `names` in (in, out) order."""
     kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs, "bias": bias}
-    if name in cfg.out_in:
+    # MiniCPM-V 4.6's decoder (v46.qwen35) builds this Mlp from a config without `out_in`
+    if name in getattr(cfg, "out_in", ()):
         return OutInDense(din, dout, (names[1], names[0]), **kw)
     return dense(din, dout, names, **kw)
 
