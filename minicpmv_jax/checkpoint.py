@@ -404,27 +404,36 @@ def _param_state(obj: Any) -> nnx.State:
 # ------------------------------------------------------------------------------------------------
 
 
-# Leaves of the torch-layout linear layers (layers.OutInDense: the LLM's lm_head) that
-# checkpoints written before that layout stored as an nnx.Linear's: `weight` [(L,) out, in] as
-# `kernel` [(L,) in, out] (transposed on restore), an int8 `weight_scale` as `kernel_scale`.
-PREVIOUS_LEAVES = {"weight": "kernel", "weight_scale": "kernel_scale"}
+# The two layouts of a linear layer's leaves: an nnx.Linear's `kernel` [(L,) in, out] (and an
+# int8 `kernel_scale`) and a torch-layout layers.OutInDense's `weight` [(L,) out, in] (and
+# `weight_scale`). A checkpoint written with one restores into a model built with the other
+# (transposed on restore): the lm_head of checkpoints written before it was an OutInDense, the
+# decoder projections of a model saved with another `LlmConfig.out_in` (names, not shapes, tell
+# the layouts apart: q_proj and o_proj may be square).
+OTHER_LAYOUT = {
+    "weight": "kernel",
+    "weight_scale": "kernel_scale",
+    "kernel": "weight",
+    "kernel_scale": "weight_scale",
+}
+MATRICES = ("weight", "kernel")  # the leaves whose last two axes are exchanged
 
 
-def _previous_layout(stored: dict, path: tuple, want: tuple) -> tuple[tuple | None, str]:
-    """(the stored path of `path` in the previous layout (PREVIOUS_LEAVES) or None, the
-    problem to report when None): the checkpoint must hold it with the matching shape."""
+def _other_layout(stored: dict, path: tuple, want: tuple) -> tuple[tuple | None, str]:
+    """(the stored path of `path` in the other layout (OTHER_LAYOUT) or None, the problem to
+    report when None): the checkpoint must hold it with the matching shape."""
     name, leaf = path_name(path), str(getattr(path[-1], "key", path[-1]))
-    if leaf not in PREVIOUS_LEAVES or len(want) < 2 and leaf == "weight":
+    if leaf not in OTHER_LAYOUT or len(want) < 2 and leaf in MATRICES:
         return None, f"{name}: missing"
-    old = tuple(path[:-1]) + (PREVIOUS_LEAVES[leaf],)
+    old = tuple(path[:-1]) + (OTHER_LAYOUT[leaf],)
     try:
         have = tuple(_get(stored, old).shape)
     except KeyError:
         return None, f"{name}: missing"
-    expect = _swap_last(want) if leaf == "weight" else want
+    expect = _swap_last(want) if leaf in MATRICES else want
     if have != expect:
         return None, (
-            f"{name}: missing, and the previous layout's {path_name(old)} has shape {have}, "
+            f"{name}: missing, and the other layout's {path_name(old)} has shape {have}, "
             f"not {expect}"
         )
     return old, ""
@@ -449,8 +458,9 @@ def restore_state(
     """Restore into `abstract` (ShapeDtypeStruct leaves with shardings and dtypes).
 
     Each array is read straight into its target sharding (any mesh, any host count) and cast to
-    the target dtype. A torch-layout weight that the checkpoint holds in the previous layout
-    (`PREVIOUS_LEAVES`: `llm.lm_head.kernel` [D, V]) is read and transposed into place. Raises
+    the target dtype. A linear layer's matrix that the checkpoint holds in the other layout
+    (`OTHER_LAYOUT`: e.g. `llm.lm_head.kernel` [D, V] for `weight` [V, D], a decoder projection's
+    `weight` [L, out, in] for `kernel` [L, in, out]) is read and transposed into place. Raises
     CheckpointError naming missing / mis-shaped parameters.
     """
     folder = absolute(folder)
@@ -465,17 +475,17 @@ def restore_state(
     for g, items in tqdm(groups.items(), desc="restoring", unit="group", disable=not progress):
         gdir = folder / PARAMS_DIR / g
         stored = ckptr.metadata(gdir).item_metadata.tree
-        problems, previous = [], {}  # previous: {path: its stored path in the previous layout}
+        problems, other = [], {}  # other: {path: its stored path in the other layout}
         for path, var in items:
             want = tuple(_value(var).shape)
             try:
                 have = _get(stored, path)
             except KeyError:
-                old, problem = _previous_layout(stored, path, want)
+                old, problem = _other_layout(stored, path, want)
                 if old is None:
                     problems.append(problem)
                 else:
-                    previous[tuple(path)] = old
+                    other[tuple(path)] = old
                 continue
             if tuple(have.shape) != want:
                 problems.append(f"{path_name(path)}: checkpoint {tuple(have.shape)} != {want}")
@@ -485,21 +495,21 @@ def restore_state(
             )
         target = []
         for p, v in items:
-            old = previous.get(tuple(p))
+            old = other.get(tuple(p))
             if old is None:
                 target.append((p, _value(v)))
-            else:  # the previous layout's leaf, in its own shape (a kernel: transposed)
-                swap = str(getattr(p[-1], "key", p[-1])) == "weight"
+            else:  # the other layout's leaf, in its own shape (a matrix: transposed)
+                swap = str(getattr(p[-1], "key", p[-1])) in MATRICES
                 target.append((old, _swapped(_value(v)) if swap else _value(v)))
         restored = ckptr.restore(gdir, _nest(target))
         for p, v in items:
-            old = previous.get(tuple(p))
+            old = other.get(tuple(p))
             if old is None:
                 leaves.append((p, v.replace(_get(restored, p))))
                 continue
             arr = _get(restored, old)
-            if str(getattr(p[-1], "key", p[-1])) == "weight":
-                log.info("%s: read from %s (previous layout), transposed", path_name(p),
+            if str(getattr(p[-1], "key", p[-1])) in MATRICES:
+                log.info("%s: read from %s (other layout), transposed", path_name(p),
                          path_name(old))  # fmt: skip
                 arr = _transpose_last(arr, _value(v).sharding)
             leaves.append((p, v.replace(arr)))

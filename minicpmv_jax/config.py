@@ -22,6 +22,8 @@ def _dtype(d: Any) -> jnp.dtype:
 
 
 REMAT = ("none", "full", "dots")  # the policies of layers.REMAT_POLICIES
+# the decoder layer's linear projections (`LlmConfig.out_in` names some of them)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _check_batch_size(n: int) -> None:
@@ -153,9 +155,18 @@ class LlmConfig:
     remat: str = "none"  # per-layer rematerialisation: "none" | "full" | "dots" (layers.py)
     param_dtype: jnp.dtype = jnp.bfloat16
     dtype: jnp.dtype = jnp.bfloat16  # compute dtype; norms, rope and softmax run in float32
+    # decoder projections stored in torch's layout, `weight` [L, out, in] (layers.OutInDense);
+    # the others are nnx.Linear `kernel` [L, in, out]. Empty: every projection [in, out].
+    # `model.decoder_layout` picks it per backend and dtype when a checkpoint is loaded.
+    out_in: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_remat(self.remat)
+        unknown = [p for p in self.out_in if p not in PROJECTIONS]
+        if unknown or isinstance(self.out_in, str):
+            raise ValueError(
+                f"out_in {self.out_in!r}: expected a tuple of names from {PROJECTIONS}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} % num_kv_heads {self.num_kv_heads} != 0")
         if self.head_dim % 2:
@@ -230,6 +241,13 @@ class MiniCPMVConfig:
             self,
             vision=dataclasses.replace(self.vision, remat=policy),
             llm=dataclasses.replace(self.llm, remat=policy),
+        )
+
+    def with_out_in(self, projections: tuple[str, ...]) -> MiniCPMVConfig:
+        """Same config with the decoder projections `projections` (names from `PROJECTIONS`)
+        stored in torch's layout [out, in] (`LlmConfig.out_in`); () for [in, out] everywhere."""
+        return dataclasses.replace(
+            self, llm=dataclasses.replace(self.llm, out_in=tuple(projections))
         )
 
     def with_vision_batch_size(self, n: int) -> MiniCPMVConfig:

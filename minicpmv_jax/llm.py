@@ -4,7 +4,9 @@ Attribute paths are the checkpoint keys below `llm.`: `model.embed_tokens`, `mod
 self_attn.q_proj`, ..., `model.norm`, `lm_head` (`lm_head.weight` [V, D] in the checkpoint's own
 layout, see layers.OutInDense). The decoder layers are one stack: every layer
 parameter has a leading L axis (`model.layers.self_attn.q_proj.kernel` [L, D, N*H]; slice i is the
-checkpoint's `model.layers.i.self_attn.q_proj.weight` transposed, see weights.py) and the layers
+checkpoint's `model.layers.i.self_attn.q_proj.weight` transposed, see weights.py; a projection
+that `LlmConfig.out_in` names is an OutInDense instead, `...weight` [L, out, in], slice i the
+checkpoint tensor as stored: a bf16 model's MLP on CPU, `model.decoder_layout`) and the layers
 run under one `nnx.scan`, optionally rematerialised (`LlmConfig.remat`). The CPU samplers of a
 float32 model pass the stack as per-layer views instead (`layers.LayerParts`,
 `generate.split_layers`), and the same code then runs the layers as an unrolled loop.
@@ -35,14 +37,27 @@ from minicpmv_jax.layers import (
 from minicpmv_jax.sharding import ACT_AXES, constrain, constrain_cache
 
 
+def projection(
+    cfg: LlmConfig, name: str, din: int, dout: int, names: tuple[str, str], *, bias: bool, rngs
+) -> nnx.Linear | OutInDense:
+    """The decoder projection `name`: an nnx.Linear `kernel` [in, out], or an OutInDense
+    `weight` [out, in] (torch's layout) when `cfg.out_in` names it; `names` in (in, out) order."""
+    kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs, "bias": bias}
+    # MiniCPM-V 4.6's decoder (v46.qwen35) builds this Mlp from a config without `out_in`
+    if name in getattr(cfg, "out_in", ()):
+        return OutInDense(din, dout, (names[1], names[0]), **kw)
+    return dense(din, dout, names, **kw)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
-        self.q_proj = dense(d, n * h, ("embed", "q_heads"), bias=cfg.qkv_bias, **kw)
-        self.k_proj = dense(d, k * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
-        self.v_proj = dense(d, k * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
-        self.o_proj = dense(n * h, d, ("q_heads", "embed"), bias=False, **kw)
+        kw = {"rngs": rngs}
+        b = cfg.qkv_bias
+        self.q_proj = projection(cfg, "q_proj", d, n * h, ("embed", "q_heads"), bias=b, **kw)
+        self.k_proj = projection(cfg, "k_proj", d, k * h, ("embed", "kv_heads"), bias=b, **kw)
+        self.v_proj = projection(cfg, "v_proj", d, k * h, ("embed", "kv_heads"), bias=b, **kw)
+        self.o_proj = projection(cfg, "o_proj", n * h, d, ("q_heads", "embed"), bias=False, **kw)
         if cfg.qk_norm:
             # Qwen3: per-head RMSNorm over head_dim on q and k, after reshape, BEFORE RoPE.
             nkw = {"param_dtype": cfg.param_dtype, "rngs": rngs, "name": "head_dim"}
@@ -74,10 +89,10 @@ class Mlp(nnx.Module):
 
     def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "rngs": rngs, "bias": False}
-        self.gate_proj = dense(d, f, ("embed", "mlp"), **kw)
-        self.up_proj = dense(d, f, ("embed", "mlp"), **kw)
-        self.down_proj = dense(f, d, ("mlp", "embed"), **kw)
+        kw = {"bias": False, "rngs": rngs}
+        self.gate_proj = projection(cfg, "gate_proj", d, f, ("embed", "mlp"), **kw)
+        self.up_proj = projection(cfg, "up_proj", d, f, ("embed", "mlp"), **kw)
+        self.down_proj = projection(cfg, "down_proj", f, d, ("mlp", "embed"), **kw)
 
     def __call__(self, x):
         """x: [B, T, D] -> [B, T, D]."""

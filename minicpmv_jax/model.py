@@ -165,6 +165,22 @@ def read_hf_config(folder: pathlib.Path) -> dict:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
 
 
+# The decoder projections a bf16 model stores in torch's layout [out, in] on the CPU backend
+# (`LlmConfig.out_in`, `decoder_layout`): XLA:CPU's batch-1 bf16 decode dot of down_proj is
+# 1.3x faster with it, gate / up about 1.05x, q/k/v/o no faster; float32 at 8 to 128 rows and
+# the GPU / TPU dots keep [in, out] (BENCHMARKS.md, "The decoder's MLP in torch's layout").
+CPU_BF16_OUT_IN = ("gate_proj", "up_proj", "down_proj")
+
+
+def decoder_layout(param_dtype: Any, mesh: jax.sharding.Mesh, quant=None) -> tuple[str, ...]:
+    """The decoder projections to store [out, in] for a model of `param_dtype` on `mesh`:
+    `CPU_BF16_OUT_IN` for a float (not int8) bf16 model whose devices are all CPUs, else ()."""
+    cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    if cpu and quant is None and jnp.dtype(param_dtype) == jnp.bfloat16:
+        return CPU_BF16_OUT_IN
+    return ()
+
+
 def load_module(
     folder: pathlib.Path,
     dtype: Any,
@@ -173,12 +189,14 @@ def load_module(
     progress: bool = True,
     quant: str | quantization.QuantConfig | None = None,
     attn_impl: str = "xla",
+    out_in: tuple[str, ...] | None = None,
 ) -> tuple[MiniCPMVConfig, MiniCPMVModule]:
     """(config, module) of a checkpoint folder: config.json + safetensors, or an orbax folder.
 
     Stored tensors of any dtype are converted to `dtype` one at a time; `quant` as in
     `MiniCPMV.from_pretrained` (an orbax folder written quantized loads quantized by itself);
-    `attn_impl` selects the LLM's attention kernel (`kernels.IMPLS`).
+    `attn_impl` selects the LLM's attention kernel (`kernels.IMPLS`); `out_in` the decoder
+    projections stored [out, in] (`LlmConfig.out_in`; None: `decoder_layout`'s choice).
     """
     hf = read_hf_config(folder)
     config = MiniCPMVConfig.from_hf(hf, dtype=jnp.dtype(dtype), attn_impl=attn_impl)
@@ -188,6 +206,11 @@ def load_module(
     files = None if orbax else checkpoint_files(folder)[0]
     quant = quantization.parse(quant)
     stored = quantization.stored_quant(checkpoint.read_metadata(folder)) if orbax else None
+    if out_in is None:
+        out_in = decoder_layout(config.llm.param_dtype, mesh, quant or stored)
+    config = config.with_out_in(out_in)
+    if out_in:
+        log.info("decoder projections stored [out, in]: %s", ", ".join(out_in))
     # a float orbax folder restores float, then quantizes; a quantized one restores as stored
     graphdef, abstract = abstract_module(config, mesh, stored if orbax else quant)
     if orbax:  # each array is read straight into its target sharding

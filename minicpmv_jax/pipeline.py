@@ -79,6 +79,7 @@ class MiniCPMV:
         quant: str | quantization.QuantConfig | None = None,
         adapter: str | os.PathLike | None = None,
         attn_impl: str = "xla",
+        out_in: tuple[str, ...] | None = None,
     ) -> MiniCPMV:
         """Load an official checkpoint folder (or hub id): config.json + safetensors (+ processor).
 
@@ -96,6 +97,10 @@ class MiniCPMV:
           attn_impl: the LLM's attention kernel (`kernels.IMPLS`): "xla" (any backend), "cudnn"
             (GPU flash attention, bf16 / fp16), "splash" (TPU Pallas prefill kernel, under
             `shard_map` on a mesh) or "reference" (plain jnp).
+          out_in: the LLM decoder projections to store in torch's layout [out, in]
+            (`LlmConfig.out_in`, names from `config.PROJECTIONS`). None (default): gate, up and
+            down for a bf16 model on CPU devices (faster batch-1 decode there), none otherwise
+            (`model.decoder_layout`); () keeps [in, out] everywhere. Not for MiniCPM-V 4.6.
         """
         if attn_impl not in IMPLS:
             raise MiniCPMVError(f"attn_impl {attn_impl!r} is not one of {IMPLS}")
@@ -121,8 +126,9 @@ class MiniCPMV:
             # copies release the GIL, so the two overlap (about 0.4 s of a 1.05 B model's load).
             processor_job = side.submit(_load_processor, folder) if load_processor else None
             config, module = network.load_module(
-                folder, dtype, mesh, progress=progress, quant=quant, attn_impl=attn_impl
-            )
+                folder, dtype, mesh, progress=progress, quant=quant, attn_impl=attn_impl,
+                out_in=out_in,
+            )  # fmt: skip
             processor = processor_job.result() if processor_job else None
         model = cls(config, module, processor, mesh=mesh)
         if adapter is not None:

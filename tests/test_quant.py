@@ -243,7 +243,7 @@ def test_int8_decode_program_stays_int8(monkeypatch):
 
     from minicpmv_jax.config import PRESETS, MiniCPMVConfig
     from minicpmv_jax.generate import Buckets
-    from minicpmv_jax.model import MiniCPMV
+    from minicpmv_jax.model import MiniCPMV, decoder_layout
     from minicpmv_jax.processor import MiniCPMVProcessor
 
     for preset in (PRESETS["2.6"], PRESETS["4.5"]):
@@ -261,11 +261,14 @@ def test_int8_decode_program_stays_int8(monkeypatch):
     mesh = make_mesh()
 
     @functools.cache
-    def build(q):
+    def build(q, out_in=None):
         # the weights' values do not enter the measurement: zeros placed from numpy (a random init
         # built op by op compiles eager programs for every parameter shape); the tile size is read
-        # only while tracing the decode program, so one int8 model serves both tiles
-        graphdef, abstract = MiniCPMV.abstract_module(config, mesh, q)
+        # only while tracing the decode program, so one int8 model serves both tiles. The decoder
+        # layout is from_pretrained's for this dtype, backend and quantization (None) or `out_in`
+        if out_in is None:
+            out_in = decoder_layout(config.llm.param_dtype, mesh, quant.parse(q))
+        graphdef, abstract = MiniCPMV.abstract_module(config.with_out_in(out_in), mesh, q)
         state = jax.tree.map(
             lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding), abstract
         )
@@ -273,14 +276,16 @@ def test_int8_decode_program_stays_int8(monkeypatch):
         model.configure_generation(Buckets(tokens=(64,), slices=(1,), new_tokens=(16,)))
         return model
 
-    def decode_bytes(q, tile):
+    def decode_bytes(q, tile, out_in=None, temp=False):
         monkeypatch.setattr(quant, "CPU_TILE", tile)
         jax.clear_caches()  # the tile size is read while tracing, not part of the jit cache key
-        model = build(q)
+        model = build(q, out_in)
         d = model.memory_report(batch=1, prompt_len=32, max_new_tokens=16)["decode"]
-        return d["argument_bytes"] + d["temp_bytes"]
+        return d["temp_bytes"] if temp else d["argument_bytes"] + d["temp_bytes"]
 
     bf16 = decode_bytes(None, 1 << 15)
+    if jax.default_backend() == "cpu":  # the bf16 MLP [out, in] (CPU): read in place as well
+        assert decode_bytes(None, 1 << 15, temp=True) <= decode_bytes(None, 1 << 15, (), True)
     try:
         tiled, hoisted = decode_bytes("int8", 1 << 15), decode_bytes("int8", 1 << 40)
     finally:
@@ -320,6 +325,30 @@ def test_load_time_quantization_matches_quantizing_a_loaded_model():
     assert all(a[k].shape[0] == cfg_llm.num_layers for k in kernels if ".layers." in k)
     assert all(k.startswith("llm.") for k in kernels)
     assert quant.param_bytes(loaded) < 0.6 * quant.param_bytes(float_model)
+
+
+def test_int8_decoder_projections_in_torch_layout():
+    """int8 with the MLP projections stored [out, in] (`LlmConfig.out_in`): the same int8
+    values (transposed) and scales as the [in, out] layout's, and the same prompt logits
+    (float32: only the summation order of the dots may differ)."""
+    from minicpmv_jax.model import CPU_BF16_OUT_IN, MiniCPMV
+
+    kernel = _model("minicpm-v-2_6", "int8")
+    weight = MiniCPMV.from_pretrained(
+        CKPT_26, dtype="float32", mesh=make_mesh((1, 1, 1)), progress=False, quant="int8",
+        out_in=CPU_BF16_OUT_IN,
+    )  # fmt: skip
+    a, b = _flat(nnx.state(kernel.module)), _flat(nnx.state(weight.module))
+    for name in CPU_BF16_OUT_IN:
+        stem = f"llm.model.layers.mlp.{name}"
+        assert f"{stem}.kernel" in a and f"{stem}.weight" not in a
+        assert b[f"{stem}.weight"].dtype == np.int8
+        np.testing.assert_array_equal(b[f"{stem}.weight"], np.swapaxes(a[f"{stem}.kernel"], 1, 2))
+        np.testing.assert_array_equal(b[f"{stem}.weight_scale"], a[f"{stem}.kernel_scale"])
+    batch = _batch(_cases("minicpm-v-2_6")[0])
+    np.testing.assert_allclose(
+        weight.prompt_logits(batch), kernel.prompt_logits(batch), rtol=0, atol=1e-4
+    )
 
 
 def test_vision_tower_quantization():

@@ -66,7 +66,14 @@ def chat_answer(model, image, question):
     if image:
         with Image.open(train_dir(VERSION) / "sft" / image) as im:
             content = [im.convert("RGB"), question]
-    return model.chat([{"role": "user", "content": content}], max_new_tokens=16)
+    # greedy: chat()'s default samples (top-p, fresh randomness each call)
+    return model.chat(
+        [{"role": "user", "content": content}],
+        max_new_tokens=16,
+        sampling=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+    )
 
 
 # End to end (60 steps, then chat): marked slow. Its parts run in the default suite: the loss and

@@ -266,3 +266,52 @@ def test_peft_adapter_onto_int8_base():
     error = np.abs(train.forward_logits(merged, batch) - want).max()
     shift = np.abs(want - float_base).max()
     assert error < 1.5 * quant_error and error < 0.15 * shift, (error, quant_error, shift)
+
+
+def test_lora_on_decoder_mlp_in_torch_layout():
+    """LoRA on gate / up / down_proj stored [out, in] (`LlmConfig.out_in`, a bf16 model's
+    layout on CPU): the same targets and A / B shapes as in the [in, out] layout, merged weights
+    equal to the [in, out] ones transposed, and the LoraLinear graph's logits equal to the
+    weight-delta logits of both layouts (float32, 1e-5)."""
+    from minicpmv_jax.model import CPU_BF16_OUT_IN
+
+    folder = train_checkpoint(VERSION)
+    kernel = load_train_model(VERSION)
+    weight = MiniCPMV.from_pretrained(
+        folder, dtype="float32", progress=False, out_in=CPU_BF16_OUT_IN
+    )
+    prepared = prepare_batch(weight, train.collate(batch_rows(VERSION, weight)))
+    arrays, num_groups = device_arrays(prepared), prepared["num_groups"]
+    cfg = L.LoraConfig(r=4, alpha=8, target_modules=("q_proj", *CPU_BF16_OUT_IN))
+    lora, merged, logits = {}, {}, {}
+    for layout, model in (("kernel", kernel), ("weight", weight)):
+        state, graphdef = model.state, model.graphdef
+        targets = L.lora_targets(state, cfg)
+        mlp = [t for t in targets if t.name.endswith(CPU_BF16_OUT_IN)]
+        assert len(mlp) == 3 * model.config.llm.num_layers
+        assert {t.path[-1] for t in mlp} == {layout}
+        if not lora:
+            lora = L.init_lora(state, cfg, seed=1)
+            for i, ab in enumerate(lora.values()):  # a trained-looking B (fresh LoRA: B = 0)
+                ab["B"] = 0.1 * jax.random.normal(jax.random.key(i), ab["B"].shape)
+        else:  # the same A / B shapes in both layouts
+            assert jax.tree.map(jnp.shape, L.init_lora(state, cfg)) == jax.tree.map(jnp.shape, lora)
+        merged[layout] = L.apply_lora(state, targets, lora, cfg.scaling)
+        groups = L.lora_groups(targets, state)
+        graph = L.lora_graph(graphdef, [state], groups, cfg.r, rate=0.0, scaling=cfg.scaling)
+
+        @jax.jit
+        def both(state, lora, graphdef=graphdef, targets=targets, groups=groups, graph=graph):
+            delta = nnx.merge(graphdef, L.apply_lora(state, targets, lora, cfg.scaling))
+            wrapped = L.lora_module(graph, [state], groups, lora)
+            return (train_logits(delta, arrays, num_groups),
+                    train_logits(wrapped, arrays, num_groups))  # fmt: skip
+
+        want, got = both(state, lora)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+        logits[layout] = np.asarray(want)
+    np.testing.assert_allclose(logits["weight"], logits["kernel"], atol=1e-5)
+    for name in CPU_BF16_OUT_IN:
+        k = merged["kernel"]["llm"]["model"]["layers"]["mlp"][name]["kernel"].get_value()
+        w = merged["weight"]["llm"]["model"]["layers"]["mlp"][name]["weight"].get_value()
+        np.testing.assert_array_equal(np.asarray(w), np.swapaxes(np.asarray(k), 1, 2))
