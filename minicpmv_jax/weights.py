@@ -427,7 +427,8 @@ PARALLEL_BYTES = 1 << 22  # tensors from this size on are copied by several thre
 # Destination bytes per piece of a parallel untransposed copy (the embedding table, lm_head).
 # Each piece costs its thread a GIL acquisition, and the loader copies while the processor loads
 # in Python on a side thread: with 1 MiB pieces the 1.1 GB float32 embedding + lm_head copy took
-# 0.94-1.35 s, with 32 MiB pieces 0.50-0.68 s (BENCHMARKS.md, "Float32 load: ...").
+# 0.94-1.35 s, with 32 MiB pieces 0.50-0.68 s (BENCHMARKS.md, "Float32 load: untransposed
+# copies in 32 MiB pieces").
 PIECE_BYTES = 1 << 25
 COPY_THREADS = min(8, os.cpu_count() or 1)
 
