@@ -424,11 +424,18 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
 
 PARALLEL_BYTES = 1 << 22  # tensors from this size on are copied by several threads
+# Destination bytes per piece of a parallel untransposed copy (the embedding table, lm_head).
+# Each piece costs its thread a GIL acquisition, and the loader copies while the processor loads
+# in Python on a side thread: with 1 MiB pieces the 1.1 GB float32 embedding + lm_head copy took
+# 0.94-1.35 s, with 32 MiB pieces 0.50-0.68 s (BENCHMARKS.md, "Float32 load: untransposed
+# copies in 32 MiB pieces").
+PIECE_BYTES = 1 << 25
+COPY_THREADS = min(8, os.cpu_count() or 1)
 
 
 @functools.cache
 def _copy_pool() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1))
+    return concurrent.futures.ThreadPoolExecutor(COPY_THREADS)
 
 
 def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
@@ -438,12 +445,14 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     with a large stride, about 10x slower than copying `BLOCK` source rows at a time. Large
     tensors are split into pieces copied by a thread pool (numpy releases the GIL while it
     copies and converts, ml_dtypes' bfloat16 casts included; the first writes to fresh memory,
-    page faults included, then run on every core).
+    page faults included, then run on every core): transposed ones into their `BLOCK`s,
+    untransposed ones into pieces of up to `PIECE_BYTES`.
     """
     if src.ndim == 2 and not src.flags.c_contiguous and src.T.flags.c_contiguous:
         pieces = [np.s_[:, j : j + BLOCK] for j in range(0, src.shape[1], BLOCK)]  # source rows
-    elif src.ndim >= 1 and len(src) > 1:
-        rows = max(1, PARALLEL_BYTES // 4 // max(1, dst[0].nbytes))
+    elif src.ndim >= 1 and len(src) > 1:  # row pieces, at least one per thread
+        piece = min(PIECE_BYTES, -(-dst.nbytes // COPY_THREADS))
+        rows = max(1, piece // max(1, dst[0].nbytes))
         pieces = [np.s_[i : i + rows] for i in range(0, len(src), rows)]
     else:
         pieces = [...]

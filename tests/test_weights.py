@@ -16,6 +16,7 @@ from conftest import FIXTURES
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from minicpmv_jax import weights
 from minicpmv_jax.errors import CheckpointError
 from minicpmv_jax.model import MiniCPMV
 from minicpmv_jax.weights import (
@@ -107,6 +108,23 @@ def test_blocked_transposed_copy_into_an_aligned_buffer():
         np.testing.assert_array_equal(rows, src.astype(np.float32))
     if jax.default_backend() == "cpu":  # the loader relies on this: no second copy of a weight
         assert jax.device_put(dst).unsafe_buffer_pointer() == dst.ctypes.data
+
+
+@pytest.mark.parametrize("src_dtype", [ml_dtypes.bfloat16, np.float32])
+def test_copy_into_pieces_equal_numpy(monkeypatch, src_dtype):
+    # untransposed row pieces of PIECE_BYTES (here 3 rows and a bit: uneven, with a remainder)
+    # and transposed BLOCKs, both through the thread pool; odd shapes, one row, one column
+    monkeypatch.setattr(weights, "PIECE_BYTES", 3 * 1001 * 4 + 8)
+    rng = np.random.default_rng(1)
+    for shape in [(1061, 1001), (BLOCK * 2 + 5, 1001), (1, 3001), (3001, 1), (7, 3)]:
+        src = rng.standard_normal(shape, np.float32).astype(src_dtype)
+        straight = aligned_empty(shape, np.float32)
+        copy_into(straight, src)
+        np.testing.assert_array_equal(straight, np.asarray(src, np.float32))
+        transposed = aligned_empty(shape[::-1], np.float32)
+        copy_into(transposed, src.T)
+        np.testing.assert_array_equal(transposed, np.asarray(src.T, np.float32))
+    assert weights.PARALLEL_BYTES <= 1061 * 1001 * 4  # the first shape takes the parallel path
 
 
 def test_mapped_reader_matches_safetensors(tmp_path):
