@@ -274,7 +274,18 @@ def measure(
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(tree))
     env.pop("XLA_FLAGS", None)
     code = PEER if side == "peer" else OURS
-    argv = [sys.executable, "-c", code, str(folder), dtype, str(inputs), QUESTION, str(NEW_TOKENS)]
+    # -P: import the tree named by PYTHONPATH, not the working directory (`-c` puts it first)
+    argv = [
+        sys.executable,
+        "-P",
+        "-c",
+        code,
+        str(folder),
+        dtype,
+        str(inputs),
+        QUESTION,
+        str(NEW_TOKENS),
+    ]
     t0 = time.perf_counter()
     res = subprocess.run(argv, check=False, env=env, capture_output=True, text=True)
     if res.returncode:

@@ -221,7 +221,8 @@ def measure(side, folder, dtype, inputs, images, new_tokens, repeats, baseline=N
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(tree))
     env.pop("XLA_FLAGS", None)
     code = PEER if side == "peer" else OURS
-    argv = [sys.executable, "-c", code, str(folder), dtype, str(inputs), json.dumps(images),
+    # -P: import the tree named by PYTHONPATH, not the working directory (`-c` puts it first)
+    argv = [sys.executable, "-P", "-c", code, str(folder), dtype, str(inputs), json.dumps(images),
             str(new_tokens), str(repeats), QUESTION]  # fmt: skip
     t0 = time.perf_counter()
     res = subprocess.run(argv, check=False, env=env, capture_output=True, text=True)
