@@ -27,7 +27,7 @@ from minicpmv_jax import model as network
 from minicpmv_jax import quant as quantization
 from minicpmv_jax.batching import Buckets
 from minicpmv_jax.chat import ChatSampler, ChatStats
-from minicpmv_jax.config import MiniCPMVConfig
+from minicpmv_jax.config import PROJECTIONS, MiniCPMVConfig
 from minicpmv_jax.errors import CheckpointError, MiniCPMVError
 from minicpmv_jax.generate import GenerationOutput, RequestShape, Sampler
 from minicpmv_jax.kernels import IMPLS
@@ -104,6 +104,10 @@ class MiniCPMV:
         """
         if attn_impl not in IMPLS:
             raise MiniCPMVError(f"attn_impl {attn_impl!r} is not one of {IMPLS}")
+        if out_in is not None and (
+            isinstance(out_in, str) or any(p not in PROJECTIONS for p in out_in)
+        ):
+            raise MiniCPMVError(f"out_in {out_in!r}: expected a tuple of names from {PROJECTIONS}")
         folder = network.resolve_checkpoint(path_or_hub_id)
         hf = network.read_hf_config(folder)
         if hf.get("model_type") == "minicpmv4_6":  # native-transformers 4.6: minicpmv_jax/v46
@@ -111,6 +115,8 @@ class MiniCPMV:
 
             if attn_impl != "xla":
                 raise CheckpointError("attn_impl is not supported for MiniCPM-V 4.6 yet")
+            if out_in is not None:
+                raise CheckpointError("out_in is not supported for MiniCPM-V 4.6")
             return MiniCPMV46.from_pretrained(
                 folder,
                 jnp.dtype(dtype),

@@ -140,6 +140,15 @@ def test_unknown_attn_impl_is_refused_before_loading(tmp_path):
         MiniCPMV.from_pretrained(tmp_path / "missing", attn_impl="flash3")
 
 
+@pytest.mark.parametrize("out_in", ["down_proj", ("mlp",)])
+def test_bad_out_in_is_refused_before_loading(tmp_path, out_in):
+    from minicpmv_jax.errors import MiniCPMVError
+    from minicpmv_jax.model import MiniCPMV
+
+    with pytest.raises(MiniCPMVError, match="out_in .*expected a tuple of names from"):
+        MiniCPMV.from_pretrained(tmp_path / "missing", out_in=out_in)
+
+
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 1, 8)], ids=["2x2x2", "1x1x8"])
 def test_splash_under_a_mesh_matches_xla(mesh_shape):
     """On a device mesh splash runs under shard_map (rows over data x fsdp, heads over tensor;

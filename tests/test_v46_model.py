@@ -356,3 +356,12 @@ def test_bf16_programs_gather_from_the_packed_table():
     h = jax.random.normal(jax.random.key(0), (1, 1, model.config.llm.hidden_size), jnp.bfloat16)
     want = np.asarray(h, np.float32)[0] @ np.asarray(table, np.float32).T
     np.testing.assert_allclose(np.asarray(jax.jit(head)(h))[0], want, rtol=2**-8, atol=1e-6)
+
+
+def test_out_in_is_refused_for_4_6():
+    """4.6's text model has no torch-layout option: asking for one is an error, not ignored."""
+    from minicpmv_jax import MiniCPMV
+    from minicpmv_jax.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="out_in is not supported for MiniCPM-V 4.6"):
+        MiniCPMV.from_pretrained(F46 / "checkpoint", out_in=("down_proj",), progress=False)
